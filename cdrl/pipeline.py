@@ -1,0 +1,172 @@
+"""``CDRLPipeline``: diffusers-style generation from a trained EBM + initializer, and its small scheduler."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+
+from cdrl.config import Config, LangevinConfig
+from cdrl.guidance import Condition
+from cdrl.sampling import sample
+from cdrl.schedule import NoiseSchedule, make_schedule
+from cdrl.utils import randn_like
+
+
+class CDRLScheduler(SchedulerMixin, ConfigMixin):
+    """Holds the noise levels and the Langevin settings a model was trained with (no state of its own)."""
+
+    config_name = "scheduler_config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        kind: str = "cdrl",
+        num_levels: int = 6,
+        logsnr_min: float = -5.1,
+        logsnr_max: float = 9.8,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        num_diffusion_steps: int = 1000,
+        n_steps: int = 15,
+        b2: float = 4e-4,
+        step_scale: float = 1.0,
+        tempered: bool = True,
+        noise: bool = True,
+        tweedie: bool = True,
+        tweedie_b2: float = 2e-4,
+    ) -> None:
+        self.schedule: NoiseSchedule = make_schedule(
+            kind,
+            num_levels=num_levels,
+            logsnr_min=logsnr_min,
+            logsnr_max=logsnr_max,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_diffusion_steps=num_diffusion_steps,
+        )
+
+    @classmethod
+    def from_training_config(cls, cfg: Config) -> CDRLScheduler:
+        return cls(**dataclasses.asdict(cfg.schedule), **dataclasses.asdict(cfg.langevin))
+
+    def langevin_settings(self, **overrides) -> LangevinConfig:
+        """The stored Langevin settings, with any non-None override applied."""
+        fields = {f.name: self.config[f.name] for f in dataclasses.fields(LangevinConfig)}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return LangevinConfig(**fields)
+
+
+class CDRLPipeline(DiffusionPipeline):
+    """Sample from a CDRL (or DRL, with no initializer) model.
+
+    >>> pipe = CDRLPipeline.from_pretrained("runs/digits/pipeline")
+    >>> images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images
+    """
+
+    model_cpu_offload_seq = "initializer->ebm"
+    _optional_components = ["initializer"]
+
+    def __init__(self, ebm, initializer, scheduler: CDRLScheduler) -> None:
+        super().__init__()
+        self.register_modules(ebm=ebm, initializer=initializer, scheduler=scheduler)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (c, h, w) for images, (d,) for vectors."""
+        config = self.ebm.config
+        if "in_features" in config:
+            return (config.in_features,)
+        return (config.in_channels, config.sample_size, config.sample_size)
+
+    @property
+    def condition_sizes(self) -> tuple[int, ...]:
+        """Values per condition (the class label first); () for an unconditional model."""
+        return tuple(self.ebm.config.condition_sizes or ())
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_langevin_steps: int | None = None,
+        class_labels: Sequence[int] | Tensor | None = None,
+        guidance_scale: float = 1.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` samples.
+
+        Args:
+            batch_size: number of samples (ignored if ``class_labels`` is given: one sample per label).
+            generator: a generator, or one per sample (then sample i does not depend on the batch).
+            num_langevin_steps: K per level (default: the trained value).
+            class_labels: one class id per sample for a class-conditional model; None samples the
+                unconditional model (the null label).
+            guidance_scale: classifier-free guidance, diffusers' meaning: 1 = plain conditional, > 1 stronger
+                (the paper's w = guidance_scale - 1).
+            output_type: "pil" (list of images), "np" ((b, h, w, c) in [0, 1]), "pt" ((b, c, h, w) in [0, 1]).
+                For vector data "pt"/"np" return the raw (b, d) samples.
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        device = self.device
+        null, terms = None, ()
+        if class_labels is not None:
+            labels = self._check_labels(class_labels, device)
+            batch_size = labels.shape[0]
+            null = self._null(batch_size, device)
+            cond = null.clone()
+            cond[:, 0] = labels
+            terms = ((cond, float(guidance_scale)),)
+        elif self.condition_sizes:
+            null = self._null(batch_size, device)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        settings = self.scheduler.langevin_settings(n_steps=num_langevin_steps)
+        schedule = self.scheduler.schedule
+        x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
+        bar = self.progress_bar(total=schedule.num_levels * settings.n_steps)
+        x = sample(
+            self.ebm, self.initializer, schedule, x_top, settings, null=null, terms=terms,
+            generator=generator, callback=lambda t, k, y: bar.update(1),
+        )  # fmt: skip
+        bar.close()
+        images = self._postprocess(x, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _null(self, batch_size: int, device: torch.device) -> Tensor:
+        return torch.tensor(self.condition_sizes, device=device).expand(batch_size, -1).clone()
+
+    def _check_labels(self, class_labels: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+        if not self.condition_sizes:
+            raise ValueError("class_labels were given, but this model is unconditional (trained without labels)")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
+        num_classes = self.condition_sizes[0]
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.numel():
+            raise ValueError(f"class label {int(bad[0])} is outside [0, {num_classes}) for this model")
+        return labels
+
+    def _postprocess(self, x: Tensor, output_type: str):
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if x.dim() == 2:
+            if output_type == "pil":
+                raise ValueError("this model makes vectors, not images: use output_type='pt' or 'np'")
+            return x.cpu() if output_type == "pt" else x.cpu().numpy()
+        images = ((x.clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).float().numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+__all__ = ["CDRLPipeline", "CDRLScheduler"]

@@ -1,0 +1,222 @@
+"""The reverse chain over noise levels: proposal, Langevin refinement, next level; then one Tweedie step.
+
+Plain functions of tensors and networks; they do not know how the networks were trained. Inpainting is the
+same chain with a known-pixel constraint; guidance and composition enter through ``null`` and ``terms``
+(see ``cdrl.guidance``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from cdrl.config import LangevinConfig
+from cdrl.guidance import Condition, composed
+from cdrl.langevin import EnergyFn, langevin_refine
+from cdrl.schedule import NoiseSchedule
+from cdrl.utils import expand_as, randn_like
+
+
+class Level(NamedTuple):
+    """Per-sample constants of the recovery step x_{t+1} -> x_t, each (b,) float32 on t's device."""
+
+    noise_level: Tensor  # u'_t, the EBM's noise input
+    next_noise_level: Tensor  # u'_{t+1}, the initializer's noise input
+    scale: Tensor  # y = scale * x_t (sqrt(alpha_{t+1}); 1 at the top level)
+    sigma: Tensor  # sigma_{t+1}
+    tether: Tensor  # 1, or 0 at the top level
+    step_size: Tensor  # Langevin s_t
+    temperature: Tensor  # the EBM output is divided by this: s_t^2 when tempered, else 1
+    proposal_std: Tensor  # std of the initializer's proposal in y-space
+    loss_weight: Tensor  # w_t = sigma_1 / sigma_{t+1}
+
+
+def level(schedule: NoiseSchedule, t: Tensor, settings: LangevinConfig) -> Level:
+    """The constants of levels ``t`` (b,) long, for the given Langevin settings."""
+    steps = schedule.langevin_step_sizes(settings.b2) * settings.step_scale
+    temperature = steps**2 if settings.tempered else torch.ones_like(steps)
+    per_level = {
+        "noise_level": schedule.noise_levels[:-1],
+        "next_noise_level": schedule.noise_levels[1:],
+        "scale": schedule.y_scales,
+        "sigma": schedule.sigmas[1:],
+        "tether": schedule.has_tether,
+        "step_size": steps,
+        "temperature": temperature,
+        "proposal_std": schedule.proposal_stds,
+        "loss_weight": schedule.loss_weights,
+    }
+    return Level(**{k: v.to(t.device)[t].float() for k, v in per_level.items()})
+
+
+def energy_fn(
+    ebm: nn.Module,
+    lvl: Level,
+    *,
+    null: Tensor | None = None,
+    terms: Sequence[Condition] = (),
+) -> EnergyFn:
+    """The tempered, composed EBM energy at one level: y -> E(y) / temperature, (b,)."""
+
+    def fn(y: Tensor) -> Tensor:
+        return composed(ebm, y, lvl.noise_level, null=null, terms=terms) / lvl.temperature
+
+    return fn
+
+
+def propose(
+    initializer: nn.Module | None,
+    x_next: Tensor,
+    lvl: Level,
+    *,
+    null: Tensor | None = None,
+    terms: Sequence[Condition] = (),
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> Tensor:
+    """The initializer's proposal yhat = mu(x_{t+1}) + std * eps in y-space (CDRL Eq. (8)).
+
+    Without an initializer (DRL) the chain starts at x_{t+1} itself.
+    """
+    if initializer is None:
+        return x_next.clone()
+    mean = composed(initializer, x_next, lvl.next_noise_level, null=null, terms=terms)
+    return mean + expand_as(lvl.proposal_std, mean) * randn_like(mean, generator)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode, no parameter gradients, and cached parametrizations (spectral norm) for sampling."""
+    states = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules if m is not None]
+    for module, _, _ in states:
+        module.eval().requires_grad_(False)
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        for module, training, flags in states:
+            module.train(training)
+            for param, flag in zip(module.parameters(), flags, strict=True):
+                param.requires_grad_(flag)
+
+
+def reverse_step(
+    ebm: nn.Module,
+    initializer: nn.Module | None,
+    schedule: NoiseSchedule,
+    x_next: Tensor,
+    t: int,
+    settings: LangevinConfig,
+    *,
+    null: Tensor | None = None,
+    terms: Sequence[Condition] = (),
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    known: Tensor | None = None,
+    known_mask: Tensor | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """One recovery step x_{t+1} -> x_t: proposal, K Langevin steps on p(y | x_{t+1}), y / scale (CDRL Alg. 2).
+
+    Args:
+        known, known_mask: optional clean observation (b, ...) and its mask (1 = known pixel); the known
+            pixels are set to the observation diffused to level t (in y-space) after the proposal and after
+            every Langevin step, so only the unknown pixels move.
+
+    Returns:
+        (b, ...) x_t.
+    """
+    lvl = level(schedule, torch.full((x_next.shape[0],), t, device=x_next.device), settings)
+    scale = expand_as(lvl.scale, x_next)
+    known_y = None
+    if known is not None:
+        t_batch = torch.full((known.shape[0],), t, device=known.device)
+        known_y = scale * schedule.q_sample(known, t_batch, randn_like(known, generator))
+    with torch.no_grad():
+        y = propose(initializer, x_next, lvl, null=null, terms=terms, generator=generator)
+    y = langevin_refine(
+        energy_fn(ebm, lvl, null=null, terms=terms),
+        y,
+        x_next,
+        sigma=lvl.sigma,
+        tether=lvl.tether,
+        step_size=lvl.step_size,
+        n_steps=settings.n_steps,
+        noise=settings.noise,
+        known=known_y,
+        known_mask=known_mask,
+        generator=generator,
+        callback=callback,
+    )
+    return y / scale
+
+
+def tweedie_denoise(
+    ebm: nn.Module,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    settings: LangevinConfig,
+    *,
+    null: Tensor | None = None,
+    terms: Sequence[Condition] = (),
+) -> Tensor:
+    """x0_hat = (x_0 + (1 - alphabar_0) grad log p(x_0)) / sqrt(alphabar_0) (CDRL App. A.2, Tweedie's formula).
+
+    The score is -grad_x E(scale_0 x) / s~^2 with s~ the level-0 step size at b^2 = ``tweedie_b2``.
+    """
+    t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    tweedie_settings = LangevinConfig(**{**vars(settings), "b2": settings.tweedie_b2})
+    lvl = level(schedule, t, tweedie_settings)
+    fn = energy_fn(ebm, lvl, null=null, terms=terms)
+    with torch.enable_grad():
+        leaf = x0.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(leaf * expand_as(lvl.scale, leaf)).sum(), leaf)
+    ab0 = float(schedule.alphas_cumprod[0])
+    return ((x0 - (1.0 - ab0) * grad) / ab0**0.5).detach()
+
+
+def sample(
+    ebm: nn.Module,
+    initializer: nn.Module | None,
+    schedule: NoiseSchedule,
+    x_top: Tensor,
+    settings: LangevinConfig,
+    *,
+    null: Tensor | None = None,
+    terms: Sequence[Condition] = (),
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    known: Tensor | None = None,
+    known_mask: Tensor | None = None,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:
+    """Generate x_0 from x_T: T recovery steps from the top, then the Tweedie step (CDRL Alg. 2).
+
+    Args:
+        ebm, initializer: the networks (the initializer may be None: DRL).
+        schedule: the noise schedule.
+        x_top: (b, ...) x_T, usually N(0, I).
+        settings: Langevin settings (n_steps, b2, step_scale, tempered, noise, tweedie, tweedie_b2).
+        null, terms: conditioning (see ``cdrl.guidance.composed``).
+        generator: a generator or one per sample.
+        known, known_mask: inpainting constraint (see ``reverse_step``); the output keeps known pixels exactly.
+        callback: called as callback(t, k, y) after Langevin step k at level t.
+
+    Returns:
+        (b, ...) samples in data units (not clamped).
+    """
+    x = x_top
+    with frozen(ebm, initializer):
+        for t in reversed(range(schedule.num_levels)):
+            step_callback = None if callback is None else (lambda k, y, t=t: callback(t, k, y))
+            x = reverse_step(
+                ebm, initializer, schedule, x, t, settings, null=null, terms=terms,
+                generator=generator, known=known, known_mask=known_mask, callback=step_callback,
+            )  # fmt: skip
+        if settings.tweedie:
+            x = tweedie_denoise(ebm, schedule, x, settings, null=null, terms=terms)
+    if known is not None:
+        x = known_mask * known + (1.0 - known_mask) * x
+    return x

