@@ -7,6 +7,7 @@ as a string). Defaults are CDRL's CIFAR-10 settings unless a comment says otherw
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -23,80 +24,103 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"               # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
-    data_dir: str | None = None        # local copy (cifar10: the torchvision root; folder: the image folder)
-    download: bool = True              # cifar10: let torchvision download into data_dir when missing
-    image_size: int | None = None      # folder: resize/center-crop to this size (None: keep the files' size)
-    channels: int | None = None        # folder: 1 (grayscale) or 3 (RGB); None: 3
-    random_flip: bool = False          # random horizontal flip (natural images only; never for digits)
-    toy_size: int = 50_000             # 2-D toys: number of points drawn once, with data.seed
-    seed: int = 0                      # data generation / split seed
-    num_workers: int = 0               # DataLoader workers
-    class_conditional: bool = False    # feed class labels to both networks (CDRL Sec. 3.4)
-    uncond_prob: float = 0.1           # probability that a label is replaced by the null label (CFG training)
-    attributes: list[str] = field(default_factory=list)  # extra conditions for composition (dataset-specific)
+    name: str = (
+        "digits"  # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
+    )
+    data_dir: str | None = (
+        None  # local copy (cifar10: the torchvision root; folder: the image folder)
+    )
+    download: bool = True  # cifar10: let torchvision download into data_dir when missing
+    image_size: int | None = (
+        None  # folder: resize/center-crop to this size (None: keep the files' size)
+    )
+    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); None: 3
+    random_flip: bool = False  # random horizontal flip (natural images only; never for digits)
+    scale: float = 1.0  # the model sees data * scale (2-D toys: 4.0, as the official toy example)
+    toy_size: int = 50_000  # 2-D toys: number of points drawn once, with data.seed
+    seed: int = 0  # data generation / split seed
+    num_workers: int = 0  # DataLoader workers
+    class_conditional: bool = False  # feed class labels to both networks (CDRL Sec. 3.4)
+    uncond_prob: float = (
+        0.1  # probability that a label is replaced by the null label (CFG training)
+    )
+    attributes: list[str] = field(
+        default_factory=list
+    )  # extra conditions for composition (dataset-specific)
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cdrl", "drl"] = "cdrl"  # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
-    num_levels: int = 6                # T, number of EBMs / recovery steps
-    logsnr_min: float = -5.1           # cdrl: lambda at the noisiest level (CDRL App. A.1)
-    logsnr_max: float = 9.8            # cdrl: lambda at level 0
-    beta_start: float = 1e-4           # drl: DDPM beta_1
-    beta_end: float = 0.02             # drl: DDPM beta_N
-    num_diffusion_steps: int = 1000    # drl: N
+    kind: Literal["cdrl", "drl"] = (
+        "cdrl"  # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
+    )
+    num_levels: int = 6  # T, number of EBMs / recovery steps
+    logsnr_min: float = -5.1  # cdrl: lambda at the noisiest level (CDRL App. A.1)
+    logsnr_max: float = 9.8  # cdrl: lambda at level 0
+    beta_start: float = 1e-4  # drl: DDPM beta_1
+    beta_end: float = 0.02  # drl: DDPM beta_N
+    num_diffusion_steps: int = 1000  # drl: N
 
 
 @dataclass
 class EBMConfig:
     arch: Literal["resnet", "mlp"] = "resnet"
-    base_channels: int = 128           # resnet: width of the first resolution; also the time-embedding width
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution (32, 16, 8, 4)
-    num_res_blocks: int = 8            # residual blocks per resolution (mlp: per width)
-    hidden: int = 128                  # mlp: hidden width
-    spectral_norm: bool = True         # on every conv/linear except the head (DRL App. B.1)
+    base_channels: int = 128  # resnet: width of the first resolution; also the time-embedding width
+    channel_mult: list[int] = field(
+        default_factory=lambda: [1, 2, 2, 2]
+    )  # per resolution (32, 16, 8, 4)
+    num_res_blocks: int = 8  # residual blocks per resolution (mlp: per width)
+    hidden: int = 128  # mlp: hidden width
+    spectral_norm: bool = True  # on every conv/linear except the head (DRL App. B.1)
 
 
 @dataclass
 class InitializerConfig:
     arch: Literal["unet", "mlp", "none"] = "unet"  # none: DRL (chains start at x_{t+1})
     block_out_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])  # attention at 16, 8
-    layers_per_block: int = 4          # diffusers layout; 4 gives CDRL's 3.8M parameters
+    attention_levels: list[bool] = field(
+        default_factory=lambda: [False, True, True]
+    )  # attention at 16, 8
+    layers_per_block: int = 4  # diffusers layout; 4 gives CDRL's 3.8M parameters
     dropout: float = 0.1
     norm_num_groups: int = 32
     attention_head_dim: int = 32
-    hidden: int = 128                  # mlp: hidden width
-    num_blocks: int = 2                # mlp: residual blocks
+    hidden: int = 128  # mlp: hidden width
+    num_blocks: int = 2  # mlp: residual blocks
 
 
 @dataclass
 class LangevinConfig:
-    n_steps: int = 15                  # K per level (CDRL: 15; DRL: 30)
-    b2: float = 4e-4                   # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
-    step_scale: float = 1.0            # multiplies every s_t; 1.0 = paper
-    tempered: bool = True              # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
-    noise: bool = True                 # Langevin noise (False: gradient descent, for diagnostics)
-    tweedie: bool = True               # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
-    tweedie_b2: float = 2e-4           # b^2 that scales the score in the Tweedie step (official code: 2e-4)
+    n_steps: int = 15  # K per level (CDRL: 15; DRL: 30)
+    b2: float = 4e-4  # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
+    step_scale: float = 1.0  # multiplies every s_t; 1.0 = paper
+    tempered: bool = (
+        True  # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
+    )
+    noise: bool = True  # Langevin noise (False: gradient descent, for diagnostics)
+    tweedie: bool = (
+        True  # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
+    )
+    tweedie_b2: float = 2e-4  # b^2 that scales the score in the Tweedie step (official code: 2e-4)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32               # per process (paper: 8 GPUs x 32 = 256)
-    max_steps: int = 500_000           # optimizer steps
-    ebm_lr: float = 1e-4               # Adam
-    init_lr: float = 1e-5              # AdamW
+    batch_size: int = 32  # per process (paper: 8 GPUs x 32 = 256)
+    max_steps: int = 500_000  # optimizer steps
+    ebm_lr: float = 1e-4  # Adam
+    init_lr: float = 1e-5  # AdamW
     init_weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 10_000         # linear warmup of both learning rates
-    grad_clip: float = 1.0             # max grad norm, both networks
-    ema_decay: float = 0.9999          # EMA of both networks, used for sampling and export
-    ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)
-    variance_reduction: bool = True    # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
-    init_data_weight: float = 0.0      # extra initializer regression onto the true x_t (0 = paper); see README
+    warmup_steps: int = 10_000  # linear warmup of both learning rates
+    grad_clip: float = 1.0  # max grad norm, both networks
+    ema_decay: float = 0.9999  # EMA of both networks, used for sampling and export
+    ema_warmup: bool = False  # diffusers EMAModel's decay warmup (useful for short runs)
+    variance_reduction: bool = True  # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
+    init_data_weight: float = (
+        0.0  # extra initializer regression onto the true x_t (0 = paper); see README
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
 
@@ -104,13 +128,13 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     output_dir: str = "runs/cdrl"
-    log_every: int = 100               # steps between metric lines (JSONL, trackers)
-    sample_every: int = 5_000          # steps between sample grids (0: only at the end)
-    num_grid_samples: int = 64         # samples per grid (a square number)
-    sample_seed: int = 1234            # fixed noise for comparable grids
+    log_every: int = 100  # steps between metric lines (JSONL, trackers)
+    sample_every: int = 5_000  # steps between sample grids (0: only at the end)
+    num_grid_samples: int = 64  # samples per grid (a square number)
+    sample_seed: int = 1234  # fixed noise for comparable grids
     checkpointing_steps: int = 10_000  # steps between resumable checkpoints (0: only at the end)
     checkpoints_total_limit: int | None = 3
-    report_to: str = "tensorboard"     # tensorboard | wandb | none (JSONL is always written)
+    report_to: str = "tensorboard"  # tensorboard | wandb | none (JSONL is always written)
 
 
 @dataclass
@@ -157,7 +181,9 @@ def flat(cfg: Config) -> dict[str, Any]:
     out = {}
     for section, values in to_dict(cfg).items():
         for key, value in values.items():
-            out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+            out[f"{section}.{key}"] = (
+                value if isinstance(value, int | float | str | bool) else str(value)
+            )
     return out
 
 
@@ -173,13 +199,17 @@ def _merge(node: Any, delta: dict, prefix: str) -> None:
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     node, *_, leaf = [cfg, *dotted.split(".")]
     for part in dotted.split(".")[:-1]:
-        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+        if not dataclasses.is_dataclass(node) or part not in {
+            f.name for f in dataclasses.fields(node)
+        }:
             raise ConfigError(f"unknown config key {dotted!r}")
         node = getattr(node, part)
     _assign(node, leaf, value, dotted)
 
 
 def _assign(node: Any, key: str, value: Any, dotted: str) -> None:
+    if not dataclasses.is_dataclass(node):
+        raise ConfigError(f"unknown config key {dotted!r}")
     names = [f.name for f in dataclasses.fields(node)]
     if key not in names:
         raise ConfigError(f"unknown config key {dotted!r}; known keys here: {', '.join(names)}")
@@ -206,17 +236,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(
+                f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {value!r}"
+            )
         return value
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = (
+                yaml.safe_load(value)
+                if value.strip().startswith("[")
+                else [v for v in value.split(",") if v]
+            )
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
         return [_coerce(v, args[0], key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
@@ -227,7 +265,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             number = float(value)
         except ValueError:
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}") from None
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
         return int(number)
     if hint is float:
@@ -248,23 +286,42 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with a message that names the key."""
     checks = [
         (cfg.schedule.num_levels >= 1, "schedule.num_levels must be >= 1"),
-        (cfg.schedule.logsnr_max > cfg.schedule.logsnr_min, "schedule.logsnr_max must exceed schedule.logsnr_min"),
+        (
+            cfg.schedule.logsnr_max > cfg.schedule.logsnr_min,
+            "schedule.logsnr_max must exceed schedule.logsnr_min",
+        ),
         (cfg.langevin.n_steps >= 0, "langevin.n_steps must be >= 0"),
         (cfg.langevin.b2 > 0, "langevin.b2 must be > 0"),
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (cfg.train.ebm_lr > 0 and cfg.train.init_lr > 0, "train.ebm_lr and train.init_lr must be > 0"),
+        (
+            cfg.train.ebm_lr > 0 and cfg.train.init_lr > 0,
+            "train.ebm_lr and train.init_lr must be > 0",
+        ),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.grad_clip > 0, "train.grad_clip must be > 0"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (0.0 <= cfg.data.uncond_prob <= 1.0, "data.uncond_prob must be in [0, 1]"),
+        (cfg.data.scale > 0, "data.scale must be > 0"),
         (cfg.log.log_every >= 1, "log.log_every must be >= 1"),
-        (cfg.log.sample_every >= 0 and cfg.log.checkpointing_steps >= 0, "log.sample_every and log.checkpointing_steps must be >= 0"),
+        (
+            cfg.log.sample_every >= 0 and cfg.log.checkpointing_steps >= 0,
+            "log.sample_every and log.checkpointing_steps must be >= 0",
+        ),
         (cfg.log.num_grid_samples >= 1, "log.num_grid_samples must be >= 1"),
-        (cfg.log.checkpoints_total_limit is None or cfg.log.checkpoints_total_limit >= 1, "log.checkpoints_total_limit must be >= 1"),
-        (len(cfg.initializer.attention_levels) == len(cfg.initializer.block_out_channels), "initializer.attention_levels needs one entry per initializer.block_out_channels"),
-        (cfg.schedule.kind != "drl" or cfg.schedule.num_levels >= 2, "schedule.kind=drl needs schedule.num_levels >= 2"),
+        (
+            cfg.log.checkpoints_total_limit is None or cfg.log.checkpoints_total_limit >= 1,
+            "log.checkpoints_total_limit must be >= 1",
+        ),
+        (
+            len(cfg.initializer.attention_levels) == len(cfg.initializer.block_out_channels),
+            "initializer.attention_levels needs one entry per initializer.block_out_channels",
+        ),
+        (
+            cfg.schedule.kind != "drl" or cfg.schedule.num_levels >= 2,
+            "schedule.kind=drl needs schedule.num_levels >= 2",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -56,4 +56,6 @@ def composed(
     conds = torch.cat([null, *(cond for cond, _ in terms)])
     outs = net(xs, levels, conds).chunk(n)
     base = outs[0]
-    return base + sum(weight * (out - base) for (_, weight), out in zip(terms, outs[1:], strict=True))
+    return base + sum(
+        weight * (out - base) for (_, weight), out in zip(terms, outs[1:], strict=True)
+    )

@@ -15,7 +15,9 @@ from cdrl.utils import expand_as, randn_like
 EnergyFn = Callable[[Tensor], Tensor]  # y (b, ...) -> energy (b,)
 
 
-def recovery_energy(energy: Tensor, y: Tensor, x_next: Tensor, sigma: Tensor, tether: Tensor) -> Tensor:
+def recovery_energy(
+    energy: Tensor, y: Tensor, x_next: Tensor, sigma: Tensor, tether: Tensor
+) -> Tensor:
     """The recovery conditional's energy U(y) = E(y) + ||x_{t+1} - y||^2 / (2 sigma_{t+1}^2) (DRL Eq. (5)).
 
     Args:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def ebm_loss(energy_pos: Tensor, energy_neg: Tensor, weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def ebm_loss(
+    energy_pos: Tensor, energy_neg: Tensor, weight: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Recovery-likelihood loss, mean_b w_t (f(y-) - f(y+)) = mean_b w_t (E(y+) - E(y-)) (DRL Eq. (8), CDRL Alg. 1).
 
     Its gradient is the maximum-likelihood gradient of the recovery conditional, with the normalizer's

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -14,7 +15,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from cdrl.config import Config, LangevinConfig
-from cdrl.guidance import Condition
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
@@ -42,6 +42,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         noise: bool = True,
         tweedie: bool = True,
         tweedie_b2: float = 2e-4,
+        data_scale: float = 1.0,
     ) -> None:
         self.schedule: NoiseSchedule = make_schedule(
             kind,
@@ -55,7 +56,11 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_training_config(cls, cfg: Config) -> CDRLScheduler:
-        return cls(**dataclasses.asdict(cfg.schedule), **dataclasses.asdict(cfg.langevin))
+        return cls(
+            **dataclasses.asdict(cfg.schedule),
+            **dataclasses.asdict(cfg.langevin),
+            data_scale=cfg.data.scale,
+        )
 
     def langevin_settings(self, **overrides) -> LangevinConfig:
         """The stored Langevin settings, with any non-None override applied."""
@@ -98,6 +103,10 @@ class CDRLPipeline(DiffusionPipeline):
         num_langevin_steps: int | None = None,
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
+        image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        mask_image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        num_samples_per_image: int = 1,
+        compose: Sequence[tuple[Sequence[int | None], float]] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
@@ -113,9 +122,26 @@ class CDRLPipeline(DiffusionPipeline):
                 (the paper's w = guidance_scale - 1).
             output_type: "pil" (list of images), "np" ((b, h, w, c) in [0, 1]), "pt" ((b, c, h, w) in [0, 1]).
                 For vector data "pt"/"np" return the raw (b, d) samples.
+            image: inpainting: the images to complete, (n, c, h, w) in [0, 1] or PIL images of the model's size.
+            mask_image: inpainting mask, diffusers' convention: 1 / white = repaint, 0 / black = keep;
+                (n, 1 or c, h, w) in [0, 1] or PIL images. Values are rounded to {0, 1}.
+            num_samples_per_image: completions per inpainting image (batch_size is then n * this).
+            compose: product of experts over conditions: (labels, weight) pairs, where labels gives one value
+                per condition (class first, then attributes) and None leaves that condition null. The energy is
+                E(null) + sum_k weight_k (E(c_k) - E(null)); a negative weight means NOT (CDRL Sec. 4.4).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         device = self.device
+        known = known_mask = None
+        if image is not None:
+            known, known_mask = self._inpainting_inputs(
+                image, mask_image, num_samples_per_image, device
+            )
+            batch_size = known.shape[0]
+            if class_labels is not None and len(class_labels) != batch_size:
+                class_labels = torch.as_tensor(class_labels).repeat_interleave(
+                    num_samples_per_image
+                )
         null, terms = None, ()
         if class_labels is not None:
             labels = self._check_labels(class_labels, device)
@@ -124,6 +150,12 @@ class CDRLPipeline(DiffusionPipeline):
             cond = null.clone()
             cond[:, 0] = labels
             terms = ((cond, float(guidance_scale)),)
+        elif compose is not None:
+            null = self._null(batch_size, device)
+            terms = tuple(
+                (self._condition(labels, batch_size, device), float(weight))
+                for labels, weight in compose
+            )
         elif self.condition_sizes:
             null = self._null(batch_size, device)
         if guidance_scale < 0:
@@ -134,25 +166,72 @@ class CDRLPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=schedule.num_levels * settings.n_steps)
         x = sample(
             self.ebm, self.initializer, schedule, x_top, settings, null=null, terms=terms,
-            generator=generator, callback=lambda t, k, y: bar.update(1),
+            generator=generator, known=known, known_mask=known_mask, callback=lambda t, k, y: bar.update(1),
         )  # fmt: skip
         bar.close()
-        images = self._postprocess(x, output_type)
+        images = self._postprocess(x / self.scheduler.config.data_scale, output_type)
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _inpainting_inputs(
+        self, image, mask_image, repeats: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """(known (b, c, h, w) in [-1, 1], known_mask (b, 1 or c, h, w), 1 = keep) from diffusers-style inputs."""
+        if mask_image is None:
+            raise ValueError(
+                "inpainting needs mask_image as well as image (1 / white = repaint, 0 / black = keep)"
+            )
+        if len(self.sample_shape) != 3:
+            raise ValueError("inpainting needs an image model; this model makes vectors")
+        channels, size = self.sample_shape[0], self.sample_shape[1]
+        known = (_to_tensor(image, channels).to(device) * 2 - 1) * self.scheduler.config.data_scale
+        mask = _to_tensor(mask_image, 1 if _channels_of(mask_image) == 1 else channels).to(device)
+        if known.shape[-2:] != (size, size) or mask.shape[-2:] != (size, size):
+            raise ValueError(
+                f"image {tuple(known.shape[-2:])} and mask {tuple(mask.shape[-2:])} must both be {size}x{size} for this model"
+            )
+        if mask.shape[0] not in (1, known.shape[0]):
+            raise ValueError(f"got {known.shape[0]} images but {mask.shape[0]} masks")
+        mask = mask.expand(known.shape[0], -1, -1, -1)
+        known_mask = 1.0 - mask.round()
+        return known.repeat_interleave(repeats, 0), known_mask.repeat_interleave(repeats, 0)
+
     def _null(self, batch_size: int, device: torch.device) -> Tensor:
         return torch.tensor(self.condition_sizes, device=device).expand(batch_size, -1).clone()
 
+    def _condition(
+        self, labels: Sequence[int | None], batch_size: int, device: torch.device
+    ) -> Tensor:
+        """One composition term's (b, K) labels; None entries stay null."""
+        sizes = self.condition_sizes
+        if not sizes:
+            raise ValueError("compose needs a conditional model; this model is unconditional")
+        if len(labels) != len(sizes):
+            raise ValueError(
+                f"each compose term needs {len(sizes)} labels (one per condition), got {list(labels)}"
+            )
+        values = []
+        for k, (value, size) in enumerate(zip(labels, sizes, strict=True)):
+            if value is not None and not 0 <= int(value) < size:
+                raise ValueError(
+                    f"condition {k} value {value} is outside [0, {size}) for this model"
+                )
+            values.append(size if value is None else int(value))
+        return torch.tensor(values, device=device).expand(batch_size, -1).clone()
+
     def _check_labels(self, class_labels: Sequence[int] | Tensor, device: torch.device) -> Tensor:
         if not self.condition_sizes:
-            raise ValueError("class_labels were given, but this model is unconditional (trained without labels)")
+            raise ValueError(
+                "class_labels were given, but this model is unconditional (trained without labels)"
+            )
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
         num_classes = self.condition_sizes[0]
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.numel():
-            raise ValueError(f"class label {int(bad[0])} is outside [0, {num_classes}) for this model")
+            raise ValueError(
+                f"class label {int(bad[0])} is outside [0, {num_classes}) for this model"
+            )
         return labels
 
     def _postprocess(self, x: Tensor, output_type: str):
@@ -160,13 +239,37 @@ class CDRLPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if x.dim() == 2:
             if output_type == "pil":
-                raise ValueError("this model makes vectors, not images: use output_type='pt' or 'np'")
+                raise ValueError(
+                    "this model makes vectors, not images: use output_type='pt' or 'np'"
+                )
             return x.cpu() if output_type == "pt" else x.cpu().numpy()
         images = ((x.clamp(-1, 1) + 1) / 2).cpu()
         if output_type == "pt":
             return images
         array = images.permute(0, 2, 3, 1).float().numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def _channels_of(images) -> int:
+    if torch.is_tensor(images):
+        return images.shape[-3] if images.dim() >= 3 else 1
+    first = images[0] if isinstance(images, list | tuple) else images
+    return len(first.getbands())
+
+
+def _to_tensor(images, channels: int) -> Tensor:
+    """PIL image(s) or a tensor in [0, 1] -> (n, channels, h, w) float32 in [0, 1]."""
+    if torch.is_tensor(images):
+        x = images.float()
+        x = x.reshape(1, 1, *x.shape) if x.dim() == 2 else (x[None] if x.dim() == 3 else x)
+        if x.shape[1] != channels:
+            x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1) if channels in (1, 3) else x
+        return x
+    images = images if isinstance(images, list | tuple) else [images]
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in images]
+    x = torch.from_numpy(np.stack(arrays))
+    return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
 
 
 __all__ = ["CDRLPipeline", "CDRLScheduler"]

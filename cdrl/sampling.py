@@ -38,8 +38,9 @@ class Level(NamedTuple):
 
 def level(schedule: NoiseSchedule, t: Tensor, settings: LangevinConfig) -> Level:
     """The constants of levels ``t`` (b,) long, for the given Langevin settings."""
-    steps = schedule.langevin_step_sizes(settings.b2) * settings.step_scale
-    temperature = steps**2 if settings.tempered else torch.ones_like(steps)
+    base = schedule.langevin_step_sizes(settings.b2)
+    steps = base * settings.step_scale  # step_scale moves the step only, not the target density
+    temperature = base**2 if settings.tempered else torch.ones_like(base)
     per_level = {
         "noise_level": schedule.noise_levels[:-1],
         "next_noise_level": schedule.noise_levels[1:],
@@ -91,17 +92,19 @@ def propose(
 @contextlib.contextmanager
 def frozen(*modules: nn.Module | None) -> Iterator[None]:
     """Eval mode, no parameter gradients, and cached parametrizations (spectral norm) for sampling."""
-    states = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules if m is not None]
-    for module, _, _ in states:
+    modules = [m for m in modules if m is not None]
+    modes = {sub: sub.training for m in modules for sub in m.modules()}
+    flags = {param: param.requires_grad for m in modules for param in m.parameters()}
+    for module in modules:
         module.eval().requires_grad_(False)
     try:
         with parametrize.cached():
             yield
     finally:
-        for module, training, flags in states:
-            module.train(training)
-            for param, flag in zip(module.parameters(), flags, strict=True):
-                param.requires_grad_(flag)
+        for sub, training in modes.items():
+            sub.training = training
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
 
 
 def reverse_step(

@@ -130,13 +130,17 @@ class NoiseSchedule:
             return self.q_sample(x0, t, eps), x_next
         ab_t, ab_next = gather(self.alphas_cumprod, t, x0), gather(self.alphas_cumprod, t + 1, x0)
         alpha_next = ab_next / ab_t
-        mean = (ab_t.sqrt() * (1 - alpha_next) * x0 + alpha_next.sqrt() * (1 - ab_t) * x_next) / (1 - ab_next)
+        mean = (ab_t.sqrt() * (1 - alpha_next) * x0 + alpha_next.sqrt() * (1 - ab_t) * x_next) / (
+            1 - ab_next
+        )
         var = (1 - ab_t) / (1 - ab_next) * (1 - alpha_next)
         eps2 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return mean + var.sqrt() * eps2, x_next
 
 
-def cdrl_schedule(num_levels: int = 6, *, logsnr_min: float = -5.1, logsnr_max: float = 9.8) -> NoiseSchedule:
+def cdrl_schedule(
+    num_levels: int = 6, *, logsnr_min: float = -5.1, logsnr_max: float = 9.8
+) -> NoiseSchedule:
     """CDRL's schedule: lambda_i = cosine_logsnr(i / T), alphabar_i = sigmoid(lambda_i) (CDRL App. A.1)."""
     u = torch.arange(num_levels + 1, dtype=torch.float64) / num_levels
     logsnr = cosine_logsnr(u, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
@@ -184,6 +188,9 @@ def make_schedule(
         return cdrl_schedule(num_levels, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     if kind == "drl":
         return drl_schedule(
-            num_levels, beta_start=beta_start, beta_end=beta_end, num_diffusion_steps=num_diffusion_steps
+            num_levels,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_diffusion_steps=num_diffusion_steps,
         )
     raise ValueError(f"unknown schedule kind {kind!r}; use 'cdrl' or 'drl'")

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
-import math
+import os
 import re
 import shutil
 import sys
@@ -82,7 +82,9 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...], condition_sizes: tu
         raise ConfigError("image data needs ebm.arch=resnet and initializer.arch=unet (or none)")
     channels, size = sample_shape[0], sample_shape[1]
     if size % 2 ** (len(e.channel_mult) - 1) or size % 2 ** (len(i.block_out_channels) - 1):
-        raise ConfigError(f"image size {size} is not divisible by the networks' downsampling; change channel_mult")
+        raise ConfigError(
+            f"image size {size} is not divisible by the networks' downsampling; change channel_mult"
+        )
     ebm = EnergyResNet(
         in_channels=channels, sample_size=size, base_channels=e.base_channels,
         channel_mult=tuple(e.channel_mult), num_res_blocks=e.num_res_blocks,
@@ -118,6 +120,7 @@ def train_step(
 ) -> dict[str, Tensor]:
     """One cooperative update of the EBM and the initializer (CDRL Alg. 1). Returns detached stats."""
     x0, cond = batch
+    x0 = x0 * cfg.data.scale
     b, T = x0.shape[0], schedule.num_levels
     cond = drop_conditions(cond, condition_sizes, cfg.data.uncond_prob) if condition_sizes else None
 
@@ -154,7 +157,9 @@ def train_step(
     # Update the EBM on positives and refined negatives, in one forward (DRL Eq. (8)).
     ebm.train()
     both_cond = None if cond is None else torch.cat([cond, cond])
-    energies = ebm(torch.cat([y_pos, y_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond).float()
+    energies = ebm(
+        torch.cat([y_pos, y_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
+    ).float()
     energy_pos, energy_neg = energies.chunk(2)
     if not torch.isfinite(energies).all():
         raise FloatingPointError(
@@ -164,7 +169,9 @@ def train_step(
     loss, stats = ebm_loss(energy_pos, energy_neg, lvl.loss_weight)
     models.ebm_opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
-    stats["ebm/grad_norm"] = _as_tensor(accelerator.clip_grad_norm_(ebm.parameters(), cfg.train.grad_clip))
+    stats["ebm/grad_norm"] = _as_tensor(
+        accelerator.clip_grad_norm_(ebm.parameters(), cfg.train.grad_clip)
+    )
     models.ebm_opt.step()
     models.ebm_sched.step()
     stats["ebm/loss"] = loss.detach()
@@ -176,7 +183,9 @@ def train_step(
         )
         models.init_opt.zero_grad(set_to_none=True)
         accelerator.backward(init_loss)
-        stats["init/grad_norm"] = _as_tensor(accelerator.clip_grad_norm_(init.parameters(), cfg.train.grad_clip))
+        stats["init/grad_norm"] = _as_tensor(
+            accelerator.clip_grad_norm_(init.parameters(), cfg.train.grad_clip)
+        )
         models.init_opt.step()
         models.init_sched.step()
         stats.update(init_stats)
@@ -185,8 +194,12 @@ def train_step(
     with torch.no_grad():
         gap = (energy_neg - energy_pos).detach()
         move = (y_neg - y_init.detach()).flatten(1).norm(dim=1)
-        err = (y_neg - y_pos).flatten(1).pow(2).mean(dim=1).sqrt()  # RMS distance of y- from the true y+
-        stats["level/count"] = torch.zeros(T, device=x0.device).index_add_(0, t, torch.ones_like(gap))
+        err = (
+            (y_neg - y_pos).flatten(1).pow(2).mean(dim=1).sqrt()
+        )  # RMS distance of y- from the true y+
+        stats["level/count"] = torch.zeros(T, device=x0.device).index_add_(
+            0, t, torch.ones_like(gap)
+        )
         for name, values in (("gap", gap), ("move", move), ("rms_err", err)):
             stats[f"level/{name}"] = torch.zeros(T, device=x0.device).index_add_(0, t, values)
         stats["langevin/move_norm"] = move.mean()
@@ -238,11 +251,15 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[int, Path | No
         path = output_dir / resume
     match = CHECKPOINT_RE.fullmatch(path.name)
     if not path.is_dir() or not match:
-        raise UsageError(f"--resume_from_checkpoint {resume}: no checkpoint-N folder there; use 'latest'")
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: no checkpoint-N folder there; use 'latest'"
+        )
     return int(match[1]), path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, limit: int | None
+) -> Path:
     """accelerator.save_state into checkpoint-N via a temporary folder and a rename (crash-safe)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
@@ -273,7 +290,7 @@ def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Mo
             for module in target.modules():
                 if hasattr(module, "parametrizations"):
                     for _ in range(5):
-                        getattr(module, "weight")
+                        _ = module.weight  # in train mode each access runs one power iteration
     return target.eval()
 
 
@@ -293,7 +310,9 @@ def export_pipeline(pipeline: CDRLPipeline, cfg: Config, folder: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_samples(pipeline: CDRLPipeline, x_top: Tensor, cond: Tensor | None, folder: Path, step: int) -> None:
+def save_samples(
+    pipeline: CDRLPipeline, x_top: Tensor, cond: Tensor | None, folder: Path, step: int
+) -> None:
     """Grids of the initializer-only chain (K = 0) and the refined chain, from fixed noise."""
     schedule, settings = pipeline.scheduler.schedule, pipeline.scheduler.langevin_settings()
     null = None if cond is None else torch.tensor(pipeline.condition_sizes).expand_as(cond)
@@ -305,6 +324,7 @@ def save_samples(pipeline: CDRLPipeline, x_top: Tensor, cond: Tensor | None, fol
         x = sample(pipeline.ebm, pipeline.initializer, schedule, x_top, kind_settings, null=null, terms=terms,
                    generator=torch.Generator().manual_seed(0))  # fmt: skip
         path = folder / f"{step:07d}_{name}.png"
+        x = x / pipeline.scheduler.config.data_scale
         if x.dim() == 2:
             save_scatter(x, path)
         else:
@@ -320,6 +340,7 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
     """Train with ``cfg``; returns the exported pipeline folder."""
     output_dir = Path(cfg.log.output_dir)
     prepare_output_dir(output_dir, resume)
+    step, resume_path = resolve_resume(output_dir, resume)
     dataset = load_dataset(cfg.data, split="train")
     if len(dataset) < cfg.train.batch_size:
         raise DataError(
@@ -327,16 +348,29 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
         )
     condition_sizes = tuple(dataset.condition_sizes) if cfg.data.class_conditional else ()
     if cfg.data.class_conditional and not condition_sizes:
-        raise ConfigError(f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels")
+        raise ConfigError(
+            f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels"
+        )
 
     report_to = _tracker(cfg.log.report_to)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed
+        ),
     )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != accelerator.num_processes:
+        raise UsageError(
+            f"launched as {world_size} processes, but accelerate sees {accelerator.num_processes}; on CPU use "
+            "`accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
+        )
     set_seed(cfg.train.seed, device_specific=True)
+    handler = None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / RUN_MARKER)
@@ -345,21 +379,43 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger(__name__).addHandler(handler)
         logging.getLogger(__name__).setLevel(logging.INFO)
+    try:
+        return _train(cfg, accelerator, dataset, condition_sizes, output_dir, step, resume_path)
+    finally:
+        if handler is not None:
+            logging.getLogger(__name__).removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg, accelerator, dataset, condition_sizes, output_dir, step, resume_path) -> Path:
     schedule = CDRLScheduler.from_training_config(cfg).schedule
 
     # Models, EMA copies, optimizers (Adam for the EBM, AdamW for the initializer), warmup.
     ebm, init = build_models(cfg, tuple(dataset.sample_shape), condition_sizes)
     ebm_ema_model, init_ema_model = copy.deepcopy(ebm), copy.deepcopy(init)
-    ema = {"ebm": EMAModel(ebm.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)}
+    ema = {
+        "ebm": EMAModel(
+            ebm.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup
+        )
+    }
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     ebm_opt = torch.optim.Adam(ebm.parameters(), lr=cfg.train.ebm_lr, betas=betas)
     warmup = cfg.train.warmup_steps * accelerator.num_processes
     ebm_sched = get_constant_schedule_with_warmup(ebm_opt, warmup)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=cfg.data.num_workers
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(
+            cfg.train.seed
+        ),  # iterators then draw nothing from the global RNG
     )
     if init is not None:
-        ema["init"] = EMAModel(init.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup)
+        ema["init"] = EMAModel(
+            init.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup
+        )
         init_opt = torch.optim.AdamW(init.parameters(), lr=cfg.train.init_lr, betas=betas,
                                      weight_decay=cfg.train.init_weight_decay)  # fmt: skip
         init_sched = get_constant_schedule_with_warmup(init_opt, warmup)
@@ -374,10 +430,11 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
         accelerator.register_for_checkpointing(value)
     models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched)
     if len(loader) == 0:
-        raise DataError(f"data set '{cfg.data.name}' gives no full batch of {cfg.train.batch_size} per process")
+        raise DataError(
+            f"data set '{cfg.data.name}' gives no full batch of {cfg.train.batch_size} per process"
+        )
 
     # Resume: models, optimizers, schedulers, EMAs and RNG states; the step from the folder name.
-    step, resume_path = resolve_resume(output_dir, resume)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         logger.info(f"resumed from {resume_path} at step {step}")
@@ -402,8 +459,12 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
         init_copy = None
         if init is not None:
             live_init = accelerator.unwrap_model(init)
-            init_copy = refresh_ema_copy(ema["init"], live_init, init_ema_model.to(accelerator.device))
-        pipeline = CDRLPipeline(ebm=ebm_copy, initializer=init_copy, scheduler=CDRLScheduler.from_training_config(cfg))
+            init_copy = refresh_ema_copy(
+                ema["init"], live_init, init_ema_model.to(accelerator.device)
+            )
+        pipeline = CDRLPipeline(
+            ebm=ebm_copy, initializer=init_copy, scheduler=CDRLScheduler.from_training_config(cfg)
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -411,7 +472,12 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
     metrics_path = output_dir / "metrics.jsonl"
     sums: dict[str, Tensor] = {}
     n_sum, t_start = 0, time.time()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=step,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
+    )
     epoch = step // len(loader)
     skip = step % len(loader)
     while step < cfg.train.max_steps:
@@ -436,11 +502,18 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(gap=f"{record.get('ebm/energy_gap', 0):.3g}", loss=f"{record['ebm/loss']:.3g}")
+                    bar.set_postfix(
+                        gap=f"{record.get('ebm/energy_gap', 0):.3g}",
+                        loss=f"{record['ebm/loss']:.3g}",
+                    )
                 accelerator.log(record, step=step)
                 logger.info(json.dumps(record))
                 sums, n_sum = {}, 0
-            if cfg.log.sample_every and step % cfg.log.sample_every == 0 and accelerator.is_main_process:
+            if (
+                cfg.log.sample_every
+                and step % cfg.log.sample_every == 0
+                and accelerator.is_main_process
+            ):
                 save_samples(ema_pipeline(), x_grid, grid_cond, output_dir / "samples", step)
             if cfg.log.checkpointing_steps and step % cfg.log.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit)
@@ -472,7 +545,9 @@ def _summarize(sums: dict[str, Tensor], n: int) -> dict[str, float]:
             continue
         if key.startswith("level/"):
             name = key.split("/", 1)[1]
-            record.update({f"level{k}/{name}": round(v, 6) for k, v in enumerate((value / counts).tolist())})
+            record.update(
+                {f"level{k}/{name}": round(v, 6) for k, v in enumerate((value / counts).tolist())}
+            )
         else:
             record[key] = round(value.item() / n, 6)
     return record
@@ -510,8 +585,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         description="Train a CDRL (or DRL) energy-based model. Launch with `accelerate launch train.py ...` "
         "for several processes; plain `python train.py` runs one.",
     )
-    parser.add_argument("--config", help="YAML file with the settings that differ from the defaults")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument(
+        "--config", help="YAML file with the settings that differ from the defaults"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys"
+    )
     parser.add_argument("--output_dir", help="run folder (log.output_dir)")
     parser.add_argument("--train_batch_size", help="batch size per process (train.batch_size)")
     parser.add_argument("--max_train_steps", help="optimizer steps (train.max_steps)")
@@ -525,7 +604,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     overrides = list(args.set)
-    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_TO_KEY.items() if getattr(args, flag) is not None]
+    overrides += [
+        f"{key}={getattr(args, flag)}"
+        for flag, key in FLAG_TO_KEY.items()
+        if getattr(args, flag) is not None
+    ]
     return load_config(args.config, overrides), args
 
 

@@ -18,7 +18,9 @@ def expand_as(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+def randn_like(
+    x: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+) -> Tensor:
     """Standard normal noise shaped like ``x``.
 
     With a list of generators (one per sample, as EDM's StackedRandomGenerator), sample i draws only from
@@ -28,7 +30,10 @@ def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | N
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
         return torch.stack(
-            [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device) for g in generator]
+            [
+                torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device)
+                for g in generator
+            ]
         )
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
@@ -61,7 +66,9 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1) -> 
     b, h, w, c = images.shape
     nrow = nrow or max(1, math.isqrt(b))
     rows = math.ceil(b / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    grid = np.zeros(
+        (rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8
+    )
     for i in range(b):
         r, col = divmod(i, nrow)
         y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
@@ -88,7 +95,11 @@ def save_scatter(points: Tensor, path: str | Path, *, size: int = 256, extent: f
     """Save (n, 2) points as a PNG scatter on [-extent, extent]^2, atomically (no plotting library needed)."""
     from PIL import Image
 
-    pixels = ((points.detach().cpu().float().clamp(-extent, extent) / extent + 1) / 2 * (size - 1)).round().long()
+    pixels = (
+        ((points.detach().cpu().float().clamp(-extent, extent) / extent + 1) / 2 * (size - 1))
+        .round()
+        .long()
+    )
     canvas = np.full((size, size), 255, dtype=np.uint8)
     canvas[(size - 1 - pixels[:, 1]).numpy(), pixels[:, 0].numpy()] = 0
     path = Path(path)
@@ -102,8 +113,12 @@ def git_sha(cwd: str | Path | None = None) -> str:
     """The current commit, with '-dirty' when the tree has changes; 'unknown' outside a git checkout."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -96,7 +96,9 @@ class EnergyResNet(ModelMixin, ConfigMixin):
         blocks, pools, ch = [], [], base_channels
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                blocks.append(_ResBlock(ch, base_channels * mult, 4 * temb_dim, sn=spectral_norm, conv=True))
+                blocks.append(
+                    _ResBlock(ch, base_channels * mult, 4 * temb_dim, sn=spectral_norm, conv=True)
+                )
                 ch = base_channels * mult
             pools.append(level != len(channel_mult) - 1)
         self.blocks = nn.ModuleList(blocks)
@@ -137,7 +139,9 @@ class EnergyMLP(ModelMixin, ConfigMixin):
         blocks, ch = [], hidden
         for mult in channel_mult:
             for _ in range(num_res_blocks):
-                blocks.append(_ResBlock(ch, hidden * mult, 4 * hidden, sn=spectral_norm, conv=False))
+                blocks.append(
+                    _ResBlock(ch, hidden * mult, 4 * hidden, sn=spectral_norm, conv=False)
+                )
                 ch = hidden * mult
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(ch, 1, bias=False)

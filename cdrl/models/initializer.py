@@ -37,7 +37,9 @@ class InitializerUNet(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
-            raise ValueError("attention_levels needs one entry per resolution in block_out_channels")
+            raise ValueError(
+                "attention_levels needs one entry per resolution in block_out_channels"
+            )
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
         self.unet = UNet2DModel(
@@ -53,7 +55,9 @@ class InitializerUNet(ModelMixin, ConfigMixin):
             attention_head_dim=attention_head_dim,
         )
         if condition_sizes:
-            self.unet.class_embedding = ConditionEmbedding(condition_sizes, block_out_channels[0] * 4)
+            self.unet.class_embedding = ConditionEmbedding(
+                condition_sizes, block_out_channels[0] * 4
+            )
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
 
@@ -100,10 +104,14 @@ class InitializerMLP(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         self.temb_dim = temb_dim
-        self.temb = nn.Sequential(nn.Linear(temb_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb = nn.Sequential(
+            nn.Linear(temb_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )
         self.cond = ConditionEmbedding(condition_sizes, temb_dim) if condition_sizes else None
         self.lin_in = nn.Linear(in_features, hidden)
-        self.blocks = nn.ModuleList([_MLPBlock(hidden, temb_dim, norm_num_groups) for _ in range(num_blocks)])
+        self.blocks = nn.ModuleList(
+            [_MLPBlock(hidden, temb_dim, norm_num_groups) for _ in range(num_blocks)]
+        )
         self.lin_out = nn.Linear(hidden, in_features, bias=False)
         nn.init.zeros_(self.lin_out.weight)
 
@@ -111,7 +119,9 @@ class InitializerMLP(ModelMixin, ConfigMixin):
         """Proposal mean (b, d) from x_{t+1} (b, d) at noise levels (b,), optional conditions (b, K)."""
         temb = self.temb(noise_level_embedding(noise_level, self.temb_dim))
         if self.cond is not None:
-            temb = temb + self.cond(cond if cond is not None else self.cond.null(x_next.shape[0], x_next.device))
+            temb = temb + self.cond(
+                cond if cond is not None else self.cond.null(x_next.shape[0], x_next.device)
+            )
         elif cond is not None:
             raise ValueError("this model is unconditional; it takes no condition labels")
         h = self.lin_in(x_next)

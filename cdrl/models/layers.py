@@ -19,7 +19,9 @@ def noise_level_embedding(noise_level: Tensor, dim: int, *, max_period: float = 
         (b, dim) float32.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / max(half - 1, 1))
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=noise_level.device) / max(half - 1, 1)
+    )
     args = 1000.0 * noise_level.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return nn.functional.pad(emb, (0, dim % 2))

@@ -1,0 +1,173 @@
+"""Shared fixtures: tiny networks and pipelines built in code (no files, no downloads).
+
+Every model fixture is seeded and returned in **eval mode**, so two forward passes give the same output
+(in train mode spectral norm runs a power iteration per forward and moves its ``u``/``v`` buffers). Call
+``.train()`` where a test needs training behaviour.
+
+The tiny initializers are exactly as constructed, i.e. zero-initialized: their output equals their input.
+Tests that need a non-trivial proposal mean call the ``randomize_output`` fixture on them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cdrl.models import EnergyMLP, EnergyResNet, InitializerMLP, InitializerUNet
+from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 8, 8)
+VECTOR_DIM = 2
+
+
+def build_ebm(*, condition_sizes: tuple[int, ...] = (), seed: int = 0) -> EnergyResNet:
+    torch.manual_seed(seed)
+    return EnergyResNet(
+        in_channels=1,
+        sample_size=8,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        condition_sizes=condition_sizes,
+    ).eval()
+
+
+def build_initializer(*, condition_sizes: tuple[int, ...] = (), seed: int = 1) -> InitializerUNet:
+    torch.manual_seed(seed)
+    return InitializerUNet(
+        in_channels=1,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        attention_levels=(False, True),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        condition_sizes=condition_sizes,
+    ).eval()
+
+
+def build_mlp_ebm(*, condition_sizes: tuple[int, ...] = (), seed: int = 2) -> EnergyMLP:
+    torch.manual_seed(seed)
+    return EnergyMLP(
+        in_features=VECTOR_DIM,
+        hidden=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        condition_sizes=condition_sizes,
+    ).eval()
+
+
+def build_mlp_initializer(
+    *, condition_sizes: tuple[int, ...] = (), seed: int = 3
+) -> InitializerMLP:
+    torch.manual_seed(seed)
+    return InitializerMLP(
+        in_features=VECTOR_DIM,
+        hidden=16,
+        num_blocks=1,
+        temb_dim=16,
+        norm_num_groups=4,
+        condition_sizes=condition_sizes,
+    ).eval()
+
+
+def _randomize_output(module: nn.Module, std: float = 0.05, seed: int = 123) -> nn.Module:
+    """Give the zero-initialized output layers small random weights so mu(x) != x."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.abs().max() == 0:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    return module
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.fixture
+def tiny_ebm() -> EnergyResNet:
+    """Unconditional 8x8 one-channel EnergyResNet (16/32 channels, one block per resolution)."""
+    return build_ebm()
+
+
+@pytest.fixture
+def tiny_cond_ebm() -> EnergyResNet:
+    """The tiny EnergyResNet with one condition of NUM_CLASSES values (null label = NUM_CLASSES)."""
+    return build_ebm(condition_sizes=(NUM_CLASSES,))
+
+
+@pytest.fixture
+def tiny_initializer() -> InitializerUNet:
+    """Unconditional 8x8 one-channel InitializerUNet (zero-initialized output)."""
+    return build_initializer()
+
+
+@pytest.fixture
+def tiny_cond_initializer() -> InitializerUNet:
+    """The tiny InitializerUNet with one condition of NUM_CLASSES values."""
+    return build_initializer(condition_sizes=(NUM_CLASSES,))
+
+
+@pytest.fixture
+def mlp_ebm() -> EnergyMLP:
+    """Unconditional 2-D EnergyMLP."""
+    return build_mlp_ebm()
+
+
+@pytest.fixture
+def mlp_cond_ebm() -> EnergyMLP:
+    return build_mlp_ebm(condition_sizes=(NUM_CLASSES,))
+
+
+@pytest.fixture
+def mlp_initializer() -> InitializerMLP:
+    """Unconditional 2-D InitializerMLP (zero-initialized output)."""
+    return build_mlp_initializer()
+
+
+@pytest.fixture
+def mlp_cond_initializer() -> InitializerMLP:
+    return build_mlp_initializer(condition_sizes=(NUM_CLASSES,))
+
+
+@pytest.fixture
+def randomize_output():
+    """``randomize_output(module)``: fill the module's all-zero parameters with small random values."""
+    return _randomize_output
+
+
+# --------------------------------------------------------------- pipelines
+
+
+@pytest.fixture
+def tiny_scheduler() -> CDRLScheduler:
+    """The CDRL schedule (T = 6) with K = 3 Langevin steps per level."""
+    return CDRLScheduler(n_steps=3)
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_ebm, tiny_initializer, tiny_scheduler) -> CDRLPipeline:
+    """Unconditional image pipeline on the tiny EBM and initializer (CPU)."""
+    pipe = CDRLPipeline(ebm=tiny_ebm, initializer=tiny_initializer, scheduler=tiny_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_cond_pipeline(tiny_cond_ebm, tiny_cond_initializer, tiny_scheduler) -> CDRLPipeline:
+    """Class-conditional image pipeline (NUM_CLASSES classes) on the tiny conditional networks."""
+    pipe = CDRLPipeline(
+        ebm=tiny_cond_ebm, initializer=tiny_cond_initializer, scheduler=tiny_scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def mlp_pipeline(mlp_ebm, mlp_initializer, tiny_scheduler) -> CDRLPipeline:
+    """Unconditional vector (2-D) pipeline on the MLPs."""
+    pipe = CDRLPipeline(ebm=mlp_ebm, initializer=mlp_initializer, scheduler=tiny_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

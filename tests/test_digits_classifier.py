@@ -1,0 +1,197 @@
+"""Tests of cdrl.digits_classifier (training, saving, judging, novelty) and experiments/digits_quality."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cdrl.digits_classifier as dc
+from cdrl.digits_classifier import (
+    DigitsClassifier,
+    digits_split,
+    evaluate_accuracy,
+    judge_digits,
+    load_digits_classifier,
+    novelty,
+    train_digits_classifier,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_digits_quality():
+    spec = importlib.util.spec_from_file_location(
+        "digits_quality", ROOT / "experiments/digits_quality.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def split():
+    return digits_split()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """The classifier with the default settings (about 15-30 s on 2 CPU cores)."""
+    return train_digits_classifier()
+
+
+def test_split_shapes_and_range(split):
+    x_train, y_train, x_test, y_test = split
+    assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)
+    assert y_train.shape == (1437,) and y_test.shape == (360,)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert x_train.min() == -1 and x_train.max() == 1
+    assert torch.bincount(y_test).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
+    x_again = digits_split()[0]
+    assert torch.equal(x_train, x_again)
+
+
+def test_default_training_accuracy(classifier, split):
+    _, _, x_test, y_test = split
+    assert not classifier.training
+    assert evaluate_accuracy(classifier, x_test, y_test) >= 0.97
+
+
+def test_shapes(classifier, split):
+    x = split[2][:5]
+    assert classifier(x).shape == (5, 10)
+    features = classifier.features(x)
+    assert features.shape == (5, classifier.config.feature_dim) and (features >= 0).all()
+    probs = classifier.probabilities(x)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+
+
+def test_training_is_deterministic_and_leaves_global_state():
+    rng_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    a = train_digits_classifier(seed=3, epochs=1).state_dict()
+    b = train_digits_classifier(seed=3, epochs=1).state_dict()
+    c = train_digits_classifier(seed=4, epochs=0).state_dict()
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.get_num_threads() == threads
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+def test_save_load_round_trip(classifier, split, tmp_path):
+    x = split[2][:64]
+    classifier.save_pretrained(tmp_path / "clf")
+    assert (tmp_path / "clf" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = DigitsClassifier.from_pretrained(tmp_path / "clf")
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(x), classifier(x))
+
+
+def test_load_trains_saves_then_loads(classifier, split, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(**kwargs):
+        calls.append(kwargs)
+        return classifier
+
+    monkeypatch.setattr(dc, "train_digits_classifier", fake_train)
+    path = tmp_path / "cache" / "clf"
+    with pytest.raises(FileNotFoundError, match="python -m cdrl.digits_classifier --output"):
+        load_digits_classifier(path, train_if_missing=False)
+    first = load_digits_classifier(path)
+    assert len(calls) == 1 and (path / "config.json").is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["clf"]  # no temp dir left behind
+    second = load_digits_classifier(path, train_if_missing=False)
+    assert len(calls) == 1
+    x = split[2][:32]
+    with torch.no_grad():
+        assert torch.equal(first(x), classifier(x)) and torch.equal(second(x), classifier(x))
+
+
+def test_default_path_follows_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDRL_CACHE_DIR", str(tmp_path))
+    assert dc.default_classifier_path() == tmp_path / "digits_classifier"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "digits_classifier")):
+        load_digits_classifier(train_if_missing=False)
+    monkeypatch.delenv("CDRL_CACHE_DIR")
+    assert dc.default_classifier_path() == Path("~/.cache/cdrl/digits_classifier").expanduser()
+
+
+def test_judge_real_digits_pass(classifier, split):
+    result = judge_digits(split[2], classifier)
+    assert result["passes"]
+    assert result["confident_fraction"] >= 0.9
+    assert result["classes_present"] == 10
+    assert len(result["class_histogram"]) == 10
+    assert sum(result["class_histogram"]) == pytest.approx(1.0)
+    json.dumps(result)
+
+
+def test_judge_single_digit_fails_balance(classifier, split):
+    x_test, y_test = split[2], split[3]
+    sevens = x_test[y_test == 7]
+    result = judge_digits(sevens.repeat(3, 1, 1, 1), classifier)
+    assert not result["passes"]
+    assert result["max_class_fraction"] > 0.2
+    assert result["classes_present"] < 10
+
+
+def test_judge_noise_fails_confidence(classifier):
+    noise = torch.rand(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    result = judge_digits(noise, classifier)
+    assert not result["passes"]
+    assert result["confident_fraction"] < 0.85
+
+
+def test_novelty(split):
+    x_train, _, x_test, _ = split
+    copies = novelty(x_train[:300], x_train)
+    assert copies["copy_fraction"] == 1.0 and copies["nn_distance_median"] == 0.0
+    assert copies["copy_threshold"] > 0
+    fresh = novelty(x_test, x_train)
+    assert fresh["copy_fraction"] <= 0.02
+    assert fresh["nn_distance_median"] == pytest.approx(fresh["reference_nn_distance_median"])
+    json.dumps(fresh)
+
+
+def test_measure_passes_on_real_digits(classifier, split):
+    quality = _load_digits_quality()
+    x_train, _, x_test, _ = split
+    result = quality.measure(x_test, classifier, x_train)
+    assert result["passes"]
+    assert result["novelty"]["copy_fraction"] <= 0.05
+    json.dumps(result)
+
+
+def test_quality_cli_with_stubbed_sampler(classifier, split, tmp_path, monkeypatch, capsys):
+    quality = _load_digits_quality()
+    classifier.save_pretrained(tmp_path / "clf")
+    x_test = split[2]
+    monkeypatch.setattr(quality, "generate", lambda *args: x_test[: args[1]])
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--num_samples", "300"]
+    argv += ["--classifier", str(tmp_path / "clf"), "--output", str(tmp_path / "r.json")]
+    argv += ["--grid", str(tmp_path / "grid.png")]
+    assert quality.main(argv) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["passes"] is True
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (91 * 4, 91 * 4)
+
+    monkeypatch.setattr(quality, "generate", lambda *args: x_test[:1].repeat(args[1], 1, 1, 1))
+    assert quality.main(argv) == 1
+
+
+def test_classifier_cli_saves_and_overwrites(tmp_path, capsys):
+    out = tmp_path / "clf"
+    dc.main(["--output", str(out), "--epochs", "0"])
+    assert "test accuracy" in capsys.readouterr().out
+    first = DigitsClassifier.from_pretrained(out).head.weight
+    dc.main(["--output", str(out), "--epochs", "0", "--seed", "1"])
+    second = DigitsClassifier.from_pretrained(out).head.weight
+    assert not torch.equal(first, second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]

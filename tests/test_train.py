@@ -1,0 +1,401 @@
+"""Tests of the training entry point (cdrl.train): ``train_step`` alone, ``main`` end to end on
+configs/debug.yaml (artifacts, export, resume, checkpoint limit, bad input, --dry-run, 2-D toys).
+
+Everything runs in-process on the CPU in a few seconds per run; the multi-process launches are in
+tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_constant_schedule_with_warmup
+
+from cdrl.config import load_config, save_config
+from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+from cdrl.train import Models, build_models, main, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs/debug.yaml"
+TOY = [
+    "data.name=checkerboard",
+    "data.toy_size=256",
+    "ebm.arch=mlp",
+    "initializer.arch=mlp",
+    "ebm.hidden=16",
+    "initializer.hidden=16",
+]
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state so every Accelerator starts afresh."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _train(output_dir: Path, *args: str) -> int:
+    """main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
+    _reset_accelerate()
+    argv = ["--config", str(DEBUG), "--output_dir", str(output_dir), "--report_to", "none", *args]
+    try:
+        return main(argv)
+    finally:
+        _reset_accelerate()
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def _snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
+    """{relative path: (size, mtime_ns)} of everything under ``path``; None if it does not exist."""
+    if not path.exists():
+        return None
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_step alone.
+
+
+def _models(cfg, accelerator: Accelerator, sample_shape=(1, 8, 8), condition_sizes=()) -> Models:
+    """Models, optimizers and warmup schedulers built and prepared as ``run`` does."""
+    ebm, init = build_models(cfg, sample_shape, condition_sizes)
+    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    warmup = cfg.train.warmup_steps * accelerator.num_processes
+    ebm_opt = torch.optim.Adam(ebm.parameters(), lr=cfg.train.ebm_lr, betas=betas)
+    ebm_sched = get_constant_schedule_with_warmup(ebm_opt, warmup)
+    if init is None:
+        ebm, ebm_opt, ebm_sched = accelerator.prepare(ebm, ebm_opt, ebm_sched)
+        return Models(ebm, None, ebm_opt, None, ebm_sched, None)
+    init_opt = torch.optim.AdamW(
+        init.parameters(),
+        lr=cfg.train.init_lr,
+        betas=betas,
+        weight_decay=cfg.train.init_weight_decay,
+    )
+    init_sched = get_constant_schedule_with_warmup(init_opt, warmup)
+    prepared = accelerator.prepare(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched)
+    return Models(*prepared)
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _step(overrides=(), condition_sizes=()):
+    """One train_step on a random digits-shaped batch; returns (stats, models, params before)."""
+    # warmup 0: with warmup the first step runs at lr 0 (diffusers' warmup starts at 0).
+    cfg = load_config(DEBUG, ["train.warmup_steps=0", *overrides])
+    accelerator = Accelerator(cpu=True)
+    set_seed(0)
+    models = _models(cfg, accelerator, condition_sizes=condition_sizes)
+    before = {"ebm": _params(models.ebm)}
+    if models.initializer is not None:
+        before["init"] = _params(models.initializer)
+    schedule = CDRLScheduler.from_training_config(cfg).schedule
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    if condition_sizes:
+        cond = torch.randint(0, condition_sizes[0], (16, 1))
+    else:
+        cond = torch.zeros(16, 0, dtype=torch.long)
+    stats = train_step(models, (x0, cond), cfg, schedule, accelerator, condition_sizes)
+    return stats, models, before, cfg
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, bool]:
+    return {name: not torch.equal(before[name], p) for name, p in module.named_parameters()}
+
+
+def test_train_step_updates_both_networks_and_returns_finite_stats():
+    stats, models, before, cfg = _step()
+    for key in ("ebm/loss", "ebm/energy_gap", "ebm/grad_norm", "init/mse", "init/grad_norm"):
+        assert key in stats, key
+        assert stats[key].dim() == 0 and math.isfinite(stats[key].item()), key
+    T = cfg.schedule.num_levels
+    for key in ("level/count", "level/gap", "level/move", "level/rms_err"):
+        assert stats[key].shape == (T,) and torch.isfinite(stats[key]).all(), key
+    assert stats["level/count"].sum().item() == 16
+    assert not any(value.requires_grad for value in stats.values())
+
+    # Every parameter with a non-zero gradient moved (Adam, lr > 0), in both networks. (The
+    # initializer's output layer starts at zero, so at step 1 only its last layers get gradient.)
+    for name, module in (("ebm", models.ebm), ("init", models.initializer)):
+        changed = _changed(before[name], module)
+        with_grad = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.any()}
+        assert with_grad, name
+        assert all(changed[n] for n in with_grad), (name, [n for n in with_grad if not changed[n]])
+        # the spectral-normalised weights (parametrizations.*.original) are among them
+        if name == "ebm":
+            assert any("parametrizations" in n and changed[n] for n in changed)
+
+    # frozen() around the Langevin refinement restored requires_grad and the training mode.
+    for module in (models.ebm, models.initializer):
+        assert all(p.requires_grad for p in module.parameters())
+        assert module.training
+
+
+def test_train_step_drl_without_initializer():
+    stats, models, before, _ = _step(["initializer.arch=none", "schedule.kind=drl"])
+    assert models.initializer is None and models.init_opt is None
+    assert "ebm/loss" in stats and math.isfinite(stats["ebm/loss"].item())
+    assert not any(key.startswith("init/") for key in stats)
+    assert any(_changed(before["ebm"], models.ebm).values())
+    assert all(p.requires_grad for p in models.ebm.parameters())
+
+
+def test_train_step_class_conditional():
+    stats, models, before, _ = _step(["data.class_conditional=true"], condition_sizes=(10,))
+    assert all(math.isfinite(v.item()) for k, v in stats.items() if not k.startswith("level/"))
+    assert any(_changed(before["init"], models.initializer).values())
+
+
+def test_train_step_rejects_non_finite_energies():
+    cfg = load_config(DEBUG)
+    accelerator = Accelerator(cpu=True)
+    models = _models(cfg, accelerator)
+    with torch.no_grad():
+        for p in models.ebm.parameters():
+            p.fill_(float("nan"))
+    schedule = CDRLScheduler.from_training_config(cfg).schedule
+    batch = (torch.zeros(16, 1, 8, 8), torch.zeros(16, 0, dtype=torch.long))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_step(models, batch, cfg, schedule, accelerator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main() end to end.
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory) -> Path:
+    """configs/debug.yaml trained 0 -> 4 in one go (seed 0)."""
+    output_dir = tmp_path_factory.mktemp("debug") / "run"
+    assert _train(output_dir) == 0
+    return output_dir
+
+
+def test_main_writes_the_run_and_exports_a_working_pipeline(debug_run: Path):
+    out = debug_run
+    cfg = load_config(out / "config.yaml")
+    assert cfg == load_config(DEBUG, [f"log.output_dir={out}"])
+    assert (out / "git.txt").read_text().strip()
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert math.isfinite(record["ebm/loss"]) and "init/mse" in record and "level1/gap" in record
+    assert records[-1]["lr/ebm"] == pytest.approx(cfg.train.ebm_lr)  # warmup (2 steps) is over
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    for step in (2, 4):
+        assert f"{step:07d}_refined.png" in samples and f"{step:07d}_init.png" in samples
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file()
+    assert load_config(out / "pipeline" / "training_config.yaml") == cfg
+
+    pipe = CDRLPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (3, 1, 8, 8)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert pipe.scheduler.config.n_steps == 2 and pipe.initializer is not None
+
+
+def test_resume_latest_continues_from_the_checkpoint(tmp_path: Path):
+    out = tmp_path / "run"
+    assert _train(out, "--max_train_steps", "2") == 0
+    assert _checkpoints(out) == ["checkpoint-2"]
+    assert _train(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    assert load_config(out / "config.yaml").train.max_steps == 4
+    assert (out / "pipeline" / "model_index.json").is_file()
+    # an explicit checkpoint folder, relative to the run, also resumes (and changes nothing at 4 -> 4)
+    assert _train(out, "--resume_from_checkpoint", "checkpoint-4", "--max_train_steps", "4") == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resume_is_deterministic(debug_run: Path, tmp_path: Path):
+    """0 -> 4 in one go and 0 -> 2, then 2 -> 4 resumed, log the same losses at steps 3 and 4."""
+    out = tmp_path / "run"
+    assert _train(out, "--max_train_steps", "2") == 0
+    assert _train(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
+    one_go, resumed = _metrics(debug_run), _metrics(out)
+    # steps 1 and 2 ran identically (same seed): the runs are comparable
+    for a, b in zip(one_go[:2], resumed[:2], strict=True):
+        assert a["ebm/loss"] == pytest.approx(b["ebm/loss"], abs=1e-5)
+    for a, b in zip(one_go[2:], resumed[2:], strict=True):
+        assert a["step"] == b["step"]
+        for key in ("ebm/loss", "init/mse", "ebm/energy_gap"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_checkpoints_total_limit_keeps_only_the_newest_class_conditional(tmp_path: Path):
+    """Also runs the class-conditional code paths (label dropout, labelled grids, guided export)."""
+    out = tmp_path / "run"
+    args = ["--checkpoints_total_limit", "1", "--set", "data.class_conditional=true"]
+    assert _train(out, *args) == 0
+    assert _checkpoints(out) == ["checkpoint-4"]
+    assert not list(out.glob(".tmp-*"))
+    assert (out / "samples" / "0000004_refined.png").is_file()
+    pipe = CDRLPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.condition_sizes == (10,)
+    images = pipe(class_labels=[0, 3], guidance_scale=2.0, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_log_file_belongs_to_its_own_run(tmp_path: Path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fast = ["--max_train_steps", "1", "--set", "log.sample_every=0"]
+    assert _train(first, *fast) == 0
+    assert _train(second, *fast) == 0
+    assert str(second) in (second / "log.txt").read_text()  # "exported the EMA pipeline to ..."
+    assert str(second) not in (first / "log.txt").read_text()
+
+
+def test_toy_2d_run_exports_a_vector_pipeline(tmp_path: Path):
+    out = tmp_path / "toy"
+    assert _train(out, "--max_train_steps", "3", "--set", *TOY) == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    assert (out / "samples" / "0000002_refined.png").is_file()  # scatter plots for 2-D data
+    assert (out / "samples" / "0000003_init.png").is_file()
+    pipe = CDRLPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.sample_shape == (2,)
+    x = pipe(batch_size=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path: Path, capsys):
+    out = tmp_path / "never"
+    argv = ["--config", str(DEBUG), "--output_dir", str(out), "--dry-run"]
+    argv += ["--max_train_steps", "7", "--set", "langevin.n_steps=3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    expected = load_config(
+        DEBUG, [f"log.output_dir={out}", "train.max_steps=7", "langevin.n_steps=3"]
+    )
+    assert resolved == dataclasses.asdict(expected)
+    # the printed YAML is itself a valid --config that resolves to the same settings
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert load_config(tmp_path / "resolved.yaml") == expected
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line on stderr, nothing written.
+
+
+def _fake_run(path: Path) -> None:
+    """A folder that looks like a finished cdrl run."""
+    path.mkdir(parents=True)
+    save_config(load_config(DEBUG, [f"log.output_dir={path}"]), path / "config.yaml")
+    (path / "metrics.jsonl").write_text('{"step": 2}\n')
+    (path / "checkpoint-2").mkdir()
+    (path / "checkpoint-2" / "model.safetensors").write_bytes(b"x")
+
+
+def _unrelated(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("my thesis\n")
+
+
+BAD_INPUT = [
+    pytest.param(
+        None, ["--set", "train.no_such_key=1"], "unknown config key", id="unknown-set-key"
+    ),
+    pytest.param(None, ["--set", "train.batch_size=0"], "train.batch_size", id="batch-size-0"),
+    pytest.param(None, ["--config", "{tmp}/missing.yaml"], "not found", id="missing-config"),
+    pytest.param(_unrelated, [], "not a cdrl run", id="unrelated-output-dir"),
+    pytest.param(_fake_run, [], "already holds a run", id="existing-run-without-resume"),
+    pytest.param(
+        None,
+        ["--set", "data.name=folder", "data.data_dir={tmp}/no_images"],
+        "does not exist",
+        id="folder-missing-data-dir",
+    ),
+    pytest.param(None, ["--set", "data.name=folder"], "data.data_dir", id="folder-no-data-dir"),
+    pytest.param(
+        None,
+        ["--set", "train.batch_size=5000"],
+        "fewer than train.batch_size",
+        id="batch-larger-than-data",
+    ),
+    pytest.param(
+        _fake_run,
+        ["--resume_from_checkpoint", "nonsense"],
+        "nonsense",
+        id="resume-nonsense-existing-run",
+    ),
+    pytest.param(
+        None,
+        ["--resume_from_checkpoint", "nonsense"],
+        "nonsense",
+        id="resume-nonsense-fresh-dir",
+    ),
+]
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    tmp_path: Path, capsys, setup, args, message
+):
+    out = tmp_path / "run"
+    if setup is not None:
+        setup(out)
+    before = _snapshot(out)
+    before_tmp = sorted(p.name for p in tmp_path.iterdir())
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert _train(out, *argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert message in lines[0]
+    assert captured.out == ""
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == before_tmp
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(DEBUG), "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_existing_run_is_resumable_after_refusal(debug_run: Path, tmp_path: Path):
+    """The refusal message's advice works: --resume_from_checkpoint latest on a finished run exports
+    again without training (step 4 of 4) and without duplicating metrics."""
+    out = tmp_path / "run"
+    shutil.copytree(debug_run, out)
+    assert _train(out, "--resume_from_checkpoint", "latest") == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
