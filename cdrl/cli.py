@@ -39,9 +39,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     """Load a ``CDRLPipeline`` from a checkpoint (see ``resolve_checkpoint``) onto ``device`` (default: cuda if any)."""
+    from diffusers.utils import logging as diffusers_logging
+
     from cdrl.pipeline import CDRLPipeline
 
     folder = resolve_checkpoint(path)
+    diffusers_logging.disable_progress_bar()  # keep stderr to notices and one-line errors
     try:
         pipeline = CDRLPipeline.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -56,10 +59,27 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     return pipeline
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' 'Loading pipeline components' bar, so stderr holds only notices and one-line errors."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
+
+
 def check_writable(path: str | Path) -> Path:
-    """Fail early (before any work) when ``path``'s parent folder cannot be created or written."""
+    """Fail early (before any work) when ``path``'s parent folder cannot be created or written.
+
+    Only the parent is probed (and created), so ``path`` itself does not appear before the work is done.
+    """
     path = Path(path)
-    parent = path.parent if path.suffix else path
+    parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".cdrl-write-test-{id(path)}"

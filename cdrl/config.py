@@ -22,105 +22,84 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 
+# fmt: off
 @dataclass
 class DataConfig:
-    name: str = (
-        "digits"  # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
-    )
-    data_dir: str | None = (
-        None  # local copy (cifar10: the torchvision root; folder: the image folder)
-    )
-    download: bool = True  # cifar10: let torchvision download into data_dir when missing
-    image_size: int | None = (
-        None  # folder: resize/center-crop to this size (None: keep the files' size)
-    )
-    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); None: 3
-    random_flip: bool = False  # random horizontal flip (natural images only; never for digits)
-    scale: float = 1.0  # the model sees data * scale (2-D toys: 4.0, as the official toy example)
-    toy_size: int = 50_000  # 2-D toys: number of points drawn once, with data.seed
-    seed: int = 0  # data generation / split seed
-    num_workers: int = 0  # DataLoader workers
-    class_conditional: bool = False  # feed class labels to both networks (CDRL Sec. 3.4)
-    uncond_prob: float = (
-        0.1  # probability that a label is replaced by the null label (CFG training)
-    )
-    attributes: list[str] = field(
-        default_factory=list
-    )  # extra conditions for composition (dataset-specific)
+    name: str = "digits"               # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
+    data_dir: str | None = None        # local copy (cifar10: the torchvision root; folder: the image folder)
+    download: bool = True              # cifar10: let torchvision download into data_dir when missing
+    image_size: int | None = None      # folder: resize/center-crop to this size (None: keep the files' size)
+    channels: int | None = None        # folder: 1 (grayscale) or 3 (RGB); None: 3
+    random_flip: bool = False          # random horizontal flip (natural images only; never for digits)
+    scale: float = 1.0                 # the model sees data * scale (2-D toys: 4.0, as the official toy example)
+    toy_size: int = 50_000             # 2-D toys: number of points drawn once, with data.seed
+    seed: int = 0                      # data generation / split seed
+    num_workers: int = 0               # DataLoader workers
+    class_conditional: bool = False    # feed class labels to both networks (CDRL Sec. 3.4)
+    uncond_prob: float = 0.1           # probability that a label is replaced by the null label (CFG training)
+    attributes: list[str] = field(default_factory=list)  # binary conditions: digits [thickness]; toys [xband, yband]
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cdrl", "drl"] = (
-        "cdrl"  # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
-    )
-    num_levels: int = 6  # T, number of EBMs / recovery steps
-    logsnr_min: float = -5.1  # cdrl: lambda at the noisiest level (CDRL App. A.1)
-    logsnr_max: float = 9.8  # cdrl: lambda at level 0
-    beta_start: float = 1e-4  # drl: DDPM beta_1
-    beta_end: float = 0.02  # drl: DDPM beta_N
-    num_diffusion_steps: int = 1000  # drl: N
+    kind: Literal["cdrl", "drl"] = "cdrl"  # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
+    num_levels: int = 6                # T, number of EBMs / recovery steps
+    logsnr_min: float = -5.1           # cdrl: lambda at the noisiest level (CDRL App. A.1)
+    logsnr_max: float = 9.8            # cdrl: lambda at level 0
+    beta_start: float = 1e-4           # drl: DDPM beta_1
+    beta_end: float = 0.02             # drl: DDPM beta_N
+    num_diffusion_steps: int = 1000    # drl: N
 
 
 @dataclass
 class EBMConfig:
     arch: Literal["resnet", "mlp"] = "resnet"
-    base_channels: int = 128  # resnet: width of the first resolution; also the time-embedding width
-    channel_mult: list[int] = field(
-        default_factory=lambda: [1, 2, 2, 2]
-    )  # per resolution (32, 16, 8, 4)
-    num_res_blocks: int = 8  # residual blocks per resolution (mlp: per width)
-    hidden: int = 128  # mlp: hidden width
-    spectral_norm: bool = True  # on every conv/linear except the head (DRL App. B.1)
+    base_channels: int = 128           # resnet: width of the first resolution; also the time-embedding width
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution (32, 16, 8, 4)
+    num_res_blocks: int = 8            # residual blocks per resolution (mlp: per width)
+    hidden: int = 128                  # mlp: hidden width
+    spectral_norm: bool = True         # on every conv/linear except the head (DRL App. B.1)
 
 
 @dataclass
 class InitializerConfig:
     arch: Literal["unet", "mlp", "none"] = "unet"  # none: DRL (chains start at x_{t+1})
     block_out_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
-    attention_levels: list[bool] = field(
-        default_factory=lambda: [False, True, True]
-    )  # attention at 16, 8
-    layers_per_block: int = 4  # diffusers layout; 4 gives CDRL's 3.8M parameters
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])  # attention at 16, 8
+    layers_per_block: int = 4          # diffusers layout; 4 gives CDRL's 3.8M parameters
     dropout: float = 0.1
     norm_num_groups: int = 32
     attention_head_dim: int = 32
-    hidden: int = 128  # mlp: hidden width
-    num_blocks: int = 2  # mlp: residual blocks
+    hidden: int = 128                  # mlp: hidden width
+    num_blocks: int = 2                # mlp: residual blocks
 
 
 @dataclass
 class LangevinConfig:
-    n_steps: int = 15  # K per level (CDRL: 15; DRL: 30)
-    b2: float = 4e-4  # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
-    step_scale: float = 1.0  # multiplies every s_t; 1.0 = paper
-    tempered: bool = (
-        True  # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
-    )
-    noise: bool = True  # Langevin noise (False: gradient descent, for diagnostics)
-    tweedie: bool = (
-        True  # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
-    )
-    tweedie_b2: float = 2e-4  # b^2 that scales the score in the Tweedie step (official code: 2e-4)
+    n_steps: int = 15                  # K per level (CDRL: 15; DRL: 30)
+    b2: float = 4e-4                   # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
+    step_scale: float = 1.0            # multiplies every s_t; 1.0 = paper
+    tempered: bool = True              # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
+    noise: bool = True                 # Langevin noise (False: gradient descent, for diagnostics)
+    tweedie: bool = True               # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
+    tweedie_b2: float = 2e-4           # b^2 that scales the score in the Tweedie step (official code: 2e-4)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # per process (paper: 8 GPUs x 32 = 256)
-    max_steps: int = 500_000  # optimizer steps
-    ebm_lr: float = 1e-4  # Adam
-    init_lr: float = 1e-5  # AdamW
+    batch_size: int = 32               # per process (paper: 8 GPUs x 32 = 256)
+    max_steps: int = 500_000           # optimizer steps
+    ebm_lr: float = 1e-4               # Adam
+    init_lr: float = 1e-5              # AdamW
     init_weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 10_000  # linear warmup of both learning rates
-    grad_clip: float = 1.0  # max grad norm, both networks
-    ema_decay: float = 0.9999  # EMA of both networks, used for sampling and export
-    ema_warmup: bool = False  # diffusers EMAModel's decay warmup (useful for short runs)
-    variance_reduction: bool = True  # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
-    init_data_weight: float = (
-        0.0  # extra initializer regression onto the true x_t (0 = paper); see README
-    )
+    warmup_steps: int = 10_000         # linear warmup of both learning rates
+    grad_clip: float = 1.0             # max grad norm, both networks
+    ema_decay: float = 0.9999          # EMA of both networks, used for sampling and export
+    ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)
+    variance_reduction: bool = True    # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
+    init_data_weight: float = 0.0      # extra initializer regression onto the true x_t (0 = paper); see README
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
 
@@ -128,13 +107,13 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     output_dir: str = "runs/cdrl"
-    log_every: int = 100  # steps between metric lines (JSONL, trackers)
-    sample_every: int = 5_000  # steps between sample grids (0: only at the end)
-    num_grid_samples: int = 64  # samples per grid (a square number)
-    sample_seed: int = 1234  # fixed noise for comparable grids
+    log_every: int = 100               # steps between metric lines (JSONL, trackers)
+    sample_every: int = 5_000          # steps between sample grids (0: only at the end)
+    num_grid_samples: int = 64         # samples per grid (a square number)
+    sample_seed: int = 1234            # fixed noise for comparable grids
     checkpointing_steps: int = 10_000  # steps between resumable checkpoints (0: only at the end)
     checkpoints_total_limit: int | None = 3
-    report_to: str = "tensorboard"  # tensorboard | wandb | none (JSONL is always written)
+    report_to: str = "tensorboard"     # tensorboard | wandb | none (JSONL is always written)
 
 
 @dataclass
@@ -146,6 +125,7 @@ class Config:
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+# fmt: on
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

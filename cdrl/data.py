@@ -1,10 +1,12 @@
 """Data sets as ``(x, cond)`` pairs in data units: digits, MNIST-5k, CIFAR-10, image folders, toys.
 
-Also ``toy_modes``, the support / mode assignment of the 2-D toys used to score samples.
+Also ``toy_modes``, the support / mode assignment of the 2-D toys used to score samples, and the
+binary attributes used for composition (``attribute_values``): digit thickness, toy x / y bands.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +42,28 @@ RINGS_RADII = (0.3, 0.6, 0.9)
 RINGS_NOISE = 0.025  # radial Gaussian noise, data units
 BAND = 3.0  # moons/rings support: within BAND * noise of the curve
 
+# Binary attributes (extra conditions for composition), per data set; each has two values, 0 and 1.
+ATTRIBUTES = {
+    "digits": ("thickness",),
+    "mnist5k": ("thickness",),
+    **{name: ("xband", "yband") for name in TOY_NAMES},
+}
+ATTRIBUTE_LABELS = {
+    "thickness": ("thin", "thick"),  # ink mass <= / > the train-split median
+    "xband": ("left", "right"),  # x < split / x >= split
+    "yband": ("bottom", "top"),  # y < split / y >= split
+}
+# Where xband and yband split the plane. Chosen so that no mode straddles a split and every band
+# value (and every quadrant) holds whole modes: a cell edge of the checkerboard; for 8gaussians,
+# halfway between the centres on the axis (0) and their diagonal neighbours (0.8 cos 45 = 0.566),
+# 5.7 std from each. Moons and rings are continuous curves (no discrete modes): they split at 0.
+BAND_SPLITS = {
+    "8gaussians": float(GAUSSIANS_RADIUS * np.cos(np.pi / 4) / 2),
+    "checkerboard": 0.0,
+    "moons": 0.0,
+    "rings": 0.0,
+}
+
 
 def load_dataset(cfg: DataConfig, *, split: Literal["train", "test"] = "train") -> Dataset:
     """The data set named by ``cfg.name``; every item is ``(x, cond)``.
@@ -52,14 +76,29 @@ def load_dataset(cfg: DataConfig, *, split: Literal["train", "test"] = "train") 
 
     Returns:
         A dataset whose items are ``x`` float32 in data units (images (c, h, w) in [-1, 1],
-        toys (2,)) and ``cond`` long (K,) (K = 1 class label, or K = 0 when unlabelled). It has
-        the attributes ``condition_sizes``, ``sample_shape`` and ``is_image``.
+        toys (2,)) and ``cond`` long (K,): the class label first (labelled image sets only), then
+        one column per entry of ``cfg.attributes`` in that order (values 0 / 1, see
+        ``attribute_values``). It has the attributes ``condition_sizes`` (values per column, e.g.
+        (10,), (10, 2) for digits with thickness, (2, 2) for a toy with both bands, () when
+        unlabelled), ``sample_shape`` and ``is_image``.
 
     Raises:
-        DataError: an unknown name, or a data set that is missing or unreadable.
+        DataError: an unknown name or attribute, or a data set that is missing or unreadable.
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    attributes = _check_attributes(cfg.name, cfg.attributes)
+    dataset = _load(cfg, split)
+    if attributes:
+        values = [attribute_values(cfg.name, dataset.x, attribute) for attribute in attributes]
+        columns = torch.from_numpy(np.stack(values, axis=1))  # (n, len(attributes))
+        dataset.cond = torch.cat([dataset.cond, columns], dim=1)
+        sizes = (len(ATTRIBUTE_LABELS[attribute]) for attribute in attributes)
+        dataset.condition_sizes = (*dataset.condition_sizes, *sizes)
+    return dataset
+
+
+def _load(cfg: DataConfig, split: str) -> Dataset:
     name = cfg.name
     if name == "digits":
         return _digits(split)
@@ -92,8 +131,8 @@ class TensorDataset(Dataset):
 
     Args:
         x: (n, ...) uint8 images in 0..255 or float32 values already in data units.
-        labels: (n,) class labels, or None for unlabelled data.
-        condition_sizes: number of classes per condition ((10,) or ()).
+        labels: (n,) class labels, (n, K) conditions, or None for unlabelled data.
+        condition_sizes: number of values per condition ((10,), (10, 2) or ()).
         is_image: whether items are (c, h, w) images.
         random_flip: flip images horizontally with probability 1/2 on access.
     """
@@ -113,7 +152,8 @@ class TensorDataset(Dataset):
         if labels is None:
             self.cond = torch.zeros(len(x), 0, dtype=torch.long)
         else:
-            self.cond = labels.to(torch.long).reshape(len(x), 1)
+            labels = labels.to(torch.long)
+            self.cond = labels.unsqueeze(1) if labels.dim() == 1 else labels
         self.condition_sizes = tuple(condition_sizes)
         self.sample_shape = tuple(x.shape[1:])
         self.is_image = is_image
@@ -461,3 +501,78 @@ def _arc_distance(points: np.ndarray, centre: np.ndarray, radius: float, sign: f
     ends = np.asarray([[radius, 0.0], [-radius, 0.0]])
     to_ends = np.linalg.norm(offset[:, None, :] - ends[None], axis=-1).min(axis=1)
     return np.where(on_arc, to_circle, to_ends)
+
+
+# ---------------------------------------------------------------- attributes (composition)
+
+
+def attribute_values(name: str, data: np.ndarray | Tensor, attribute: str) -> np.ndarray:
+    """The value (0 or 1) of a binary attribute for points or images of a data set.
+
+    ``thickness`` (digits, mnist5k): 1 (thick) when the ink mass, the sum of the pixel intensities
+    in [0, 1], is above the median ink mass of the data set's train split, else 0 (thin). The
+    threshold comes from the train split only and is used for every split and for samples.
+    ``xband`` / ``yband`` (2-D toys): 1 when x (y) >= ``BAND_SPLITS[name]``, else 0.
+
+    Args:
+        name: the data set (``cfg.data.name``).
+        data: images (n, c, h, w) or (n, h, w) in data units ([-1, 1] float, or uint8 in 0..255),
+            or toy points (n, 2) in data units.
+        attribute: one of ``ATTRIBUTES[name]``.
+
+    Returns:
+        (n,) int64 array of 0 / 1.
+
+    Raises:
+        DataError: the data set has no such attribute.
+    """
+    _check_attributes(name, [attribute])
+    if isinstance(data, Tensor):
+        data = data.detach().cpu().numpy()
+    data = np.asarray(data)
+    if attribute == "thickness":
+        return (ink_mass(data) > _thickness_threshold(name)).astype(np.int64)
+    if data.ndim != 2 or data.shape[1] != 2:
+        raise ValueError(f"points must have shape (n, 2), got {data.shape}")
+    column = data[:, 0 if attribute == "xband" else 1].astype(np.float64)
+    return (column >= BAND_SPLITS[name]).astype(np.int64)
+
+
+def ink_mass(images: np.ndarray | Tensor) -> np.ndarray:
+    """(n,) float64 sum of the pixel intensities in [0, 1] of images ([-1, 1] floats or uint8)."""
+    if isinstance(images, Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim < 3:
+        raise ValueError(f"images must have shape (n, [c,] h, w), got {images.shape}")
+    if images.dtype == np.uint8:
+        intensity = images.astype(np.float64) / 255.0
+    else:
+        intensity = (images.astype(np.float64) + 1.0) / 2.0
+    return intensity.reshape(len(images), -1).sum(axis=1)
+
+
+@functools.cache
+def _thickness_threshold(name: str) -> float:
+    """Median ink mass of the train split (fixed per data set; never from the test split)."""
+    dataset = _digits("train") if name == "digits" else _mnist5k("train")
+    return float(np.median(ink_mass(dataset.x)))
+
+
+def _check_attributes(name: str, attributes: list[str] | tuple[str, ...]) -> list[str]:
+    """The attributes as a list; DataError for one the data set does not have, or a repeated one."""
+    attributes = list(attributes)
+    if not attributes or name not in DATASET_NAMES:
+        return attributes  # an unknown data set is reported by load_dataset
+    known = ATTRIBUTES.get(name, ())
+    for attribute in attributes:
+        if attribute not in known:
+            choices = ", ".join(known) if known else "none"
+            raise DataError(
+                f"unknown attribute {attribute!r} for data set {name!r} in data.attributes; "
+                f"known attributes: {choices}"
+            )
+    repeated = sorted({a for a in attributes if attributes.count(a) > 1})
+    if repeated:
+        raise DataError(f"data.attributes lists {', '.join(map(repr, repeated))} more than once")
+    return attributes

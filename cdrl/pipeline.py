@@ -158,6 +158,10 @@ class CDRLPipeline(DiffusionPipeline):
             )
         elif self.condition_sizes:
             null = self._null(batch_size, device)
+        if guidance_scale != 1.0 and class_labels is None:
+            raise ValueError(
+                "guidance_scale needs class_labels (it scales the class condition against the null label)"
+            )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         settings = self.scheduler.langevin_settings(n_steps=num_langevin_steps)

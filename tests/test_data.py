@@ -1,4 +1,5 @@
-"""Tests of cdrl.data (digits, toys, image folders, CIFAR-10 on a fake folder) and toy2d_check."""
+"""Tests of cdrl.data (digits, toys, image folders, CIFAR-10 on a fake folder, composition
+attributes), toy2d_check and compose_2d."""
 
 from __future__ import annotations
 
@@ -15,22 +16,32 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cdrl.config import DataConfig
-from cdrl.data import TOY_NAMES, DataError, load_dataset, sample_toy, toy_modes
+from cdrl.config import DataConfig, load_config
+from cdrl.data import (
+    ATTRIBUTES,
+    BAND_SPLITS,
+    TOY_NAMES,
+    DataError,
+    TensorDataset,
+    attribute_values,
+    ink_mass,
+    load_dataset,
+    sample_toy,
+    toy_modes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_toy2d_check():
-    spec = importlib.util.spec_from_file_location(
-        "toy2d_check", ROOT / "experiments/toy2d_check.py"
-    )
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-toy2d_check = _load_toy2d_check()
+toy2d_check = _load_script("toy2d_check")
+compose_2d = _load_script("compose_2d")
 
 
 # ---------------------------------------------------------------- digits
@@ -312,3 +323,175 @@ def test_cifar10_fake_folder(tmp_path, monkeypatch):
     assert any(torch.equal(v, train.x[0].float().flip(-1) / 127.5 - 1.0) for v in views)
     # with download=True and the files present, nothing is downloaded
     assert len(load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path)))) == 20
+
+
+# ---------------------------------------------------------------- attributes (composition)
+
+
+def test_digits_thickness_attribute():
+    plain = load_dataset(DataConfig(name="digits"))
+    train = load_dataset(DataConfig(name="digits", attributes=["thickness"]))
+    test = load_dataset(DataConfig(name="digits", attributes=["thickness"]), split="test")
+    assert train.condition_sizes == test.condition_sizes == (10, 2)
+    x, cond = train[0]
+    assert cond.shape == (2,) and cond.dtype == torch.long
+    assert torch.equal(train.cond[:, :1], plain.cond) and torch.equal(train.x, plain.x)
+    # Thick = ink mass above the train median: half of the train split, every class has both.
+    ink = ink_mass(train.x)
+    assert train.cond[:, 1].tolist() == (ink > np.median(ink)).astype(int).tolist()
+    assert 0.45 <= train.cond[:, 1].float().mean() <= 0.5
+    for label in range(10):
+        assert set(train.cond[train.cond[:, 0] == label, 1].tolist()) == {0, 1}
+    # The test split uses the train threshold, not its own median.
+    test_ink = ink_mass(test.x)
+    assert test.cond[:, 1].tolist() == (test_ink > np.median(ink)).astype(int).tolist()
+    assert np.median(test_ink) != np.median(ink)
+    # Samples are judged the same way, in [-1, 1] or uint8 units.
+    assert attribute_values("digits", test.x, "thickness").tolist() == test.cond[:, 1].tolist()
+    as_uint8 = ((test.x + 1) * 127.5).round().to(torch.uint8)
+    assert np.allclose(ink_mass(as_uint8), test_ink, atol=64 * 0.5 / 255)
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_toy_band_attributes(name):
+    cfg = DataConfig(name=name, toy_size=4000, attributes=["yband", "xband"])
+    dataset = load_dataset(cfg)
+    assert dataset.condition_sizes == (2, 2)
+    x, cond = dataset[0]
+    assert cond.shape == (2,) and cond.dtype == torch.long
+    split = BAND_SPLITS[name]
+    assert dataset.cond[:, 0].tolist() == (dataset.x[:, 1] >= split).long().tolist()
+    assert dataset.cond[:, 1].tolist() == (dataset.x[:, 0] >= split).long().tolist()
+    quadrant = (dataset.cond[:, 1] * 2 + dataset.cond[:, 0]).numpy()
+    assert (np.bincount(quadrant, minlength=4) > 0).all()
+    if name in ("8gaussians", "checkerboard"):
+        # Every mode lies in one quadrant (none straddles a split); every quadrant has a mode.
+        in_support, mode, expected = toy_modes(name, dataset.x)
+        owner = {}
+        for m, q in zip(mode[in_support], quadrant[in_support], strict=True):
+            owner.setdefault(int(m), set()).add(int(q))
+        assert len(owner) == len(expected) and all(len(q) == 1 for q in owner.values())
+        assert set().union(*owner.values()) == {0, 1, 2, 3}
+
+
+def test_attribute_errors():
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(name="8gaussians", attributes=["thickness"]))
+    message = str(info.value)
+    assert "'thickness'" in message and "8gaussians" in message and "xband, yband" in message
+    with pytest.raises(DataError, match="known attributes: thickness"):
+        load_dataset(DataConfig(name="digits", attributes=["smiling"]))
+    with pytest.raises(DataError, match="known attributes: none"):
+        load_dataset(DataConfig(name="cifar10", attributes=["xband"], download=False))
+    with pytest.raises(DataError, match="more than once"):
+        load_dataset(DataConfig(name="moons", attributes=["xband", "xband"]))
+    with pytest.raises(DataError, match="unknown attribute"):
+        attribute_values("rings", np.zeros((3, 2)), "thickness")
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset(DataConfig(name="imagenet", attributes=["xband"]))
+    assert set(ATTRIBUTES) <= {"digits", "mnist5k", *TOY_NAMES}
+
+
+def test_attribute_values_points():
+    split = BAND_SPLITS["8gaussians"]
+    assert 0.2 < split < 0.35
+    points = np.array([[-1.0, -1.0], [split, split - 1e-6], [1.0, 0.0]])
+    assert attribute_values("8gaussians", points, "xband").tolist() == [0, 1, 1]
+    assert attribute_values("8gaussians", torch.from_numpy(points), "yband").tolist() == [0, 0, 0]
+    assert attribute_values("checkerboard", points, "yband").tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="shape"):
+        attribute_values("moons", np.zeros((3, 3)), "xband")
+
+
+def test_tensor_dataset_conditions():
+    x = torch.zeros(3, 2)
+    assert TensorDataset(x, torch.tensor([1, 2, 0]), condition_sizes=(3,), is_image=False)[1][
+        1
+    ].tolist() == [2]
+    multi = TensorDataset(x, torch.tensor([[1, 0], [2, 1], [0, 1]]), condition_sizes=(3, 2),
+                          is_image=False)  # fmt: skip
+    assert multi[1][1].tolist() == [2, 1] and multi.cond.shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("config", "sizes"),
+    [("toy2d_compose.yaml", (2, 2)), ("digits_compose.yaml", (10, 2))],
+)
+def test_compose_configs(config, sizes):
+    cfg = load_config(ROOT / "configs" / config, ["data.toy_size=500"])
+    assert cfg.data.class_conditional and cfg.data.attributes
+    assert load_dataset(cfg.data).condition_sizes == sizes
+
+
+# ---------------------------------------------------------------- experiments/compose_2d.py
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "checkerboard"])
+def test_compose_2d_measurements_pass_and_fail(name):
+    points = sample_toy(name, 4000, seed=5)
+    x_band = attribute_values(name, points, "xband")
+    y_band = attribute_values(name, points, "yband")
+    bands = {"xband": 0, "yband": 1}
+    # Samples exactly in each target region pass; samples from the whole distribution fail.
+    targets = {
+        "and": (x_band == 0) & (y_band == 1),
+        "not": x_band != 0,
+        "and_not": (y_band == 1) & (x_band != 0),
+    }
+    for experiment, inside in targets.items():
+        good = compose_2d.evaluate(name, points[inside], experiment, **bands)
+        assert good["passes"] and good["fraction"] == 1.0 and good["in_support"] > 0.99
+        bad = compose_2d.evaluate(name, points, experiment, **bands)
+        assert not bad["passes"] and bad["fraction"] < 0.9
+        # 92% inside passes, 85% inside fails.
+        outside = points[~inside]
+        mixed = np.concatenate([points[inside][:460], outside[:40]])
+        assert compose_2d.evaluate(name, mixed, experiment, **bands)["passes"]
+        mixed = np.concatenate([points[inside][:425], outside[:75]])
+        assert not compose_2d.evaluate(name, mixed, experiment, **bands)["passes"]
+        json.dumps(good)
+    assert not compose_2d.evaluate(name, np.zeros((0, 2)), "and", **bands)["passes"]
+    with pytest.raises(ValueError, match="unknown experiment"):
+        compose_2d.evaluate(name, points, "or", **bands)
+
+
+def test_compose_2d_terms():
+    attributes = ["yband", "xband"]
+    terms = compose_2d.compose_terms(
+        attributes, "and", xband=1, yband=0, and_weight=2.0, not_weight=-1.0
+    )
+    assert terms == [([None, 1], 2.0), ([0, None], 2.0)]
+    assert compose_2d.compose_terms(
+        attributes, "not", xband=1, yband=0, and_weight=2.0, not_weight=-1.5
+    ) == [([None, 1], -1.5)]
+    assert compose_2d.compose_terms(
+        attributes, "and_not", xband=0, yband=1, and_weight=3.0, not_weight=-1.0
+    ) == [([1, None], 3.0), ([None, 0], -1.0)]
+
+
+def test_compose_2d_main(tmp_path):
+    from cdrl.models import EnergyMLP, InitializerMLP
+    from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+
+    torch.manual_seed(0)
+    ebm = EnergyMLP(in_features=2, hidden=16, channel_mult=(1, 2), num_res_blocks=1,
+                    condition_sizes=(2, 2))  # fmt: skip
+    initializer = InitializerMLP(in_features=2, hidden=16, num_blocks=1, temb_dim=16,
+                                 norm_num_groups=4, condition_sizes=(2, 2))  # fmt: skip
+    folder = tmp_path / "pipeline"
+    CDRLPipeline(ebm, initializer, CDRLScheduler(n_steps=2)).save_pretrained(folder)
+    (folder / "training_config.yaml").write_text(
+        "data: {name: checkerboard, class_conditional: true, attributes: [xband, yband]}\n"
+    )
+    out = tmp_path / "results"
+    code = compose_2d.main(
+        ["--checkpoint", str(folder), "--num_samples", "64", "--output_dir", str(out)]
+    )
+    summary = json.loads((out / "compose_2d.json").read_text())
+    assert code == (0 if summary["passes"] else 1)
+    assert list(summary["experiments"]) == ["and", "not", "and_not"]
+    assert summary["experiments"]["and"]["compose"] == [[[0, None], 2.0], [[None, 0], 2.0]]
+    assert (out / "compose_2d.png").stat().st_size > 0
+    (folder / "training_config.yaml").write_text("data: {name: checkerboard}\n")
+    with pytest.raises(SystemExit, match="not conditioned on"):
+        compose_2d.main(["--checkpoint", str(folder), "--output_dir", str(out)])

@@ -1,0 +1,293 @@
+"""``cdrl-generate``: class-conditional samples with classifier-free guidance, or unconditional.
+
+Sample k draws all its noise from its own generator seeded ``seed + k`` (EDM's
+StackedRandomGenerator), so it does not depend on the batch size. A ``.png`` output is one grid with
+one row per requested class; any other output is a folder of ``000000.png ...`` and a
+``manifest.json``. Bad input: one line ``error: ...`` on stderr, exit code 2, nothing written.
+
+    cdrl-generate --checkpoint runs/digits_cond --all_classes --num_samples_per_class 10 \\
+        --guidance_scale 2 --output samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cdrl.cli import (
+    CLIError,
+    atomic_path,
+    check_writable,
+    load_pipeline,
+    resolve_checkpoint,
+    run_cli,
+)
+from cdrl.utils import save_grid, to_uint8_images
+
+if TYPE_CHECKING:
+    from cdrl.pipeline import CDRLPipeline
+
+DEFAULT_NUM_SAMPLES = 16  # unconditional sampling
+GRID_MIN_TILE = 32  # grid PNGs upscale small samples (8x8 digits) to at least this many pixels
+OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are CLIErrors: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = _Parser(prog="cdrl-generate", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path,
+        help="a pipeline folder (model_index.json), or a run folder holding one in pipeline/",
+    )  # fmt: skip
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--class_labels", type=int, nargs="+", metavar="C",
+        help="class ids to sample, one grid row each (needs a class-conditional checkpoint)",
+    )  # fmt: skip
+    which.add_argument("--all_classes", action="store_true", help="sample every class 0..n-1")
+    parser.add_argument(
+        "--num_samples_per_class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with classes (default 1)",
+    )
+    parser.add_argument(
+        "--num_samples", type=int, default=None, metavar="N",
+        help=f"without classes: unconditional samples (default {DEFAULT_NUM_SAMPLES})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance_scale", type=float, default=1.0, metavar="S",
+        help="classifier-free guidance, diffusers' meaning: 1 = off (plain conditional), 0 = "
+        "unconditional, > 1 stronger; the paper's w = S - 1",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num_langevin_steps", type=int, default=None, metavar="K",
+        help="Langevin steps per noise level (default: the trained value; 0: initializer only)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="sample k uses seed + k (default 0)")
+    parser.add_argument(
+        "--output", required=True, type=Path,
+        help="a .png path: one grid, one row per class; otherwise a folder of PNGs + manifest.json",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch_size", type=int, default=256, help="samples per forward (default 256)"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )  # fmt: skip
+    return parser
+
+
+def read_model_config(checkpoint: Path) -> dict[str, Any]:
+    """The EBM's config.json of a checkpoint, read without loading any weights (to fail early)."""
+    path = checkpoint / "ebm" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise CLIError(
+            f"checkpoint {checkpoint} is incomplete: {path} is missing or unreadable"
+        ) from None
+
+
+def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> list[int] | None:
+    """One class label per sample (class-major order), or None for unconditional sampling.
+
+    Raises:
+        CLIError: a flag combination or value that does not fit the flags or the checkpoint.
+    """
+    if args.guidance_scale < 0:
+        raise CLIError(
+            f"--guidance_scale must be >= 0 (1 = no guidance), got {args.guidance_scale:g}"
+        )
+    for name in ("num_samples_per_class", "num_samples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name} must be at least 1, got {value}")
+    if args.num_langevin_steps is not None and args.num_langevin_steps < 0:
+        raise CLIError(f"--num_langevin_steps must be >= 0, got {args.num_langevin_steps}")
+    if args.class_labels is None and not args.all_classes:
+        if args.num_samples_per_class is not None:
+            raise CLIError("--num_samples_per_class needs --class_labels or --all_classes")
+        if args.guidance_scale != 1.0:
+            raise CLIError(
+                "--guidance_scale needs --class_labels or --all_classes to guide towards"
+            )
+        return None
+    flag = "--all_classes" if args.all_classes else "--class_labels"
+    if not condition_sizes:
+        raise CLIError(f"{flag} was given, but checkpoint {args.checkpoint} is unconditional")
+    if args.num_samples is not None:
+        raise CLIError(
+            f"--num_samples is for unconditional sampling; with {flag} use --num_samples_per_class"
+        )
+    num_classes = condition_sizes[0]
+    classes = range(num_classes) if args.all_classes else args.class_labels
+    for label in classes:
+        if not 0 <= label < num_classes:
+            raise CLIError(f"class label {label} is outside [0, {num_classes}) for this checkpoint")
+    per_class = args.num_samples_per_class or 1
+    return [label for label in classes for _ in range(per_class)]
+
+
+def check_output(output: Path) -> bool:
+    """Check ``output`` without writing anything; True for a grid (``.png``), False for a folder."""
+    suffix = output.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise CLIError(
+            f"--output {output}: grids are written as .png; give a .png path or a folder"
+        )
+    is_grid = suffix == ".png"
+    existing = next(parent for parent in output.parents if parent.exists())
+    if not existing.is_dir():
+        raise CLIError(f"--output {output} cannot be written: {existing} is a file, not a folder")
+    if is_grid and output.is_dir():
+        raise CLIError(f"--output {output} is a folder; a grid needs a .png file path")
+    if not is_grid and output.exists():
+        if not output.is_dir():
+            raise CLIError(f"--output {output} is a file; give a .png path or a folder")
+        if any(output.iterdir()) and not (output / "manifest.json").is_file():
+            raise CLIError(
+                f"--output {output} is a folder of something else; give a new or empty folder"
+            )
+    return is_grid
+
+
+def generate_samples(
+    pipe: CDRLPipeline,
+    labels: Sequence[int] | None,
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 1.0,
+    num_langevin_steps: int | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Tensor:
+    """Sample ``pipe`` in batches, sample k from its own CPU generator seeded ``seeds[k]``.
+
+    Args:
+        pipe: a ``CDRLPipeline`` (its own per-step progress bar is turned off).
+        labels: one class label per sample, or None for unconditional samples.
+        seeds: one seed per sample.
+        guidance_scale: classifier-free guidance, diffusers' meaning (1 = off).
+        num_langevin_steps: K per level (default: the trained value).
+        batch_size: samples per pipeline call.
+        progress: show a progress bar over batches when there is more than one.
+
+    Returns:
+        (n, c, h, w) float32 CPU samples in [-1, 1].
+    """
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
+    pipe.set_progress_bar_config(disable=True)
+    starts = range(0, len(seeds), batch_size)
+    chunks = []
+    for start in tqdm(
+        starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2
+    ):
+        batch_seeds = seeds[start : start + batch_size]
+        # CPU generators: sample k's noise is the same on every device and in every batch.
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in batch_seeds]
+        kwargs = {"batch_size": len(batch_seeds)}
+        if labels is not None:
+            kwargs = {
+                "class_labels": list(labels[start : start + batch_size]),
+                "guidance_scale": guidance_scale,
+            }
+        out = pipe(
+            generator=generators, num_langevin_steps=num_langevin_steps, output_type="pt", **kwargs
+        )
+        chunks.append(out.images.float().cpu() * 2 - 1)  # diffusers' [0, 1] -> [-1, 1]
+    return torch.cat(chunks)
+
+
+def write_folder(
+    images: Tensor, folder: Path, records: list[dict[str, Any]], info: dict[str, Any]
+) -> None:
+    """Write ``000000.png ...`` and ``manifest.json`` (``info``, then one record per sample)."""
+    folder.mkdir(parents=True)
+    for array, record in zip(to_uint8_images(images), records, strict=True):
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
+            folder / record["file"]
+        )
+    manifest = {**info, "samples": records}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+
+    # Check the flags against the checkpoint's config, and the output path, before loading weights.
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    config = read_model_config(checkpoint)
+    if "in_features" in config:
+        raise CLIError(
+            f"checkpoint {checkpoint} makes {config['in_features']}-d vectors, not images"
+        )
+    labels = plan_labels(args, tuple(config.get("condition_sizes") or ()))
+    is_grid = check_output(args.output)
+
+    pipe = load_pipeline(checkpoint, args.device)
+    # check_writable probes (and creates) the parent of a path with a suffix: for a folder output,
+    # probe its parent too, so that the folder itself appears only once complete.
+    check_writable(args.output if is_grid else args.output.parent / f"{args.output.name}.png")
+    num_samples = len(labels) if labels is not None else args.num_samples or DEFAULT_NUM_SAMPLES
+    seeds = [args.seed + k for k in range(num_samples)]
+    images = generate_samples(
+        pipe, labels, seeds, guidance_scale=args.guidance_scale,
+        num_langevin_steps=args.num_langevin_steps, batch_size=args.batch_size,
+    )  # fmt: skip
+
+    # Write into a temporary sibling, renamed into place only once complete.
+    with atomic_path(args.output) as tmp:
+        if is_grid:
+            per_row = (args.num_samples_per_class or 1) if labels is not None else None
+            upscale = max(1, math.ceil(GRID_MIN_TILE / images.shape[-1]))
+            save_grid(images, tmp, nrow=per_row, upscale=upscale)
+        else:
+            guidance = args.guidance_scale if labels is not None else None
+            records = [
+                {
+                    "file": f"{k:06d}.png",
+                    "label": None if labels is None else labels[k],
+                    "seed": seed,
+                    "guidance_scale": guidance,
+                }
+                for k, seed in enumerate(seeds)
+            ]
+            info = {
+                "checkpoint": str(checkpoint),
+                "num_langevin_steps": pipe.scheduler.langevin_settings(
+                    n_steps=args.num_langevin_steps
+                ).n_steps,
+                "guidance_scale": guidance,
+            }
+            write_folder(images, tmp, records, info)
+    print(f"wrote {num_samples} samples to {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cdrl-generate`` and ``generate.py``: the exit code (2: bad input)."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""``cdrl-inpaint``: complete the masked part of images with a trained model.
+
+Mask convention (diffusers): 1 / white = repaint, 0 / black = keep. Writes a new output folder, all
+or nothing: per input a side-by-side PNG (input, mask, masked input, completions), the completions
+at the model's resolution, and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from cdrl.cli import CLIError, atomic_path, check_writable, load_pipeline, run_cli
+
+MASK_CONVENTION = "mask 1 / white = repaint, 0 / black = keep"
+MaskPreset = Literal["center", "left_half", "right_half", "top_half", "bottom_half", "random_boxes"]
+MASK_PRESETS: tuple[str, ...] = MaskPreset.__args__
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MANIFEST = "manifest.json"
+MAX_GREY_FRACTION = 0.10  # a mask is binary-like if at most this share of pixels is in (0.1, 0.9)
+PANEL_TILE = 64  # panel tiles are upscaled (nearest) to at least this many pixels a side
+HOLE_VALUE = 128  # the repainted region in the "masked input" tile (uint8 grey)
+SEPARATOR_VALUE = 64  # the lines between panel tiles
+SEPARATOR_WIDTH = 2
+
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def preset_mask(
+    name: MaskPreset, size: int, *, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """A square inpainting mask, 1 = repaint, 0 = keep.
+
+    Args:
+        name: ``center`` (the middle half of each side), ``left_half``, ``right_half``,
+            ``top_half``, ``bottom_half``, or ``random_boxes`` (1 to 3 boxes with sides between a
+            quarter and a half of the image, drawn from ``rng``).
+        size: the side in pixels.
+        rng: the generator of ``random_boxes`` (default: seed 0).
+
+    Returns:
+        (size, size) float32 array of 0 / 1.
+    """
+    mask = np.zeros((size, size), dtype=np.float32)
+    half, quarter = size // 2, size // 4
+    if name == "center":
+        mask[quarter : size - quarter, quarter : size - quarter] = 1
+    elif name == "left_half":
+        mask[:, :half] = 1
+    elif name == "right_half":
+        mask[:, half:] = 1
+    elif name == "top_half":
+        mask[:half, :] = 1
+    elif name == "bottom_half":
+        mask[half:, :] = 1
+    elif name == "random_boxes":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        low, high = max(1, quarter), max(1, half)
+        for _ in range(int(rng.integers(1, 4))):
+            height, width = rng.integers(low, high + 1, size=2)
+            top, left = rng.integers(0, size - height + 1), rng.integers(0, size - width + 1)
+            mask[top : top + height, left : left + width] = 1
+    else:
+        raise ValueError(f"unknown mask preset {name!r}; choose one of {', '.join(MASK_PRESETS)}")
+    return mask
+
+
+def collect_images(paths: Sequence[str | Path], *, what: str = "image") -> list[Path]:
+    """Files as given, and the PNG / JPEG files of folders (sorted, hidden files skipped).
+
+    Raises:
+        CLIError: a path that does not exist, or a folder with no PNG or JPEG file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file()
+                and not p.name.startswith(".")
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise CLIError(f"{what} folder {path} holds no PNG or JPEG files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLIError(f"{what} {path} does not exist")
+    return files
+
+
+def read_image(path: str | Path, channels: int) -> tuple[np.ndarray, bool]:
+    """An image file as (channels, h, w) float32 in [0, 1].
+
+    Args:
+        path: a PNG or JPEG file (anything Pillow reads is accepted).
+        channels: 1 (greyscale) or 3 (RGB), the model's.
+
+    Returns:
+        The array, and whether colour was dropped (a colour image read as greyscale).
+
+    Raises:
+        CLIError: the file cannot be read.
+    """
+    return image_array(_open(path, "image"), channels)
+
+
+def image_array(image: Image.Image, channels: int) -> tuple[np.ndarray, bool]:
+    """A loaded PIL image as (channels, h, w) float32 in [0, 1], and whether colour was dropped."""
+    if image.mode in _GREY_MODES:
+        grey = _grey_array(image)
+        return np.repeat(grey[None], channels, axis=0), False
+    converted = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(converted, dtype=np.float32).reshape(image.height, image.width, -1) / 255.0
+    grey = image.mode in ("LA", "La") or (image.mode == "P" and _is_grey_palette(image))
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), channels == 1 and not grey
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask file as (h, w) float32 of 0 / 1 (1 / white = repaint, 0 / black = keep).
+
+    The file must be single-channel (greyscale or 1-bit; a palette of greys is accepted) and
+    binary-like: at most 10% of its pixels strictly between 0.1 and 0.9 (JPEG edges); it is
+    thresholded at 0.5.
+
+    Raises:
+        CLIError: the file cannot be read, has several channels, or is not binary-like.
+    """
+    image = _open(path, "mask")
+    if image.mode in _GREY_MODES:
+        values = _grey_array(image)
+    elif image.mode == "P" and _is_grey_palette(image):
+        values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    else:
+        bands = len(image.getbands()) if image.mode != "P" else "colour palette"
+        raise CLIError(
+            f"mask {path} is not single-channel ({image.mode}, {bands} channels); save it as a "
+            f"greyscale image ({MASK_CONVENTION})"
+        )
+    grey = float(((values > 0.1) & (values < 0.9)).mean())
+    if grey > MAX_GREY_FRACTION:
+        raise CLIError(
+            f"mask {path} is not binary: {grey:.0%} of its pixels are grey (strictly between 0.1 "
+            f"and 0.9, at most {MAX_GREY_FRACTION:.0%} allowed); use only black and white "
+            f"({MASK_CONVENTION})"
+        )
+    return (values >= 0.5).astype(np.float32)
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CLIError(f"cannot read {what} {path}: {reason}") from None
+
+
+def _grey_array(image: Image.Image) -> np.ndarray:
+    """(h, w) float32 in [0, 1] of a single-channel image (8-bit, 16-bit, 1-bit or float)."""
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode == "L":
+        array = array / 255.0
+    elif image.mode.startswith("I"):
+        array = array / 65535.0  # PNG's 16-bit greyscale opens as I or I;16
+    return np.clip(array, 0.0, 1.0)
+
+
+def _is_grey_palette(image: Image.Image) -> bool:
+    """Whether a palette image shows only opaque greys."""
+    rgba = np.asarray(image.convert("RGBA"))
+    return bool((rgba[..., 3] == 255).all() and (rgba[..., :3] == rgba[..., :1]).all())
+
+
+def resize(array: np.ndarray, size: int, *, binary: bool = False) -> np.ndarray:
+    """Resize (c, h, w) in [0, 1] to (c, size, size): antialiased bicubic (or bilinear, rounded)."""
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    mode = "bilinear" if binary else "bicubic"
+    x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+    x = (x >= 0.5).float() if binary else x.clamp(0.0, 1.0)
+    return x.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
+
+
+@dataclass
+class _Input:
+    path: Path
+    mask_source: str  # the mask file, or "preset:<name>"
+    known: np.ndarray  # (c, s, s) in [0, 1], at the model's resolution
+    repaint: np.ndarray  # (s, s) 0 / 1, 1 = repaint
+    original_size: tuple[int, int]  # (width, height) of the file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cdrl-inpaint`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="cdrl-inpaint",
+        description=(
+            f"Complete the masked part of images with a trained CDRL model ({MASK_CONVENTION}). "
+            "Known pixels are kept exactly; the masked ones are sampled."
+        ),
+        epilog=(
+            f"Mask convention (diffusers): {MASK_CONVENTION}. Writes OUTPUT/<index>_<name>.png "
+            "(input | mask, white = repaint | masked input | completions), "
+            "OUTPUT/completions/*.png at the model's resolution and OUTPUT/manifest.json."
+        ),
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="exported pipeline folder, or a run folder with pipeline/",
+    )
+    parser.add_argument(
+        "--image",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="PNG or JPEG files, or folders of them; converted to the model's channels and "
+        f"resolution ({MASK_CONVENTION} applies to the masks)",
+    )
+    masks = parser.add_mutually_exclusive_group(required=True)
+    masks.add_argument(
+        "--mask",
+        nargs="+",
+        metavar="PATH",
+        help="single-channel mask files, or a folder of them: one for all images or one per "
+        f"image, the same size as its image ({MASK_CONVENTION})",
+    )
+    masks.add_argument(
+        "--mask_preset",
+        choices=MASK_PRESETS,
+        help="a built-in mask instead of --mask; random_boxes is drawn with --seed "
+        f"({MASK_CONVENTION})",
+    )
+    parser.add_argument(
+        "--num_samples", type=int, default=4, help="completions per image (default 4)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="completion k (counting over all images in order) draws its noise from its own "
+        "generator seeded seed + k, so it does not depend on --batch_size (default 0)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="output folder (a new one, or an earlier output)"
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance with --class_label: 1 = plain conditional (default 1)",
+    )
+    parser.add_argument(
+        "--class_label",
+        type=int,
+        default=None,
+        help="condition a class-conditional model on this class",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--batch_size", type=int, default=64, help="completions sampled at once (default 64)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cdrl-inpaint``; returns the exit code (2 with a one-line 'error: ...' on bad input)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+
+    # Check the arguments and the output folder before any work.
+    for flag in ("num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.guidance_scale < 0:
+        raise CLIError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if args.guidance_scale != 1.0 and args.class_label is None:
+        raise CLIError("--guidance_scale needs --class_label (guidance is towards a class)")
+    output = _check_output(Path(args.output))
+    image_paths = collect_images(args.image, what="image")
+    mask_paths = collect_images(args.mask, what="mask") if args.mask else None
+    if mask_paths is not None and len(mask_paths) not in (1, len(image_paths)):
+        raise CLIError(
+            f"got {len(mask_paths)} masks for {len(image_paths)} images; pass one mask for all "
+            "images or one per image"
+        )
+
+    # Read and check every image and mask before loading the model.
+    masks: dict[Path, np.ndarray] = {}
+    files = []
+    for index, path in enumerate(image_paths):
+        image = _open(path, "image")
+        mask_path = None if mask_paths is None else mask_paths[index if len(mask_paths) > 1 else 0]
+        if mask_path is not None:
+            if mask_path not in masks:
+                masks[mask_path] = read_mask(mask_path)
+            height, width = masks[mask_path].shape
+            if (height, width) != (image.height, image.width):
+                raise CLIError(
+                    f"image {path} is {image.width}x{image.height} but mask {mask_path} is "
+                    f"{width}x{height}; they must be the same size"
+                )
+        files.append((path, image, mask_path))
+
+    # Load the model and check what it can do.
+    pipeline = load_pipeline(args.checkpoint, args.device)
+    pipeline.set_progress_bar_config(disable=True)
+    if len(pipeline.sample_shape) != 3:
+        raise CLIError(
+            f"checkpoint {args.checkpoint} holds a model of {pipeline.sample_shape[0]}-D points; "
+            "inpainting needs an image model"
+        )
+    channels, size = pipeline.sample_shape[0], pipeline.sample_shape[1]
+    _check_class_label(args.class_label, pipeline.condition_sizes, args.checkpoint)
+
+    # Convert to the model's channels and resolution; draw the preset masks.
+    rng = np.random.default_rng(args.seed)
+    inputs = []
+    for path, image, mask_path in files:
+        repaint = None if mask_path is None else masks[mask_path]
+        inputs.append(
+            _prepare(path, image, mask_path, repaint, args.mask_preset, channels, size, rng)
+        )
+
+    # Complete: every (image, completion) pair is one sample with its own generator.
+    known = torch.from_numpy(np.stack([item.known for item in inputs]))  # (n, c, s, s)
+    repaint = torch.from_numpy(np.stack([item.repaint for item in inputs]))[:, None]  # (n, 1, s, s)
+    completions = complete(
+        pipeline,
+        known,
+        repaint,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        class_label=args.class_label,
+        guidance_scale=args.guidance_scale,
+    )
+
+    # Write everything into a temporary folder, then move it into place.
+    with atomic_path(output) as tmp:
+        _write_outputs(tmp, inputs, completions, args)
+    total = completions.shape[0] * completions.shape[1]
+    print(f"wrote {len(inputs)} panels and {total} completions to {output}")
+    return 0
+
+
+def _check_output(output: Path) -> Path:
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"output {output} is a file; --output takes a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
+        raise CLIError(
+            f"output folder {output} exists and is not an earlier cdrl-inpaint output (it has no "
+            f"{MANIFEST}); pass a new folder"
+        )
+    check_writable(output.parent / MANIFEST)  # the parent gets the temporary sibling folder
+    return output
+
+
+def _check_class_label(label: int | None, sizes: tuple[int, ...], checkpoint: str) -> None:
+    if label is None:
+        return
+    if not sizes:
+        raise CLIError(
+            f"--class_label {label} was given, but the model in {checkpoint} is unconditional"
+        )
+    if not 0 <= label < sizes[0]:
+        raise CLIError(
+            f"--class_label {label} is outside [0, {sizes[0]}) for the model in {checkpoint}"
+        )
+
+
+def _prepare(
+    path: Path,
+    image: Image.Image,
+    mask_path: Path | None,
+    repaint: np.ndarray | None,
+    preset: str | None,
+    channels: int,
+    size: int,
+    rng: np.random.Generator,
+) -> _Input:
+    """Convert one checked image and its mask (or a preset) to the model's channels and size."""
+    known, dropped_colour = image_array(image, channels)
+    height, width = known.shape[1:]
+    if dropped_colour:
+        print(f"notice: converted colour image {path} to greyscale for this model", file=sys.stderr)
+    mask_source = str(mask_path) if mask_path is not None else f"preset:{preset}"
+    if (height, width) != (size, size):
+        note = "" if height == width else "; aspect ratio not kept"
+        mask_note = f" and mask {mask_path}" if mask_path is not None else ""
+        print(
+            f"notice: resized image {path}{mask_note} from {width}x{height} to {size}x{size}, "
+            f"the model's resolution{note}",
+            file=sys.stderr,
+        )
+        known = resize(known, size)
+        if repaint is not None:
+            repaint = resize(repaint[None], size, binary=True)[0]
+    if repaint is None:
+        repaint = preset_mask(preset, size, rng=rng)
+    if not repaint.any():
+        print(
+            f"notice: the mask of {path} repaints no pixel; completions equal the input",
+            file=sys.stderr,
+        )
+    return _Input(
+        path, mask_source, known.astype(np.float32), repaint.astype(np.float32), (width, height)
+    )
+
+
+def complete(
+    pipeline,
+    known: Tensor,
+    repaint: Tensor,
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+    class_label: int | None = None,
+    guidance_scale: float = 1.0,
+) -> Tensor:
+    """Sample ``num_samples`` completions of each image with a ``CDRLPipeline``.
+
+    Completion j of image i is sample k = i * num_samples + j; it draws all its noise from
+    ``torch.Generator().manual_seed(seed + k)``, so it does not depend on ``batch_size``.
+
+    Args:
+        pipeline: a ``CDRLPipeline`` of an image model.
+        known: (n, c, s, s) images in [0, 1] at the model's resolution.
+        repaint: (n, 1, s, s) masks, 1 = repaint, 0 = keep.
+        num_samples: completions per image.
+        seed: the seed of sample 0.
+        batch_size: samples per pipeline call.
+        class_label: condition a class-conditional model on this class (None: unconditional).
+        guidance_scale: classifier-free guidance with ``class_label`` (1 = plain conditional).
+
+    Returns:
+        (n, num_samples, c, s, s) completions in [0, 1]; the kept pixels equal ``known`` exactly.
+    """
+    n = known.shape[0]
+    known_all = known.float().repeat_interleave(num_samples, 0)
+    repaint_all = repaint.float().round().repeat_interleave(num_samples, 0)
+    chunks = []
+    for start in range(0, n * num_samples, batch_size):
+        stop = min(start + batch_size, n * num_samples)
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(start, stop)]
+        labels = None if class_label is None else [class_label] * (stop - start)
+        result = pipeline(
+            image=known_all[start:stop],
+            mask_image=repaint_all[start:stop],
+            class_labels=labels,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="pt",
+        )
+        chunks.append(torch.as_tensor(result.images).float().cpu())
+    out = torch.cat(chunks)
+    # The pipeline keeps known pixels in [-1, 1]; paste them again to undo the float round trip.
+    out = repaint_all * out + (1 - repaint_all) * known_all
+    return out.reshape(n, num_samples, *known.shape[1:])
+
+
+def _to_uint8(x: Tensor | np.ndarray) -> np.ndarray:
+    """(c, h, w) in [0, 1] -> (h, w, c) uint8."""
+    x = torch.as_tensor(x).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def panel(known: Tensor, repaint: Tensor, completions: Tensor) -> np.ndarray:
+    """The side-by-side picture: input | mask (white = repaint) | masked input | completions.
+
+    Args:
+        known: (c, s, s) in [0, 1].
+        repaint: (1, s, s) 0 / 1.
+        completions: (m, c, s, s) in [0, 1].
+
+    Returns:
+        (H, W, c) uint8, every tile upscaled (nearest) to at least ``PANEL_TILE`` pixels a side.
+    """
+    channels, size = known.shape[0], known.shape[-1]
+    mask = repaint.expand(channels, -1, -1)
+    masked = known * (1 - mask) + mask * (HOLE_VALUE / 255)
+    tiles = [known, mask, masked, *completions]
+    scale = max(1, math.ceil(PANEL_TILE / size))
+    tiles = [_to_uint8(tile).repeat(scale, axis=0).repeat(scale, axis=1) for tile in tiles]
+    side = size * scale
+    separator = np.full((side, SEPARATOR_WIDTH, channels), SEPARATOR_VALUE, dtype=np.uint8)
+    row = [tiles[0]]
+    for tile in tiles[1:]:
+        row += [separator, tile]
+    return np.concatenate(row, axis=1)
+
+
+def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args) -> None:
+    folder.mkdir()
+    (folder / "completions").mkdir()
+    items = []
+    num_samples = completions.shape[1]
+    for index, (item, samples) in enumerate(zip(inputs, completions, strict=True)):
+        stem = f"{index:03d}_{item.path.stem}"
+        known, repaint = torch.from_numpy(item.known), torch.from_numpy(item.repaint)[None]
+        _to_pil(panel(known, repaint, samples)).save(folder / f"{stem}.png")
+        files = []
+        for j, sample in enumerate(samples):
+            name = f"completions/{stem}_{j}.png"
+            _to_pil(_to_uint8(sample)).save(folder / name)
+            files.append({"file": name, "seed": args.seed + index * num_samples + j})
+        items.append(
+            {
+                "image": str(item.path),
+                "mask": item.mask_source,
+                "original_size": list(item.original_size),
+                "resized": item.original_size != tuple(item.known.shape[1:][::-1]),
+                "repaint_fraction": float(item.repaint.mean()),
+                "panel": f"{stem}.png",
+                "completions": files,
+            }
+        )
+    manifest = {
+        "checkpoint": str(args.checkpoint),
+        "mask_convention": MASK_CONVENTION,
+        "mask_preset": args.mask_preset,
+        "num_samples": num_samples,
+        "seed": args.seed,
+        "class_label": args.class_label,
+        "guidance_scale": args.guidance_scale,
+        "resolution": int(completions.shape[-1]),
+        "channels": int(completions.shape[2]),
+        "panel_columns": ["input", "mask (white = repaint)", "masked input"]
+        + [f"completion {j}" for j in range(num_samples)],
+        "items": items,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+__all__ = [
+    "MASK_CONVENTION",
+    "MASK_PRESETS",
+    "build_parser",
+    "collect_images",
+    "complete",
+    "image_array",
+    "main",
+    "panel",
+    "preset_mask",
+    "read_image",
+    "read_mask",
+    "resize",
+]
