@@ -77,10 +77,12 @@ class InitializerConfig:
 @dataclass
 class LangevinConfig:
     n_steps: int = 15                  # K per level (CDRL: 15; DRL: 30)
+    sample_steps: int | None = None    # K when sampling from the exported model (None: n_steps)
     b2: float = 4e-4                   # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
     step_scale: float = 1.0            # multiplies every s_t; 1.0 = paper
     tempered: bool = True              # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
     noise: bool = True                 # Langevin noise (False: gradient descent, for diagnostics)
+    noise_scale: float = 1.0           # multiplies the Langevin noise when sampling (DRL test time: 0.99); training uses 1
     tweedie: bool = True               # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
     tweedie_b2: float = 2e-4           # b^2 that scales the score in the Tweedie step (official code: 2e-4)
 
@@ -271,8 +273,13 @@ def validate(cfg: Config) -> None:
             "schedule.logsnr_max must exceed schedule.logsnr_min",
         ),
         (cfg.langevin.n_steps >= 0, "langevin.n_steps must be >= 0"),
+        (
+            cfg.langevin.sample_steps is None or cfg.langevin.sample_steps >= 0,
+            "langevin.sample_steps must be >= 0",
+        ),
         (cfg.langevin.b2 > 0, "langevin.b2 must be > 0"),
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),
+        (cfg.langevin.noise_scale >= 0, "langevin.noise_scale must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (

@@ -42,6 +42,7 @@ def langevin_refine(
     step_size: Tensor,
     n_steps: int,
     noise: bool = True,
+    noise_scale: float = 1.0,
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -63,6 +64,7 @@ def langevin_refine(
         step_size: (b,) s_t.
         n_steps: K.
         noise: add the Langevin noise; False gives gradient descent on U.
+        noise_scale: multiplies the noise (DRL samples with 0.99 at test time); 1 is Langevin proper.
         known: (b, ...) values in y-space that overwrite ``y`` where ``known_mask`` is 1 (inpainting).
         known_mask: (b, ...) or broadcastable, 1 = known pixel, 0 = free.
         generator: a generator, or one per sample (each sample's noise then independent of the batch).
@@ -80,7 +82,7 @@ def langevin_refine(
             (grad,) = torch.autograd.grad(total.sum(), leaf)
         y = y - 0.5 * step**2 * grad
         if noise:
-            y = y + step * randn_like(y, generator)
+            y = y + noise_scale * step * randn_like(y, generator)
         y = _constrain(y, known, known_mask)
         if callback is not None:
             callback(k, y)

@@ -40,6 +40,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         step_scale: float = 1.0,
         tempered: bool = True,
         noise: bool = True,
+        noise_scale: float = 1.0,
         tweedie: bool = True,
         tweedie_b2: float = 2e-4,
         data_scale: float = 1.0,
@@ -56,15 +57,20 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_training_config(cls, cfg: Config) -> CDRLScheduler:
-        return cls(
-            **dataclasses.asdict(cfg.schedule),
-            **dataclasses.asdict(cfg.langevin),
-            data_scale=cfg.data.scale,
-        )
+        """The scheduler a training config implies; sampling uses ``langevin.sample_steps`` when set."""
+        langevin = dataclasses.asdict(cfg.langevin)
+        sample_steps = langevin.pop("sample_steps")
+        if sample_steps is not None:
+            langevin["n_steps"] = sample_steps
+        return cls(**dataclasses.asdict(cfg.schedule), **langevin, data_scale=cfg.data.scale)
 
     def langevin_settings(self, **overrides) -> LangevinConfig:
         """The stored Langevin settings, with any non-None override applied."""
-        fields = {f.name: self.config[f.name] for f in dataclasses.fields(LangevinConfig)}
+        fields = {
+            f.name: self.config[f.name]
+            for f in dataclasses.fields(LangevinConfig)
+            if f.name in self.config
+        }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return LangevinConfig(**fields)
 
@@ -101,6 +107,7 @@ class CDRLPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_langevin_steps: int | None = None,
+        langevin_noise_scale: float | None = None,
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
         image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
@@ -116,6 +123,8 @@ class CDRLPipeline(DiffusionPipeline):
             batch_size: number of samples (ignored if ``class_labels`` is given: one sample per label).
             generator: a generator, or one per sample (then sample i does not depend on the batch).
             num_langevin_steps: K per level (default: the trained value).
+            langevin_noise_scale: multiplies the Langevin noise (default: the stored ``noise_scale``; 0 gives
+                gradient descent on the energy, as some EBM samplers do at test time).
             class_labels: one class id per sample for a class-conditional model; None samples the
                 unconditional model (the null label).
             guidance_scale: classifier-free guidance, diffusers' meaning: 1 = plain conditional, > 1 stronger
@@ -164,7 +173,9 @@ class CDRLPipeline(DiffusionPipeline):
             )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        settings = self.scheduler.langevin_settings(n_steps=num_langevin_steps)
+        settings = self.scheduler.langevin_settings(
+            n_steps=num_langevin_steps, noise_scale=langevin_noise_scale
+        )
         schedule = self.scheduler.schedule
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
         bar = self.progress_bar(total=schedule.num_levels * settings.n_steps)

@@ -149,6 +149,7 @@ def reverse_step(
         step_size=lvl.step_size,
         n_steps=settings.n_steps,
         noise=settings.noise,
+        noise_scale=settings.noise_scale,
         known=known_y,
         known_mask=known_mask,
         generator=generator,

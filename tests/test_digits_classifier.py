@@ -183,7 +183,9 @@ def test_quality_cli_with_stubbed_sampler(classifier, split, tmp_path, monkeypat
     assert Image.open(tmp_path / "grid.png").size == (91 * 4, 91 * 4)
 
     monkeypatch.setattr(quality, "generate", lambda *args: x_test[:1].repeat(args[1], 1, 1, 1))
-    assert quality.main(argv) == 1
+    assert quality.main(argv) == 0  # a miss is reported (FAIL) but exits 0 without --check
+    assert "FAIL" in capsys.readouterr().out
+    assert quality.main([*argv, "--check"]) == 1
 
 
 def test_classifier_cli_saves_and_overwrites(tmp_path, capsys):
