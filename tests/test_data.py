@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from experiment_scripts import load_experiment
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -33,15 +34,8 @@ from cdrl.data import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy2d_check = _load_script("toy2d_check")
-compose_2d = _load_script("compose_2d")
+toy2d_check = load_experiment("toy2d_check")
+compose_2d = load_experiment("compose_2d")
 
 
 # ---------------------------------------------------------------- digits

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from experiment_scripts import load_experiment
 
 import cdrl.digits_classifier as dc
 from cdrl.digits_classifier import (
@@ -21,15 +21,6 @@ from cdrl.digits_classifier import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_digits_quality():
-    spec = importlib.util.spec_from_file_location(
-        "digits_quality", ROOT / "experiments/digits_quality.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +150,7 @@ def test_novelty(split):
 
 
 def test_measure_passes_on_real_digits(classifier, split):
-    quality = _load_digits_quality()
+    quality = load_experiment("digits_quality")
     x_train, _, x_test, _ = split
     result = quality.measure(x_test, classifier, x_train)
     assert result["passes"]
@@ -168,7 +159,7 @@ def test_measure_passes_on_real_digits(classifier, split):
 
 
 def test_quality_cli_with_stubbed_sampler(classifier, split, tmp_path, monkeypatch, capsys):
-    quality = _load_digits_quality()
+    quality = load_experiment("digits_quality")
     classifier.save_pretrained(tmp_path / "clf")
     x_test = split[2]
     monkeypatch.setattr(quality, "generate", lambda *args: x_test[: args[1]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import runpy
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from experiment_scripts import load_experiment
 from PIL import Image
 
 from cdrl import generate
@@ -407,15 +407,6 @@ def test_failure_while_generating_leaves_nothing(cond_checkpoint, tmp_path, caps
 # ------------------------------------------------------------------ the guidance sweep
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location(
-        "guidance_sweep", ROOT / "experiments/guidance_sweep.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def classifier():
     """A quickly trained digits classifier (8 epochs, about 5 s; ~97% test accuracy)."""
@@ -423,7 +414,7 @@ def classifier():
 
 
 def test_measure_on_real_digits(classifier):
-    sweep = _load_sweep()
+    sweep = load_experiment("guidance_sweep")
     _, _, x_test, y_test = digits_split()
     real = sweep.measure(x_test, y_test, classifier)
     json.dumps(real)
@@ -443,7 +434,7 @@ def test_measure_on_real_digits(classifier):
 
 
 def test_sweep_end_to_end(cond_checkpoint, uncond_checkpoint, classifier, tmp_path, capsys):
-    sweep = _load_sweep()
+    sweep = load_experiment("guidance_sweep")
     classifier.save_pretrained(tmp_path / "clf")
     out = tmp_path / "sweep"
     argv = [

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from experiment_scripts import load_experiment
 from PIL import Image
 
 from cdrl import inpaint
@@ -22,13 +23,6 @@ from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_pipeline(condition_sizes: tuple[int, ...] = (), seed: int = 0) -> CDRLPipeline:
@@ -341,7 +335,7 @@ def test_read_mask_accepts_jpeg_edges_and_grey_palette(tmp_path):
 
 
 def test_inpaint_digits_measurements():
-    script = _load_script("inpaint_digits")
+    script = load_experiment("inpaint_digits")
     images = torch.rand(6, 1, SIZE, SIZE) * 2 - 1
     repaint = torch.from_numpy(preset_mask("left_half", SIZE)).reshape(1, 1, SIZE, SIZE)
     mean = torch.zeros(1, SIZE, SIZE)
@@ -364,7 +358,7 @@ def test_inpaint_digits_measurements():
 
 
 def test_inpaint_digits_main(tmp_path, checkpoints, monkeypatch):
-    script = _load_script("inpaint_digits")
+    script = load_experiment("inpaint_digits")
     from cdrl.digits_classifier import DigitsClassifier
 
     torch.manual_seed(0)
