@@ -194,9 +194,8 @@ def train_step(
     with torch.no_grad():
         gap = (energy_neg - energy_pos).detach()
         move = (y_neg - y_init.detach()).flatten(1).norm(dim=1)
-        err = (
-            (y_neg - y_pos).flatten(1).pow(2).mean(dim=1).sqrt()
-        )  # RMS distance of y- from the true y+
+        # RMS distance of y- from the true y+.
+        err = (y_neg - y_pos).flatten(1).pow(2).mean(dim=1).sqrt()
         stats["level/count"] = torch.zeros(T, device=x0.device).index_add_(
             0, t, torch.ones_like(gap)
         )
@@ -349,7 +348,8 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
     condition_sizes = tuple(dataset.condition_sizes) if cfg.data.class_conditional else ()
     if cfg.data.class_conditional and not condition_sizes:
         raise ConfigError(
-            f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels"
+            f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels; "
+            "for a 2-D toy set data.attributes: [xband, yband]"
         )
 
     report_to = _tracker(cfg.log.report_to)
@@ -387,7 +387,16 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
             handler.close()
 
 
-def _train(cfg, accelerator, dataset, condition_sizes, output_dir, step, resume_path) -> Path:
+def _train(
+    cfg: Config,
+    accelerator: Accelerator,
+    dataset: torch.utils.data.Dataset,
+    condition_sizes: tuple[int, ...],
+    output_dir: Path,
+    step: int,
+    resume_path: Path | None,
+) -> Path:
+    """The body of ``run`` once the run folder and logging are set up."""
     schedule = CDRLScheduler.from_training_config(cfg).schedule
 
     # Models, EMA copies, optimizers (Adam for the EBM, AdamW for the initializer), warmup.
@@ -408,9 +417,8 @@ def _train(cfg, accelerator, dataset, condition_sizes, output_dir, step, resume_
         shuffle=True,
         drop_last=True,
         num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(
-            cfg.train.seed
-        ),  # iterators then draw nothing from the global RNG
+        # The loader's own generator: building an iterator then draws nothing from the global RNG.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     if init is not None:
         ema["init"] = EMAModel(
