@@ -97,6 +97,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 10_000         # linear warmup of both learning rates
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup (diffusers get_scheduler)
     grad_clip: float = 1.0             # max grad norm, both networks
     ema_decay: float = 0.9999          # EMA of both networks, used for sampling and export
     ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)

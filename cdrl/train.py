@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -101,6 +101,14 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...], condition_sizes: tu
 
 # ----------------------------------------------------------------------------------------------------------
 # One training step.
+
+
+def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+    """Linear warmup, then constant, cosine or linear decay to 0 at ``total`` (diffusers' ``get_scheduler``)."""
+    name = "constant_with_warmup" if name == "constant" else name
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, warmup + 1)
+    )
 
 
 def drop_conditions(cond: Tensor, sizes: Sequence[int], prob: float) -> Tensor:
@@ -410,7 +418,8 @@ def _train(
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     ebm_opt = torch.optim.Adam(ebm.parameters(), lr=cfg.train.ebm_lr, betas=betas)
     warmup = cfg.train.warmup_steps * accelerator.num_processes
-    ebm_sched = get_constant_schedule_with_warmup(ebm_opt, warmup)
+    total = cfg.train.max_steps * accelerator.num_processes
+    ebm_sched = lr_schedule(cfg.train.lr_schedule, ebm_opt, warmup, total)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -426,7 +435,7 @@ def _train(
         )
         init_opt = torch.optim.AdamW(init.parameters(), lr=cfg.train.init_lr, betas=betas,
                                      weight_decay=cfg.train.init_weight_decay)  # fmt: skip
-        init_sched = get_constant_schedule_with_warmup(init_opt, warmup)
+        init_sched = lr_schedule(cfg.train.lr_schedule, init_opt, warmup, total)
         ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, loader = accelerator.prepare(
             ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, loader
         )

@@ -399,3 +399,19 @@ def test_existing_run_is_resumable_after_refusal(debug_run: Path, tmp_path: Path
     assert _train(out, "--resume_from_checkpoint", "latest") == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "linear"])
+def test_lr_schedule_warms_up_then_follows_its_shape(name):
+    from cdrl.train import lr_schedule
+
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = lr_schedule(name, opt, warmup=10, total=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    expected_end = {"constant": 1.0, "cosine": 0.0, "linear": 0.01}[name]
+    assert lrs[-1] == pytest.approx(expected_end, abs=2e-3)
