@@ -22,6 +22,27 @@ Condition = tuple[Tensor, float]  # (cond (b, K) long, weight)
 ConditionalNet = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
+def stacked_conditions(
+    noise_level: Tensor, *, null: Tensor | None, terms: Sequence[Condition] = ()
+) -> tuple[Tensor, Tensor | None]:
+    """The (noise level, condition) batch that ``composed`` feeds its network: n copies, null first.
+
+    Returns:
+        (n b,) noise levels and (n b, K) conditions (None for an unconditional network), where n is 1
+        without terms or for the plain conditional, else 1 + len(terms).
+    """
+    if null is None:
+        if terms:
+            raise ValueError("conditions were given to an unconditional model")
+        return noise_level, None
+    if not terms:
+        return noise_level, null
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return noise_level, terms[0][0]  # plain conditional: no null pass needed
+    n = 1 + len(terms)
+    return repeat(noise_level, "b -> (n b)", n=n), torch.cat([null, *(cond for cond, _ in terms)])
+
+
 def composed(
     net: ConditionalNet,
     x: Tensor,
@@ -42,19 +63,11 @@ def composed(
     Returns:
         The composed output, shaped like ``net``'s.
     """
-    if null is None:
-        if terms:
-            raise ValueError("conditions were given to an unconditional model")
-        return net(x, noise_level, None)
-    if not terms:
-        return net(x, noise_level, null)
-    if len(terms) == 1 and terms[0][1] == 1.0:
-        return net(x, noise_level, terms[0][0])  # plain conditional: no null pass needed
-    n = 1 + len(terms)
-    xs = repeat(x, "b ... -> (n b) ...", n=n)
-    levels = repeat(noise_level, "b -> (n b)", n=n)
-    conds = torch.cat([null, *(cond for cond, _ in terms)])
-    outs = net(xs, levels, conds).chunk(n)
+    levels, conds = stacked_conditions(noise_level, null=null, terms=terms)
+    n = levels.shape[0] // x.shape[0] if x.shape[0] else 1
+    if n == 1:
+        return net(x, levels, conds)
+    outs = net(repeat(x, "b ... -> (n b) ...", n=n), levels, conds).chunk(n)
     base = outs[0]
     return base + sum(
         weight * (out - base) for (_, weight), out in zip(terms, outs[1:], strict=True)

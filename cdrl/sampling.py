@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from cdrl.config import LangevinConfig
-from cdrl.guidance import Condition, composed
+from cdrl.guidance import Condition, composed, stacked_conditions
 from cdrl.langevin import EnergyFn, langevin_refine
 from cdrl.schedule import NoiseSchedule
 from cdrl.utils import expand_as, randn_like
@@ -62,12 +62,31 @@ def energy_fn(
     null: Tensor | None = None,
     terms: Sequence[Condition] = (),
 ) -> EnergyFn:
-    """The tempered, composed EBM energy at one level: y -> E(y) / temperature, (b,)."""
+    """The tempered, composed EBM energy at one level: y -> E(y) / temperature, (b,).
 
-    def fn(y: Tensor) -> Tensor:
-        return composed(ebm, y, lvl.noise_level, null=null, terms=terms) / lvl.temperature
+    For an EBM with a ``context`` method (ours), the y-independent context of the stacked conditions is
+    computed on the first call and reused by every later call (a Langevin chain), so keep the returned
+    function within one ``frozen`` block and one level.
+    """
+    if not hasattr(ebm, "context"):
 
-    return fn
+        def fn(y: Tensor) -> Tensor:
+            return composed(ebm, y, lvl.noise_level, null=null, terms=terms) / lvl.temperature
+
+        return fn
+
+    levels, conds = stacked_conditions(lvl.noise_level, null=null, terms=terms)
+    cache: list[tuple[Tensor, ...]] = []
+
+    def with_context(y: Tensor, noise_level: Tensor, cond: Tensor | None) -> Tensor:
+        if not cache:
+            cache.append(ebm.context(levels, conds))
+        return ebm.energy(y, cache[0])
+
+    def cached_fn(y: Tensor) -> Tensor:
+        return composed(with_context, y, lvl.noise_level, null=null, terms=terms) / lvl.temperature
+
+    return cached_fn
 
 
 def propose(

@@ -12,6 +12,7 @@ from torch import nn
 
 from cdrl.config import Config, LangevinConfig
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+from cdrl.guidance import composed
 from cdrl.sampling import energy_fn, frozen, level, reverse_step, sample, tweedie_denoise
 from cdrl.schedule import cdrl_schedule
 
@@ -376,3 +377,32 @@ def test_tweedie_score_scale():
     scale2 = schedule.y_scales[0].item() ** 2
     expected = (x - (1 - ab0) * c * scale2 * x / s2) / ab0**0.5
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("ebm_fixture", ["tiny_cond_ebm", "mlp_cond_ebm"])
+@pytest.mark.parametrize("weights", [(), (1.0,), (3.0,), (2.0, -1.0)])
+def test_energy_fn_context_cache_matches_the_full_forward(ebm_fixture, weights, request):
+    """The cached context (computed once per chain) gives the energies and gradients of full forwards."""
+    ebm = request.getfixturevalue(ebm_fixture)
+    b = 5
+    sizes = ebm.config.condition_sizes
+    gen = torch.Generator().manual_seed(0)
+    shape = (b, 2) if ebm_fixture.startswith("mlp") else (b, 1, 8, 8)
+    lvl = level(cdrl_schedule(6), torch.tensor([0, 1, 2, 5, 0]), LangevinConfig())
+    null = torch.tensor(sizes).expand(b, -1).clone()
+    terms = [
+        (torch.stack([torch.randint(0, n, (b,), generator=gen) for n in sizes], dim=1), w)
+        for w in weights
+    ]
+
+    def uncached(y):
+        return composed(ebm, y, lvl.noise_level, null=null, terms=terms) / lvl.temperature
+
+    fn = energy_fn(ebm, lvl, null=null, terms=terms)
+    for _ in range(3):  # later calls reuse the first call's context
+        y = torch.randn(shape, generator=gen, requires_grad=True)
+        cached, full = fn(y), uncached(y)
+        torch.testing.assert_close(cached, full)
+        (g1,) = torch.autograd.grad(cached.sum(), y)
+        (g2,) = torch.autograd.grad(uncached(y).sum(), y)
+        torch.testing.assert_close(g1, g2)

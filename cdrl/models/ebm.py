@@ -2,6 +2,10 @@
 
 Sign convention, stated once for the whole package: ``forward`` returns an **energy** E(y, t, c), lower is
 likelier. The papers' f_theta is -E. One network serves every noise level through the continuous noise level.
+
+Everything that depends on the noise level and the condition only (the time embedding, each block's shift
+and the head's vector) is the *context*: ``forward(y, u, c) == energy(y, context(u, c))``. A Langevin chain
+keeps u and c fixed, so it computes the context once and calls ``energy`` at every step.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ class _ResBlock(nn.Module):
         self.shortcut = _sn(layer(in_ch, out_ch), sn) if in_ch != out_ch else nn.Identity()
         self.conv = conv
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(_lrelu(x))
+    def shift(self, temb: Tensor) -> Tensor:
+        """The block's additive time/condition term lrelu(Linear(lrelu(temb))): it does not depend on x."""
         t = _lrelu(self.temb_proj(_lrelu(temb)))
-        gain = self.gain
-        if self.conv:
-            t, gain = rearrange(t, "b c -> b c 1 1"), rearrange(gain, "c -> c 1 1")
-        h = self.conv2(_lrelu(h + t)) * gain
+        return rearrange(t, "b c -> b c 1 1") if self.conv else t
+
+    def forward(self, x: Tensor, shift: Tensor) -> Tensor:
+        h = self.conv1(_lrelu(x))
+        gain = rearrange(self.gain, "c -> c 1 1") if self.conv else self.gain
+        h = self.conv2(_lrelu(h + shift)) * gain
         return h + self.shortcut(x)
 
 
@@ -109,14 +115,23 @@ class EnergyResNet(ModelMixin, ConfigMixin):
 
     def forward(self, y: Tensor, noise_level: Tensor, cond: Tensor | None = None) -> Tensor:
         """Energy of y (b, c, h, w) at continuous noise levels (b,), optional conditions (b, K) -> (b,)."""
+        return self.energy(y, self.context(noise_level, cond))
+
+    def context(self, noise_level: Tensor, cond: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The y-independent part: each block's shift, then the head's vector Linear(lrelu(temb))."""
         temb = self.embed(noise_level, cond)
+        return (*(block.shift(temb) for block in self.blocks), self.head(_lrelu(temb)))
+
+    def energy(self, y: Tensor, context: tuple[Tensor, ...]) -> Tensor:
+        """Energy of y (b, c, h, w) given ``context(noise_level, cond)`` for the same batch -> (b,)."""
+        *shifts, head = context
         h = self.conv_in(y)
-        for block, pool in zip(self.blocks, self._pool_after, strict=True):
-            h = block(h, temb)
+        for block, shift, pool in zip(self.blocks, shifts, self._pool_after, strict=True):
+            h = block(h, shift)
             if pool:
                 h = F.avg_pool2d(h, 2)
         h = F.relu(h).sum(dim=(2, 3))  # (b, c)
-        f = (h * self.head(_lrelu(temb))).sum(dim=1)
+        f = (h * head).sum(dim=1)
         return -f
 
 
@@ -148,8 +163,16 @@ class EnergyMLP(ModelMixin, ConfigMixin):
 
     def forward(self, y: Tensor, noise_level: Tensor, cond: Tensor | None = None) -> Tensor:
         """Energy of y (b, d) at noise levels (b,), optional conditions (b, K) -> (b,)."""
+        return self.energy(y, self.context(noise_level, cond))
+
+    def context(self, noise_level: Tensor, cond: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The y-independent part: each block's shift."""
         temb = self.embed(noise_level, cond)
+        return tuple(block.shift(temb) for block in self.blocks)
+
+    def energy(self, y: Tensor, context: tuple[Tensor, ...]) -> Tensor:
+        """Energy of y (b, d) given ``context(noise_level, cond)`` for the same batch -> (b,)."""
         h = self.lin_in(y)
-        for block in self.blocks:
-            h = block(h, temb)
+        for block, shift in zip(self.blocks, context, strict=True):
+            h = block(h, shift)
         return -self.head(F.relu(h)).squeeze(1)
