@@ -1,8 +1,12 @@
-"""What the inference CLIs share: loading a checkpoint, one-line errors with exit code 2, atomic outputs."""
+"""What the CLIs share: loading a checkpoint, one-line errors with exit code 2, atomic outputs."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
+import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +19,55 @@ EXIT_BAD_INPUT = 2
 
 class CLIError(Exception):
     """Bad input to a CLI: printed as one line 'error: ...', exit code 2, nothing half-written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the CLIs: usage errors are CLIErrors (one line, exit code 2), flags must be spelt out
+    in full (an abbreviation such as ``--guidance`` is an error, not a silent match), and a mistyped flag
+    gets a suggestion."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise CLIError(f"{message}{self._suggestion(message)} (see --help)")
+
+    def _suggestion(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = list(self._option_string_actions)
+        for token in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(token.split("=")[0], flags, n=1, cutoff=0.6)
+            if token.startswith("-") and close:
+                return f" (did you mean {close[0]}?)"
+        return ""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failed allocation: MemoryError (Python, NumPy), torch.OutOfMemoryError (GPU),
+    or a RuntimeError from torch's CPU allocator or from C++ (``std::bad_alloc``)."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in text or "bad_alloc" in text)
+
+
+def describe_out_of_memory(err: BaseException) -> str:
+    """'out of memory (could not allocate 1.0 PiB)' from an allocation error."""
+    match = re.search(r"allocate (\d+) bytes", str(err))
+    if match:
+        return f"out of memory (could not allocate {format_bytes(int(match[1]))})"
+    match = re.search(r"allocate ([\d.]+ [KMGTPE]?i?B)", str(err))  # NumPy, CUDA
+    return f"out of memory (could not allocate {match[1]})" if match else "out of memory"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -74,15 +127,17 @@ def quiet_loading() -> Iterator[None]:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Fail early (before any work) when ``path``'s parent folder cannot be created or written.
+    """Fail early (before any work) when ``path`` could not be written; create nothing.
 
-    Only the parent is probed (and created), so ``path`` itself does not appear before the work is done.
+    The nearest folder above ``path`` that exists is probed with a temporary file (removed at once); the
+    missing folders in between are made only when the output is written (``atomic_path``).
     """
     path = Path(path)
-    parent = path.parent
+    existing = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not existing.is_dir():
+        raise CLIError(f"output {path} cannot be written: {existing} is a file, not a folder")
+    probe = existing / f".cdrl-write-test-{os.getpid()}"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".cdrl-write-test-{id(path)}"
         probe.touch()
         probe.unlink()
     except OSError as err:
@@ -94,27 +149,49 @@ def check_writable(path: str | Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file or folder into; rename it into place on success.
 
-    On an exception the temporary is removed and ``path`` is left as it was.
+    Missing parent folders are made first. On an exception the temporary is removed, and so are the
+    parent folders made here, so ``path`` and its surroundings are left as they were.
     """
     path = Path(path)
+    made = [parent for parent in path.parents if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    done = False
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
             shutil.rmtree(path)
         tmp.replace(path)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if not done:
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; turn CLIError (and ValueError from the library) into 'error: ...' and exit code 2."""
+def run_cli(
+    main: Callable[[Sequence[str] | None], int],
+    argv: Sequence[str] | None = None,
+    *,
+    memory_hint: str = "use a smaller --batch_size",
+) -> int:
+    """Call ``main``; turn CLIError (and ValueError from the library) into 'error: ...' and exit code 2.
+
+    An allocation failure (a batch too large for the machine) is reported the same way, with
+    ``memory_hint``; outputs are written only once complete (``atomic_path``), so nothing is half-written.
+    """
     try:
         return main(argv)
     except (CLIError, ValueError) as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        message = f"{describe_out_of_memory(err)}; {memory_hint}"
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT

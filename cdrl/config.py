@@ -7,7 +7,9 @@ as a string). Defaults are CDRL's CIFAR-10 settings unless a comment says otherw
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -108,6 +110,15 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = True               # skip bad steps and roll back (False: stop at the first bad step)
+    max_energy_gap: float = 1e3        # |mean E(y-) - E(y+)| above this is a bad step (healthy digits/toy runs: below 1)
+    max_bad_steps: int = 10            # consecutive bad steps before rolling back to the last checkpoint
+    lr_factor: float = 0.5             # both learning rates are multiplied by this at each rollback
+    max_rollbacks: int = 3             # rollbacks allowed in a run; the next one stops training (exit code 2)
+
+
+@dataclass
 class LogConfig:
     output_dir: str = "runs/cdrl"
     log_every: int = 100               # steps between metric lines (JSONL, trackers)
@@ -127,6 +138,7 @@ class Config:
     initializer: InitializerConfig = field(default_factory=InitializerConfig)
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 # fmt: on
 
@@ -171,7 +183,11 @@ def flat(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the config as YAML, atomically (a temporary sibling renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def _merge(node: Any, delta: dict, prefix: str) -> None:
@@ -181,11 +197,12 @@ def _merge(node: Any, delta: dict, prefix: str) -> None:
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     node, *_, leaf = [cfg, *dotted.split(".")]
-    for part in dotted.split(".")[:-1]:
-        if not dataclasses.is_dataclass(node) or part not in {
-            f.name for f in dataclasses.fields(node)
-        }:
-            raise ConfigError(f"unknown config key {dotted!r}")
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        if part not in names:
+            hint = _did_you_mean(part, names, parts[:depth], parts[depth + 1 :])
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
         node = getattr(node, part)
     _assign(node, leaf, value, dotted)
 
@@ -195,7 +212,11 @@ def _assign(node: Any, key: str, value: Any, dotted: str) -> None:
         raise ConfigError(f"unknown config key {dotted!r}")
     names = [f.name for f in dataclasses.fields(node)]
     if key not in names:
-        raise ConfigError(f"unknown config key {dotted!r}; known keys here: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown config key {dotted!r}{_did_you_mean(key, names, dotted.split('.')[:-1])}; "
+            f"known keys here: "
+            f"{', '.join(names)}"
+        )
     current = getattr(node, key)
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
@@ -203,6 +224,14 @@ def _assign(node: Any, key: str, value: Any, dotted: str) -> None:
         _merge(current, value, prefix=f"{dotted}.")
         return
     setattr(node, key, _coerce(value, typing.get_type_hints(type(node))[key], dotted))
+
+
+def _did_you_mean(
+    name: str, names: Sequence[str], before: Sequence[str] = (), after: Sequence[str] = ()
+) -> str:
+    """' (did you mean 'train.batch_size'?)' when ``name`` is close to one of ``names``, else ''."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*before, close[0], *after])!r}?)" if close else ""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -310,6 +339,44 @@ def validate(cfg: Config) -> None:
             cfg.schedule.kind != "drl" or cfg.schedule.num_levels >= 2,
             "schedule.kind=drl needs schedule.num_levels >= 2",
         ),
+        (cfg.langevin.tweedie_b2 > 0, "langevin.tweedie_b2 must be > 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (
+            0.0 <= cfg.train.adam_beta1 < 1.0 and 0.0 <= cfg.train.adam_beta2 < 1.0,
+            "train.adam_beta1 and train.adam_beta2 must be in [0, 1)",
+        ),
+        (
+            cfg.train.init_weight_decay >= 0 and cfg.train.init_data_weight >= 0,
+            "train.init_weight_decay and train.init_data_weight must be >= 0",
+        ),
+        (
+            min(cfg.ebm.base_channels, cfg.ebm.hidden, cfg.ebm.num_res_blocks) >= 1,
+            "ebm.base_channels, ebm.hidden and ebm.num_res_blocks must be >= 1",
+        ),
+        (
+            len(cfg.ebm.channel_mult) >= 1 and min(cfg.ebm.channel_mult, default=0) >= 1,
+            "ebm.channel_mult needs at least one entry, each >= 1",
+        ),
+        (
+            len(cfg.initializer.block_out_channels) >= 1
+            and min(cfg.initializer.block_out_channels, default=0) >= 1,
+            "initializer.block_out_channels needs at least one entry, each >= 1",
+        ),
+        (
+            min(
+                cfg.initializer.layers_per_block,
+                cfg.initializer.norm_num_groups,
+                cfg.initializer.attention_head_dim,
+                cfg.initializer.hidden,
+            )
+            >= 1,
+            "initializer.layers_per_block, norm_num_groups, attention_head_dim and hidden must be >= 1",
+        ),  # fmt: skip
+        (0.0 <= cfg.initializer.dropout < 1.0, "initializer.dropout must be in [0, 1)"),
+        (cfg.guard.max_energy_gap > 0, "guard.max_energy_gap must be > 0 (.inf turns it off)"),
+        (cfg.guard.max_bad_steps >= 1, "guard.max_bad_steps must be >= 1"),
+        (0.0 < cfg.guard.lr_factor < 1.0, "guard.lr_factor must be in (0, 1)"),
+        (cfg.guard.max_rollbacks >= 0, "guard.max_rollbacks must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

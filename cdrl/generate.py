@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdrl.cli import (
+    ArgumentParser,
     CLIError,
     atomic_path,
     check_writable,
@@ -41,16 +42,9 @@ GRID_MIN_TILE = 32  # grid PNGs upscale small samples (8x8 digits) to at least t
 OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are CLIErrors: one line on stderr, exit code 2."""
-
-    def error(self, message: str):
-        raise CLIError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags."""
-    parser = _Parser(prog="cdrl-generate", description=__doc__.splitlines()[0])
+    """The command-line flags (usage errors are one-line CLIErrors)."""
+    parser = ArgumentParser(prog="cdrl-generate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint", required=True, type=Path,
         help="a pipeline folder (model_index.json), or a run folder holding one in pipeline/",
@@ -245,11 +239,9 @@ def _main(argv: Sequence[str] | None) -> int:
     is_grid = check_output(args.output)
 
     pipe = load_pipeline(checkpoint, args.device)
-    # check_writable probes (and creates) the parent of a path with a suffix: for a folder output,
-    # probe its parent too, so that the folder itself appears only once complete.
-    check_writable(args.output if is_grid else args.output.parent / f"{args.output.name}.png")
+    check_writable(args.output)  # creates nothing: the output appears once complete
     num_samples = len(labels) if labels is not None else args.num_samples or DEFAULT_NUM_SAMPLES
-    seeds = [args.seed + k for k in range(num_samples)]
+    seeds = range(args.seed, args.seed + num_samples)  # not a list: --num_samples may be huge
     images = generate_samples(
         pipe, labels, seeds, guidance_scale=args.guidance_scale,
         num_langevin_steps=args.num_langevin_steps, batch_size=args.batch_size,
@@ -286,7 +278,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cdrl-generate`` and ``generate.py``: the exit code (2: bad input)."""
-    return run_cli(_main, argv)
+    return run_cli(_main, argv, memory_hint="use a smaller --batch_size (samples per forward)")
 
 
 if __name__ == "__main__":

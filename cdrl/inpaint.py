@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from cdrl.cli import CLIError, atomic_path, check_writable, load_pipeline, run_cli
+from cdrl.cli import (
+    ArgumentParser,
+    CLIError,
+    atomic_path,
+    check_writable,
+    load_pipeline,
+    run_cli,
+)
 
 MASK_CONVENTION = "mask 1 / white = repaint, 0 / black = keep"
 MaskPreset = Literal["center", "left_half", "right_half", "top_half", "bottom_half", "random_boxes"]
@@ -210,8 +217,8 @@ class _Input:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cdrl-inpaint`` argument parser."""
-    parser = argparse.ArgumentParser(
+    """The ``cdrl-inpaint`` argument parser (usage errors are one-line CLIErrors)."""
+    parser = ArgumentParser(
         prog="cdrl-inpaint",
         description=(
             f"Complete the masked part of images with a trained CDRL model ({MASK_CONVENTION}). "
@@ -284,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cdrl-inpaint``; returns the exit code (2 with a one-line 'error: ...' on bad input)."""
-    return run_cli(_main, argv)
+    return run_cli(
+        _main,
+        argv,
+        memory_hint="use a smaller --batch_size or --num_samples (completions per image)",
+    )
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -374,7 +385,7 @@ def _check_output(output: Path) -> Path:
             f"output folder {output} exists and is not an earlier cdrl-inpaint output (it has no "
             f"{MANIFEST}); pass a new folder"
         )
-    check_writable(output.parent / MANIFEST)  # the parent gets the temporary sibling folder
+    check_writable(output / MANIFEST)  # creates nothing; the folder appears once complete
     return output
 
 

@@ -1,9 +1,15 @@
-"""``CDRLPipeline``: diffusers-style generation from a trained EBM + initializer, and its small scheduler."""
+"""``CDRLPipeline``: diffusers-style generation from a trained EBM + initializer, and its small scheduler.
+
+Loading is safe: network weights come from safetensors files only (pickle files are refused, never
+unpickled), and each network's weights must match the ``config.json`` beside them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -12,6 +18,7 @@ from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from cdrl.config import Config, LangevinConfig
@@ -88,6 +95,47 @@ class CDRLPipeline(DiffusionPipeline):
     def __init__(self, ebm, initializer, scheduler: CDRLScheduler) -> None:
         super().__init__()
         self.register_modules(ebm=ebm, initializer=initializer, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> CDRLPipeline:
+        """diffusers' ``from_pretrained``, restricted to safetensors weights that match their configs.
+
+        Raises:
+            ValueError: ``use_safetensors=False``; a network folder with pickle weights only, or none; a
+                weights file that is not safetensors; weights whose names or shapes differ from the
+                network its ``config.json`` builds (diffusers would ignore extra tensors).
+        """
+        from diffusers.utils import logging as diffusers_logging
+
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "CDRLPipeline loads safetensors weights only; use_safetensors=False is refused"
+            )
+        kwargs["use_safetensors"] = True
+        # Spectral-norm networks built on the meta device run their power iteration very slowly (30 s
+        # against 2 s for the paper-size EBM), so build them on the CPU unless the caller says otherwise.
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        folder = Path(pretrained_model_name_or_path)
+        local = folder.is_dir()
+        if local:
+            for _, part, _ in _networks(folder):
+                _require_safetensors(part)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # unused weights are an error below, not a warning
+        try:
+            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError, RuntimeError):
+            if local:
+                check_pipeline_weights(folder)  # a clearer message, naming the file
+            raise
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        if local:
+            for name, part, _ in _networks(folder):
+                network = getattr(pipeline, name, None)
+                if network is not None:
+                    _check_weights(network.state_dict(), part)
+        return pipeline
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -287,4 +335,104 @@ def _to_tensor(images, channels: int) -> Tensor:
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
 
 
-__all__ = ["CDRLPipeline", "CDRLScheduler"]
+# ----------------------------------------------------------------------------------------------------------
+# Safe loading: safetensors only, checked against the configs before anything is loaded.
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def check_pipeline_weights(folder: Path) -> None:
+    """Check every network folder of a saved pipeline: safetensors weights that match its config.json.
+
+    Each network is built from its ``config.json`` and compared with the safetensors header (names and
+    shapes only; no tensor is read). ``from_pretrained`` calls this when loading failed, for a message
+    that names the file.
+
+    Raises:
+        ValueError: a problem, in one line that names the file.
+    """
+    for _, part, model_class in _networks(folder):
+        _require_safetensors(part)
+        try:
+            network = model_class.from_config(model_class.load_config(part))
+        except (OSError, ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"{part / 'config.json'} does not describe a {model_class.__name__}: "
+                f"{_first_line(err)}"
+            ) from None
+        _check_weights(network.state_dict(), part)
+
+
+def _networks(folder: Path) -> list[tuple[str, Path, type]]:
+    """(name, folder, class) of each cdrl network listed in a pipeline's model_index.json."""
+    from cdrl import models
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return []  # diffusers reports a missing or unreadable model_index.json
+    found = []
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[-1] is None:
+            continue
+        model_class = getattr(models, str(entry[-1]), None)
+        if isinstance(model_class, type):  # not the scheduler, which diffusers reads from JSON
+            found.append((name, folder / name, model_class))
+    return found
+
+
+def _require_safetensors(part: Path) -> None:
+    if (part / WEIGHTS_NAME).is_file():
+        return
+    pickles = sorted(p.name for p in part.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{part} holds pickle weights ({pickles[0]}), which are never loaded: cdrl loads "
+            "safetensors only; export the model again with save_pretrained"
+        )
+    raise ValueError(f"{part} has no weights file {WEIGHTS_NAME}")
+
+
+def _check_weights(expected: Mapping[str, Tensor], part: Path) -> None:
+    problem = weights_mismatch(expected, part / WEIGHTS_NAME)
+    if problem is not None:
+        raise ValueError(
+            f"{part / 'config.json'} does not match its weights {WEIGHTS_NAME}: {problem}; the "
+            "config was edited or the folder mixes two models"
+        )
+
+
+def weights_mismatch(expected: Mapping[str, Tensor], path: str | Path) -> str | None:
+    """How a safetensors file differs from a state dict (first missing, extra or reshaped tensor), or None.
+
+    Reads the file's header only.
+
+    Raises:
+        ValueError: the file is not a readable safetensors file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {_first_line(err)}") from None
+    for key, tensor in expected.items():
+        if key not in shapes:
+            return f"{key} is missing from the weights"
+        if shapes[key] != tuple(tensor.shape):
+            return (
+                f"{key} has shape {list(shapes[key])} in the weights but {list(tensor.shape)} in the "
+                "network the config builds"
+            )
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        return f"the weights hold {extra[0]}, which the network the config builds does not have"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+__all__ = ["CDRLPipeline", "CDRLScheduler", "check_pipeline_weights", "weights_mismatch"]

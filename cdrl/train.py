@@ -1,23 +1,27 @@
 """Training: ``accelerate launch train.py --config configs/digits.yaml [--set key=value ...] [flags]``.
 
-One function per concern: ``train_step`` (one cooperative update, testable alone) and ``run`` (the loop:
-data, models, checkpoints, logs, grids, export). Distribution, mixed precision and checkpoint state are
-accelerate's job.
+One function per concern: ``train_step`` (one cooperative update behind a divergence guard, testable
+alone) and ``run`` (the loop: data, models, crash-safe checkpoints and rollbacks, logs, grids, export).
+Distribution, mixed precision and checkpoint state are accelerate's job; bad input stops with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,28 +29,50 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import load as accelerate_load
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cdrl.cli import (
+    ArgumentParser,
+    CLIError,
+    check_writable,
+    describe_out_of_memory,
+    is_out_of_memory,
+)
 from cdrl.config import Config, ConfigError, flat, load_config, save_config
 from cdrl.data import DataError, load_dataset
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
 from cdrl.models import EnergyMLP, EnergyResNet, InitializerMLP, InitializerUNet
-from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+from cdrl.pipeline import CDRLPipeline, CDRLScheduler, weights_mismatch
 from cdrl.sampling import energy_fn, frozen, level, sample
 from cdrl.schedule import NoiseSchedule
 from cdrl.utils import expand_as, git_sha, save_grid, save_scatter
 
 logger = get_logger(__name__)
+# Warnings reach stderr through _warn only (no logging.lastResort duplicates).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 RUN_MARKER = "config.yaml"  # a folder holding this file (and checkpoints/metrics) is a cdrl run
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+# Written last into a checkpoint: its step, guard counters, EMA settings, and every file with its size.
+CHECKPOINT_MARKER = "checkpoint.json"
+EMA_WEIGHTS = "ema.safetensors"  # the EMA shadow weights of a checkpoint
+# The pickled EMAs of checkpoints written before checkpoint.json (read with weights_only=True).
+LEGACY_EMA_RE = re.compile(r"custom_checkpoint_(\d+)\.pkl")
+LEGACY_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")  # temporaries that a killed process leaves
 
 
 class UsageError(ValueError):
     """A problem with the command line or the output folder; reported in one line, exit code 2."""
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged and the guard could not recover; reported in one line, exit code 2."""
 
 
 class Models(NamedTuple):
@@ -56,6 +82,20 @@ class Models(NamedTuple):
     init_opt: torch.optim.Optimizer | None
     ebm_sched: Any
     init_sched: Any
+
+
+class StepResult(NamedTuple):
+    stats: dict[str, Tensor]  # detached; complete only for an applied step
+    problem: str | None  # why the step was not applied (divergence guard), or None
+
+
+@dataclass
+class GuardState:
+    """The divergence guard's counters; saved in every checkpoint's checkpoint.json."""
+
+    skipped: int = 0  # bad steps so far (on every trajectory, rollbacks included)
+    streak: int = 0  # bad steps in a row, up to the current step
+    rollbacks: int = 0  # so far; the learning rates are scaled by guard.lr_factor ** rollbacks
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,8 +165,19 @@ def train_step(
     schedule: NoiseSchedule,
     accelerator: Accelerator,
     condition_sizes: Sequence[int] = (),
-) -> dict[str, Tensor]:
-    """One cooperative update of the EBM and the initializer (CDRL Alg. 1). Returns detached stats."""
+) -> StepResult:
+    """One cooperative update of the EBM and the initializer (CDRL Alg. 1), unless the guard refuses it.
+
+    The divergence guard applies no update when the energies or either loss are non-finite, when the
+    energy gap |mean E(y-) - E(y+)| exceeds ``guard.max_energy_gap``, or when the EBM's gradients are
+    non-finite. The initializer's backward runs after the EBM's update (fp16 loss scaling needs one
+    update between two unscales), so non-finite initializer gradients after finite losses skip only the
+    initializer's update. Under fp16 loss scaling, non-finite gradients are GradScaler's to handle: it
+    skips the update and lowers its scale.
+
+    Returns:
+        The detached stats, and the reason the step was not applied (None when it was).
+    """
     x0, cond = batch
     x0 = x0 * cfg.data.scale
     b, T = x0.shape[0], schedule.num_levels
@@ -162,41 +213,54 @@ def train_step(
             noise=cfg.langevin.noise,
         )
 
-    # Update the EBM on positives and refined negatives, in one forward (DRL Eq. (8)).
+    # Energies of positives and refined negatives in one forward; both losses (DRL Eq. (8), CDRL Eq. (9)).
     ebm.train()
     both_cond = None if cond is None else torch.cat([cond, cond])
     energies = ebm(
         torch.cat([y_pos, y_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
     ).float()
     energy_pos, energy_neg = energies.chunk(2)
-    if not torch.isfinite(energies).all():
-        raise FloatingPointError(
-            f"non-finite EBM energies (pos mean {energy_pos.mean().item():.4g}, "
-            f"neg mean {energy_neg.mean().item():.4g}); lower train.ebm_lr or langevin.b2"
-        )
     loss, stats = ebm_loss(energy_pos, energy_neg, lvl.loss_weight)
+    stats["ebm/loss"] = loss.detach()
+    losses = {"EBM": loss}
+    if init is not None:
+        init_loss, init_stats = initializer_loss(
+            y_init, y_neg, mean=mean, y_pos=y_pos, data_weight=cfg.train.init_data_weight
+        )
+        stats.update(init_stats)
+        losses["initializer"] = init_loss
+
+    # Divergence guard: apply nothing on non-finite energies or losses, or an exploded energy gap.
+    problem = value_problem(energy_pos, energy_neg, losses, cfg.guard.max_energy_gap, accelerator)
+    if problem is not None:
+        return StepResult(stats, problem)
+
+    # Update the EBM on positives and refined negatives (DRL Eq. (8)), unless its gradients are non-finite.
     models.ebm_opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     stats["ebm/grad_norm"] = _as_tensor(
         accelerator.clip_grad_norm_(ebm.parameters(), cfg.train.grad_clip)
     )
+    problem = gradient_problem(stats["ebm/grad_norm"], "EBM", accelerator)
+    if problem is not None:
+        models.ebm_opt.zero_grad(set_to_none=True)
+        return StepResult(stats, problem)
     models.ebm_opt.step()
     models.ebm_sched.step()
-    stats["ebm/loss"] = loss.detach()
 
     # Update the initializer towards the refined samples: cooperative learning (CDRL Eq. (9)).
     if init is not None:
-        init_loss, init_stats = initializer_loss(
-            y_init, y_neg, mean=mean, y_pos=y_pos, data_weight=cfg.train.init_data_weight
-        )
         models.init_opt.zero_grad(set_to_none=True)
-        accelerator.backward(init_loss)
+        accelerator.backward(losses["initializer"])
         stats["init/grad_norm"] = _as_tensor(
             accelerator.clip_grad_norm_(init.parameters(), cfg.train.grad_clip)
         )
+        problem = gradient_problem(stats["init/grad_norm"], "initializer", accelerator)
+        if problem is not None:
+            models.init_opt.zero_grad(set_to_none=True)
+            return StepResult(stats, f"{problem} (only the EBM's update was applied)")
         models.init_opt.step()
         models.init_sched.step()
-        stats.update(init_stats)
 
     # Diagnostics per level: energy gap E(y-) - E(y+) and how far Langevin moved / how noisy y- still is.
     with torch.no_grad():
@@ -210,7 +274,52 @@ def train_step(
         for name, values in (("gap", gap), ("move", move), ("rms_err", err)):
             stats[f"level/{name}"] = torch.zeros(T, device=x0.device).index_add_(0, t, values)
         stats["langevin/move_norm"] = move.mean()
-    return stats
+    return StepResult(stats, None)
+
+
+def value_problem(
+    energy_pos: Tensor,
+    energy_neg: Tensor,
+    losses: dict[str, Tensor],
+    max_energy_gap: float,
+    accelerator: Accelerator,
+) -> str | None:
+    """Why a step must not be applied, judged on its energies and losses (agreed by all processes), or None.
+
+    Args:
+        energy_pos, energy_neg: (b,) E(y+) and E(y-).
+        losses: scalar losses by network name.
+        max_energy_gap: bound on |mean E(y-) - E(y+)| (``guard.max_energy_gap``).
+        accelerator: reduces the verdict over processes, so that every process skips the same steps.
+    """
+    gap = (energy_neg - energy_pos).mean()
+    checks = {
+        "non-finite EBM energies": ~torch.isfinite(torch.cat([energy_pos, energy_neg])).all(),
+        **{f"non-finite {name} loss": ~torch.isfinite(value) for name, value in losses.items()},
+        f"energy gap beyond guard.max_energy_gap={max_energy_gap:g}": gap.abs() > max_energy_gap,
+    }
+    bad = torch.stack(list(checks.values())).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    reasons = [name for name, flag in zip(checks, bad.tolist(), strict=True) if flag > 0]
+    if not reasons:
+        return None
+    values = (
+        f"E(y+) mean {energy_pos.mean().item():.4g}, E(y-) mean {energy_neg.mean().item():.4g}, "
+        f"gap {gap.item():.4g}"
+    )
+    return f"{'; '.join(reasons)} ({values})"
+
+
+def gradient_problem(grad_norm: Tensor, name: str, accelerator: Accelerator) -> str | None:
+    """'non-finite EBM gradients (norm nan)' when the gradient norm is not finite, else None.
+
+    Gradients are already reduced over processes, so every process agrees. Under fp16 loss scaling an
+    overflow is GradScaler's to handle (it skips the update and lowers the scale): None.
+    """
+    if accelerator.scaler is not None or bool(torch.isfinite(grad_norm)):
+        return None
+    return f"non-finite {name} gradients (norm {grad_norm.item():.4g})"
 
 
 def _as_tensor(value: Any) -> Tensor:
@@ -218,12 +327,15 @@ def _as_tensor(value: Any) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run directory, checkpoints, export.
+# Run directory.
 
 
 def prepare_output_dir(output_dir: Path, resume: str | None) -> None:
-    """Refuse to write into a folder that holds something other than a cdrl run, or a run without --resume."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    """Refuse a file, a folder that holds something other than a cdrl run, or a run without --resume."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output folder {output_dir} is a file; choose another --output_dir")
+    check_writable(output_dir / RUN_MARKER)
+    if not output_dir.exists() or not _entries(output_dir):
         return
     if not (output_dir / RUN_MARKER).is_file():
         raise UsageError(
@@ -236,8 +348,77 @@ def prepare_output_dir(output_dir: Path, resume: str | None) -> None:
         )
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The folder's entries, leaving out our own temporaries (a killed run can leave them)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(LEFTOVER_PREFIXES)]
+
+
+def start_run_files(
+    cfg: Config, accelerator: Accelerator, output_dir: Path, resume_step: int | None
+) -> logging.Handler | None:
+    """Create the run's files once its first step has worked, so that bad input leaves nothing behind.
+
+    config.yaml (the run marker, written atomically) first, then git.txt and the log file. On a resume,
+    metrics logged after the checkpoint (by the run that stopped) are dropped, so that metrics.jsonl
+    describes the trajectory the checkpoint continues.
+    """
+    if not accelerator.is_main_process:
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / RUN_MARKER)
+    (output_dir / "git.txt").write_text(git_sha() + "\n")
+    if resume_step is not None:
+        truncate_metrics(output_dir / "metrics.jsonl", resume_step)
+    handler = logging.FileHandler(output_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger(__name__).addHandler(handler)
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    return handler
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to ``step`` (and drop a line cut short by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _warn(accelerator: Accelerator, message: str) -> None:
+    """A warning on stderr (main process) and in log.txt."""
+    if accelerator.is_main_process:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    logger.warning(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: crash-safe writing, completeness, safe loading.
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (checkpoint-N folders), oldest first."""
+    """Complete checkpoints (checkpoint-N folders that pass ``checkpoint_problem``), oldest first."""
+    return [
+        (step, path)
+        for step, path in _checkpoint_folders(output_dir)
+        if not checkpoint_problem(path)
+    ]
+
+
+def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in output_dir.glob("checkpoint-*"):
         match = CHECKPOINT_RE.fullmatch(path.name)
@@ -246,13 +427,50 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> tuple[int, Path | None]:
-    """(step, folder) to resume from: 'latest', a checkpoint folder, or None (fresh start)."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed (it was not completely written), or None.
+
+    A complete checkpoint holds checkpoint.json, written last, listing every file and its size. A
+    checkpoint from before checkpoint.json is accepted when it holds accelerate's files and its EMAs.
+    """
+    marker = path / CHECKPOINT_MARKER
+    if not marker.is_file():
+        legacy = [name for name in LEGACY_FILES if not (path / name).is_file()]
+        if not legacy and any(LEGACY_EMA_RE.fullmatch(p.name) for p in path.iterdir()):
+            return None
+        return f"it has no {CHECKPOINT_MARKER} (it was not completely written)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {CHECKPOINT_MARKER} is unreadable"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"its file {name} is missing or truncated"
+    return None
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> tuple[int, Path | None, list[str]]:
+    """(step, folder, warnings) to resume from: 'latest', a checkpoint folder, or None (fresh start).
+
+    'latest' skips incomplete checkpoints (newer than the newest complete one) and names them in the
+    warnings; an explicitly named incomplete checkpoint is an error.
+    """
     if resume is None:
-        return 0, None
+        return 0, None, []
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else (0, None)
+        complete = list_checkpoints(output_dir)
+        newest = complete[-1][0] if complete else -1
+        warnings = [
+            f"skipping {path}: {checkpoint_problem(path)}"
+            for step, path in _checkpoint_folders(output_dir)
+            if step > newest and checkpoint_problem(path)
+        ]
+        if not complete:
+            if warnings:
+                warnings.append("no complete checkpoint: starting from step 0")
+            return 0, None, warnings
+        return *complete[-1], warnings
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = output_dir / resume
@@ -261,29 +479,195 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[int, Path | No
         raise UsageError(
             f"--resume_from_checkpoint {resume}: no checkpoint-N folder there; use 'latest'"
         )
-    return int(match[1]), path
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UsageError(f"--resume_from_checkpoint {resume}: {problem}; use 'latest'")
+    return int(match[1]), path, []
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, limit: int | None
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    limit: int | None,
+    ema: dict[str, EMAModel],
+    guard: GuardState,
 ) -> Path:
-    """accelerator.save_state into checkpoint-N via a temporary folder and a rename (crash-safe)."""
+    """accelerator.save_state and the EMAs into checkpoint-N, crash-safe.
+
+    Everything goes into .tmp-checkpoint-N, is flushed to disk, is described by checkpoint.json (written
+    last), and is renamed into place; an existing checkpoint-N is moved aside first and deleted after, as
+    are checkpoints beyond ``limit``. A kill at any moment leaves every earlier checkpoint intact.
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        _remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # models (safetensors), optimizers, schedulers, RNG states
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        tensors, ema_info = _ema_state(ema)
+        save_file(tensors, str(tmp / EMA_WEIGHTS))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        for name in files:
+            _fsync(tmp / name)
+        marker = {"step": step, "guard": dataclasses.asdict(guard), "ema": ema_info, "files": files}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        _fsync(tmp / CHECKPOINT_MARKER)
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(output_dir / f".old-{final.name}")
         tmp.rename(final)
+        _fsync(output_dir)
+        _remove_leftovers(output_dir)
         if limit is not None:
             for _, old in list_checkpoints(output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                # A rename is atomic: no checkpoint-N is ever half deleted.
+                old.rename(old.with_name(f".del-{old.name}"))
+            _remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove_leftovers(output_dir: Path) -> None:
+    """Delete checkpoint temporaries (.tmp-, .old-, .del-checkpoint-N) that a killed process left."""
+    for path in output_dir.glob(".*-checkpoint-*"):
+        if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync folders
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, models: Models, ema: dict[str, EMAModel]
+) -> GuardState:
+    """Restore models, optimizers, schedulers, RNG states and EMAs from a checkpoint folder, safely.
+
+    Weights come from safetensors; accelerate's pickles (optimizer, scheduler, RNG states) are opened with
+    ``torch.load(weights_only=True)`` first, so that one holding anything but plain data is refused before
+    accelerate reads it. The networks must match the weights (same config).
+
+    Returns:
+        The guard counters stored with the checkpoint (zeros for a checkpoint from before them).
+
+    Raises:
+        UsageError: a checkpoint that does not match the networks, or that cannot be read safely.
+    """
+    networks = [models.ebm] + ([models.initializer] if models.initializer is not None else [])
+    names = ["ebm", "initializer"][: len(networks)]
+    stored = sorted(p.name for p in path.glob("model*.safetensors"))
+    expected = ["model.safetensors"] + [f"model_{i}.safetensors" for i in range(1, len(networks))]
+    if stored != expected:
+        raise UsageError(
+            f"checkpoint {path} holds {len(stored)} networks ({', '.join(stored) or 'none'}) but this "
+            f"config builds {len(networks)} ({' and '.join(names)}); resume with the run's config.yaml"
+        )
+    for name, network, file in zip(names, networks, expected, strict=True):
+        problem = weights_mismatch(accelerator.unwrap_model(network).state_dict(), path / file)
+        if problem is not None:
+            raise UsageError(
+                f"checkpoint {path} does not match this config: {file} ({name}): {problem}; resume "
+                "with the settings of the run's config.yaml"
+            )
+    for file in sorted([*path.glob("*.bin"), *path.glob("*.pkl")]):
+        try:
+            accelerate_load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as err:
+            reason = re.search(
+                r"WeightsUnpickler error: ([^\n]*?)( was not an allowed|\n|$)", str(err)
+            )
+            detail = reason[1] if reason else _first_line(err)
+            raise UsageError(
+                f"checkpoint file {file} was refused: it holds more than tensors and plain numbers "
+                f"(torch.load(weights_only=True): {detail}); it was not loaded"
+            ) from None
+    marker = path / CHECKPOINT_MARKER
+    try:
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            accelerator.load_state(str(path))
+            _load_ema(ema, load_file(str(path / EMA_WEIGHTS)), info["ema"], accelerator.device)
+            return GuardState(**{**info.get("guard", {}), "streak": 0})
+        with _legacy_view(path) as view:
+            accelerator.load_state(view)
+        for index, value in enumerate(ema.values()):
+            state = torch.load(
+                path / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True
+            )
+            value.load_state_dict(state)
+            value.to(accelerator.device)
+        return GuardState()
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        if is_out_of_memory(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"checkpoint {path} cannot be loaded: {first}") from None
+
+
+@contextlib.contextmanager
+def _legacy_view(path: Path) -> Iterator[str]:
+    """A folder of links to a pre-checkpoint.json checkpoint without its pickled EMAs, which accelerate
+    would unpickle unsafely (``weights_only=False``); ``load_checkpoint`` reads them with ``weights_only``."""
+    with tempfile.TemporaryDirectory(prefix="cdrl-checkpoint-") as view:
+        for file in path.iterdir():
+            if not LEGACY_EMA_RE.fullmatch(file.name):
+                os.symlink(file.resolve(), Path(view) / file.name)
+        yield view
+
+
+def _ema_state(ema: dict[str, EMAModel]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The EMAs as safetensors tensors ('ebm.0', ...) and their scalar settings (JSON)."""
+    tensors, info = {}, {}
+    for name, value in ema.items():
+        state = dict(value.state_dict())
+        for index, param in enumerate(state.pop("shadow_params")):
+            tensors[f"{name}.{index}"] = param.detach().cpu().contiguous()
+        info[name] = {k: v for k, v in state.items() if isinstance(v, bool | int | float | str)}
+    return tensors, info
+
+
+def _load_ema(
+    ema: dict[str, EMAModel], tensors: dict[str, Tensor], info: dict[str, Any], device: torch.device
+) -> None:
+    for name, value in ema.items():
+        count = len(value.shadow_params)
+        keys = [f"{name}.{index}" for index in range(count)]
+        if any(key not in tensors for key in keys) or f"{name}.{count}" in tensors:
+            raise ValueError(f"{EMA_WEIGHTS} does not hold {count} tensors for the {name} EMA")
+        value.load_state_dict({**info[name], "shadow_params": [tensors[key] for key in keys]})
+        value.to(device)
+
+
+def scale_learning_rates(models: Models, cfg: Config, scale: float) -> None:
+    """Set both base learning rates to the config's times ``scale``, at the schedule's current position.
+
+    Used after a rollback (``scale = guard.lr_factor ** rollbacks``) and on resume (the config's rates
+    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen).
+    """
+    pairs = [(models.ebm_opt, models.ebm_sched, cfg.train.ebm_lr)]
+    if models.init_opt is not None:
+        pairs.append((models.init_opt, models.init_sched, cfg.train.init_lr))
+    for optimizer, accelerated, lr in pairs:
+        scheduler = getattr(accelerated, "scheduler", accelerated)
+        for index, group in enumerate(optimizer.param_groups):
+            base = lr * scale
+            group["lr"] *= base / scheduler.base_lrs[index]
+            group["initial_lr"] = base
+            scheduler.base_lrs[index] = base
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exports and sample grids.
 
 
 def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Module:
@@ -344,10 +728,14 @@ def save_samples(
 
 
 def run(cfg: Config, *, resume: str | None = None) -> Path:
-    """Train with ``cfg``; returns the exported pipeline folder."""
+    """Train with ``cfg``; returns the exported pipeline folder.
+
+    Everything that can be checked is checked before the first step, and the run's files appear only
+    once that step has worked: bad input (including a batch too large for memory) leaves nothing behind.
+    """
     output_dir = Path(cfg.log.output_dir)
     prepare_output_dir(output_dir, resume)
-    step, resume_path = resolve_resume(output_dir, resume)
+    resolve_resume(output_dir, resume)  # fail fast on a bad --resume_from_checkpoint
     dataset = load_dataset(cfg.data, split="train")
     if len(dataset) < cfg.train.batch_size:
         raise DataError(
@@ -361,16 +749,19 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
         )
 
     report_to = _tracker(cfg.log.report_to)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-        dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=cfg.train.seed
-        ),
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            ),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=cfg.train.seed
+            ),
+        )
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"accelerate cannot start with this setup: {_first_line(err)}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != accelerator.num_processes:
         raise UsageError(
@@ -378,21 +769,7 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
             "`accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
         )
     set_seed(cfg.train.seed, device_specific=True)
-    handler = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / RUN_MARKER)
-        (output_dir / "git.txt").write_text(git_sha() + "\n")
-        handler = logging.FileHandler(output_dir / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logging.getLogger(__name__).addHandler(handler)
-        logging.getLogger(__name__).setLevel(logging.INFO)
-    try:
-        return _train(cfg, accelerator, dataset, condition_sizes, output_dir, step, resume_path)
-    finally:
-        if handler is not None:
-            logging.getLogger(__name__).removeHandler(handler)
-            handler.close()
+    return _train(cfg, accelerator, dataset, condition_sizes, output_dir, resume)
 
 
 def _train(
@@ -401,14 +778,13 @@ def _train(
     dataset: torch.utils.data.Dataset,
     condition_sizes: tuple[int, ...],
     output_dir: Path,
-    step: int,
-    resume_path: Path | None,
+    resume: str | None,
 ) -> Path:
-    """The body of ``run`` once the run folder and logging are set up."""
+    """The body of ``run`` once the data and the accelerator are set up."""
     schedule = CDRLScheduler.from_training_config(cfg).schedule
 
     # Models, EMA copies, optimizers (Adam for the EBM, AdamW for the initializer), warmup.
-    ebm, init = build_models(cfg, tuple(dataset.sample_shape), condition_sizes)
+    ebm, init = _build_checked(cfg, tuple(dataset.sample_shape), condition_sizes)
     ebm_ema_model, init_ema_model = copy.deepcopy(ebm), copy.deepcopy(init)
     ema = {
         "ebm": EMAModel(
@@ -442,21 +818,22 @@ def _train(
     else:
         init_opt = init_sched = None
         ebm, ebm_opt, ebm_sched, loader = accelerator.prepare(ebm, ebm_opt, ebm_sched, loader)
-    for value in ema.values():
+    for value in ema.values():  # saved by save_checkpoint (safetensors), not by accelerate (pickle)
         value.to(accelerator.device)
-        accelerator.register_for_checkpointing(value)
     models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched)
     if len(loader) == 0:
         raise DataError(
             f"data set '{cfg.data.name}' gives no full batch of {cfg.train.batch_size} per process"
         )
 
-    # Resume: models, optimizers, schedulers, EMAs and RNG states; the step from the folder name.
+    # Resume: models, optimizers, schedulers, EMAs, RNG states and guard counters; the step from the name.
+    step, resume_path, warnings = resolve_resume(output_dir, resume)
+    guard = GuardState()
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        logger.info(f"resumed from {resume_path} at step {step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("cdrl", config=flat(cfg))
+        guard = load_checkpoint(accelerator, resume_path, models, ema)
+        scale_learning_rates(models, cfg, cfg.guard.lr_factor**guard.rollbacks)
+    for warning in warnings:
+        _warn(accelerator, warning)
 
     # Fixed noise (and labels) for comparable sample grids (diffusers).
     grid_gen = torch.Generator().manual_seed(cfg.log.sample_seed)
@@ -485,72 +862,197 @@ def _train(
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    def start() -> tuple[logging.Handler | None, tqdm]:
+        """The run's files, trackers and progress bar, once the first step has worked."""
+        handler = start_run_files(cfg, accelerator, output_dir, None if resume is None else step)
+        if accelerator.is_main_process:
+            accelerator.init_trackers("cdrl", config=flat(cfg))
+        if resume_path is not None:
+            logger.info(f"resumed from {resume_path} at step {step}")
+        for warning in warnings:
+            logger.warning(warning)
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train",
+                   disable=not accelerator.is_local_main_process)  # fmt: skip
+        return handler, bar
+
     # Train.
-    metrics_path = output_dir / "metrics.jsonl"
     sums: dict[str, Tensor] = {}
     n_sum, t_start = 0, time.time()
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=step,
-        disable=not accelerator.is_local_main_process,
-        desc="train",
-    )
-    epoch = step // len(loader)
-    skip = step % len(loader)
-    while step < cfg.train.max_steps:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in batches:
-            stats = train_step(models, batch, cfg, schedule, accelerator, condition_sizes)
-            step += 1
-            bar.update(1)
-            # Update EMAs, log, sample, save, in that order.
-            ema["ebm"].step(accelerator.unwrap_model(ebm).parameters())
-            if init is not None:
-                ema["init"].step(accelerator.unwrap_model(init).parameters())
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
-            n_sum += 1
-            if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
-                record = _summarize(sums, n_sum)
-                record.update({"step": step, "lr/ebm": ebm_sched.get_last_lr()[0],
-                               "time/elapsed_s": round(time.time() - t_start, 2)})  # fmt: skip
-                if accelerator.is_main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(
-                        gap=f"{record.get('ebm/energy_gap', 0):.3g}",
-                        loss=f"{record['ebm/loss']:.3g}",
+    handler = bar = None
+    try:
+        while step < cfg.train.max_steps:
+            epoch, skip = divmod(step, len(loader))
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in batches:
+                stats, problem = train_step(
+                    models, batch, cfg, schedule, accelerator, condition_sizes
+                )
+                if bar is None:
+                    handler, bar = start()
+                step += 1
+                bar.update(1)
+                if problem is not None:
+                    target = on_bad_step(
+                        problem, step, guard, cfg, accelerator, output_dir, models, ema
                     )
-                accelerator.log(record, step=step)
-                logger.info(json.dumps(record))
-                sums, n_sum = {}, 0
-            if (
-                cfg.log.sample_every
-                and step % cfg.log.sample_every == 0
-                and accelerator.is_main_process
-            ):
-                save_samples(ema_pipeline(), x_grid, grid_cond, output_dir / "samples", step)
-            if cfg.log.checkpointing_steps and step % cfg.log.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit)
-            if step >= cfg.train.max_steps:
-                break
-        epoch += 1
-    bar.close()
+                    if target is not None:  # rolled back: replay the data order from the checkpoint
+                        step, sums, n_sum, bar.n = target, {}, 0, target
+                        break
+                else:
+                    # Update EMAs, log, sample, save, in that order.
+                    guard.streak = 0
+                    ema["ebm"].step(accelerator.unwrap_model(ebm).parameters())
+                    if init is not None:
+                        ema["init"].step(accelerator.unwrap_model(init).parameters())
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0) + value.detach().float()
+                    n_sum += 1
+                if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
+                    record = _summarize(sums, n_sum) if n_sum else {}
+                    record.update({"step": step, "lr/ebm": ebm_sched.get_last_lr()[0],
+                                   "guard/skipped": guard.skipped, "guard/rollbacks": guard.rollbacks,
+                                   "time/elapsed_s": round(time.time() - t_start, 2)})  # fmt: skip
+                    _log_metrics(accelerator, output_dir, record, bar)
+                    sums, n_sum = {}, 0
+                grid_due = cfg.log.sample_every and step % cfg.log.sample_every == 0
+                if grid_due and accelerator.is_main_process:
+                    save_samples(ema_pipeline(), x_grid, grid_cond, output_dir / "samples", step)
+                # Checkpoint, but never a diverging state (in the middle of a streak of bad steps).
+                every = cfg.log.checkpointing_steps
+                if every and step % every == 0 and guard.streak == 0:
+                    save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit,
+                                    ema, guard)  # fmt: skip
+                if step >= cfg.train.max_steps:
+                    break
+        if bar is None:  # nothing to train (resumed at max_steps)
+            handler, bar = start()
 
-    # Final checkpoint, grid and export of the EMA pipeline.
-    if not list_checkpoints(output_dir) or list_checkpoints(output_dir)[-1][0] != step:
-        save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit)
-    export_dir = output_dir / "pipeline"
+        # Final checkpoint, grid and export of the EMA pipeline.
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints or checkpoints[-1][0] != step:
+            save_checkpoint(
+                accelerator, output_dir, step, cfg.log.checkpoints_total_limit, ema, guard
+            )
+        export_dir = output_dir / "pipeline"
+        if accelerator.is_main_process:
+            pipeline = ema_pipeline()
+            save_samples(pipeline, x_grid, grid_cond, output_dir / "samples", step)
+            export_pipeline(pipeline, cfg, export_dir)
+            logger.info(f"exported the EMA pipeline to {export_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return export_dir
+    finally:
+        if bar is not None:
+            bar.close()
+        if handler is not None:
+            logging.getLogger(__name__).removeHandler(handler)
+            handler.close()
+
+
+def _log_metrics(
+    accelerator: Accelerator, output_dir: Path, record: dict[str, Any], bar: tqdm
+) -> None:
+    """One line of metrics.jsonl, the trackers, log.txt and the progress bar's summary."""
     if accelerator.is_main_process:
-        pipeline = ema_pipeline()
-        save_samples(pipeline, x_grid, grid_cond, output_dir / "samples", step)
-        export_pipeline(pipeline, cfg, export_dir)
-        logger.info(f"exported the EMA pipeline to {export_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return export_dir
+        _append_jsonl(output_dir / "metrics.jsonl", record)
+        bar.set_postfix(
+            gap=f"{record.get('ebm/energy_gap', float('nan')):.3g}",
+            loss=f"{record.get('ebm/loss', float('nan')):.3g}",
+        )
+    accelerator.log(record, step=record["step"])
+    logger.info(json.dumps(record))
+
+
+def _build_checked(cfg: Config, sample_shape: tuple[int, ...], condition_sizes: tuple[int, ...]):
+    """``build_models``, with a construction failure (a layer that rejects the config) as a ConfigError."""
+    try:
+        return build_models(cfg, sample_shape, condition_sizes)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise
+        raise ConfigError(
+            f"the networks cannot be built from this config: {_first_line(err)}"
+        ) from None
+
+
+def on_bad_step(
+    problem: str,
+    step: int,
+    guard: GuardState,
+    cfg: Config,
+    accelerator: Accelerator,
+    output_dir: Path,
+    models: Models,
+    ema: dict[str, EMAModel],
+) -> int | None:
+    """Count and log a skipped step; after ``guard.max_bad_steps`` in a row, roll back.
+
+    A rollback restores the newest complete checkpoint (models, optimizers, EMAs, RNG states) and scales
+    both learning rates by ``guard.lr_factor`` once more.
+
+    Returns:
+        The step of the checkpoint rolled back to, or None (training goes on).
+
+    Raises:
+        DivergenceError: the guard is off, there is no checkpoint yet, or ``guard.max_rollbacks`` rollbacks
+            did not help.
+    """
+    guard.skipped += 1
+    guard.streak += 1
+    event = {"step": step, "event": "skipped", "reason": problem, "guard/skipped": guard.skipped,
+             "guard/streak": guard.streak}  # fmt: skip
+    _log_event(accelerator, output_dir, event)
+    _warn(accelerator, f"step {step} skipped ({guard.streak} in a row): {problem}")
+    what = f"{guard.streak} bad step{'s' * (guard.streak > 1)} in a row up to step {step} (last: {problem})"
+    checkpoints = list_checkpoints(output_dir)
+    if not cfg.guard.enabled:
+        stop = f"step {step}: {problem}; training stopped (guard.enabled=false)"
+    elif guard.streak < cfg.guard.max_bad_steps:
+        return None
+    elif not checkpoints:
+        stop = (
+            f"training diverged: {what}, and there is no checkpoint to roll back to yet; lower "
+            "train.ebm_lr (or langevin.b2), or save checkpoints more often (log.checkpointing_steps)"
+        )
+    elif guard.rollbacks >= cfg.guard.max_rollbacks:
+        scale = cfg.guard.lr_factor**guard.rollbacks
+        stop = (
+            f"training diverged: {what}, after {guard.rollbacks} rollback(s) with the learning rates "
+            f"scaled by {scale:g}; the last good checkpoint is {checkpoints[-1][1]}; lower train.ebm_lr "
+            "(or langevin.b2), or allow more rollbacks (guard.max_rollbacks)"
+        )
+    else:
+        target, path = checkpoints[-1]
+        load_checkpoint(accelerator, path, models, ema)
+        guard.rollbacks += 1
+        guard.streak = 0
+        scale_learning_rates(models, cfg, cfg.guard.lr_factor**guard.rollbacks)
+        lr = models.ebm_sched.get_last_lr()[0]
+        _log_event(accelerator, output_dir, {"step": step, "event": "rollback", "to_step": target,
+                                             "checkpoint": path.name, "guard/rollbacks": guard.rollbacks,
+                                             "lr/ebm": lr})  # fmt: skip
+        _warn(accelerator, f"{what}: rolled back to {path.name}, learning rates scaled by "
+                           f"{cfg.guard.lr_factor**guard.rollbacks:g} (rollback {guard.rollbacks} of "
+                           f"at most {cfg.guard.max_rollbacks})")  # fmt: skip
+        return target
+    _log_event(accelerator, output_dir, {"step": step, "event": "stopped", "reason": stop})
+    raise DivergenceError(stop)
+
+
+def _log_event(accelerator: Accelerator, output_dir: Path, event: dict[str, Any]) -> None:
+    """A guard event as a line of metrics.jsonl (it has an "event" key) and of log.txt."""
+    if accelerator.is_main_process:
+        _append_jsonl(output_dir / "metrics.jsonl", event)
+    logger.info(json.dumps(event))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _summarize(sums: dict[str, Tensor], n: int) -> dict[str, float]:
@@ -597,7 +1099,7 @@ FLAG_TO_KEY = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description="Train a CDRL (or DRL) energy-based model. Launch with `accelerate launch train.py ...` "
         "for several processes; plain `python train.py` runs one.",
@@ -630,7 +1132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
+    """Entry point; returns the exit code (2 for bad input or divergence, with a one-line message)."""
     try:
         cfg, args = parse_args(argv)
         if args.dry_run:
@@ -639,11 +1141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
             return 0
         export_dir = run(cfg, resume=args.resume_from_checkpoint)
-    except (ConfigError, DataError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"done: pipeline saved to {export_dir}")
-    return 0
+    except (ConfigError, DataError, UsageError, CLIError, DivergenceError) as err:
+        message = " ".join(str(err).split())
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        message = (
+            f"{describe_out_of_memory(err)} with train.batch_size={cfg.train.batch_size} and "
+            f"log.num_grid_samples={cfg.log.num_grid_samples}; lower them, or narrow the networks"
+        )
+    else:
+        print(f"done: pipeline saved to {export_dir}")
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

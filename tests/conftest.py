@@ -171,3 +171,84 @@ def mlp_pipeline(mlp_ebm, mlp_initializer, tiny_scheduler) -> CDRLPipeline:
     pipe = CDRLPipeline(ebm=mlp_ebm, initializer=mlp_initializer, scheduler=tiny_scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------- fresh processes
+
+
+def _run_main(module: str, argv: list[str], out: str, err: str, memory_margin: int | None) -> None:
+    """Child side of ``fresh_process``: stdout and stderr to files, an optional address-space limit
+    (``memory_margin`` bytes above what the process already maps), then exit with ``main``'s code."""
+    import importlib
+    import os
+    import re
+    import resource
+    import sys
+
+    torch.set_num_threads(1)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    main = importlib.import_module(module).main
+    if memory_margin is not None:
+        with open("/proc/self/status") as status:
+            mapped = int(re.search(r"VmSize:\s+(\d+) kB", status.read())[1]) * 1024
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_margin, hard))
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _noop() -> None:
+    pass
+
+
+class FreshProcess:
+    """Runs a CLI's ``main`` in a new process forked from a server that has imported cdrl once, so that
+    each run starts in milliseconds instead of the seconds that importing torch and diffusers take."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+
+    def start(self, module: str, argv, folder, *, memory_margin: int | None = None):
+        """Start ``module.main(argv)``; stdout and stderr go to ``folder``/out.txt and err.txt."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        args = (module, [str(a) for a in argv], str(folder / "out.txt"), str(folder / "err.txt"))
+        process = self.context.Process(target=_run_main, args=(*args, memory_margin))
+        process.start()
+        return process
+
+    def run(self, module: str, argv, folder, *, memory_margin: int | None = None, timeout=300):
+        """``start``, then wait: (exit code, stdout, stderr)."""
+        from pathlib import Path
+
+        process = self.start(module, argv, folder, memory_margin=memory_margin)
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise TimeoutError(f"{module} {argv} did not finish in {timeout} s")
+        folder = Path(folder)
+        return process.exitcode, (folder / "out.txt").read_text(), (folder / "err.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def fresh_process() -> FreshProcess:
+    """A ``FreshProcess`` runner (Linux/macOS forkserver; one OpenMP thread per process)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the forkserver start method")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["conftest", "cdrl.train", "cdrl.generate", "cdrl.inpaint"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the server, and so every child, starts with these
+        patch.setenv("MKL_NUM_THREADS", "1")
+        warm = context.Process(target=_noop)
+        warm.start()
+        warm.join()
+    return FreshProcess(context)

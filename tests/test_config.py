@@ -61,6 +61,32 @@ def test_unknown_override_key_is_named(item):
         load_config(overrides=[item])
 
 
+@pytest.mark.parametrize(
+    ("item", "suggestion"),
+    [
+        ("train.batchsize=4", "train.batch_size"),
+        ("trian.batch_size=4", "train.batch_size"),
+        ("gaurd.lr_factor=0.5", "guard.lr_factor"),
+        ("langevin.nsteps=3", "langevin.n_steps"),
+    ],
+)
+def test_mistyped_key_gets_a_suggestion(item, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config(overrides=[item])
+
+
+def test_no_suggestion_for_a_key_unlike_any():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["train.zzzzzz=1"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_guard_defaults_are_on_and_the_gap_bound_can_be_turned_off():
+    guard = load_config().guard
+    assert guard.enabled and guard.max_bad_steps >= 1 and 0 < guard.lr_factor < 1
+    assert load_config(overrides=["guard.max_energy_gap=.inf"]).guard.max_energy_gap == float("inf")
+
+
 def test_override_below_a_leaf_is_a_config_error():
     with pytest.raises(ConfigError, match="train.batch_size.x"):
         load_config(overrides=["train.batch_size.x=1"])
@@ -204,6 +230,19 @@ def test_override_syntax():
         ("schedule.logsnr_max=-6", "schedule.logsnr_max"),
         ("log.checkpoints_total_limit=0", "log.checkpoints_total_limit"),
         ("initializer.attention_levels=[true]", "initializer.attention_levels"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("train.adam_beta1=1", "train.adam_beta1"),
+        ("train.init_weight_decay=-0.1", "train.init_weight_decay"),
+        ("ebm.base_channels=0", "ebm.base_channels"),
+        ("ebm.channel_mult=[]", "ebm.channel_mult"),
+        ("initializer.block_out_channels=[0]", "initializer.block_out_channels"),
+        ("initializer.dropout=1", "initializer.dropout"),
+        ("guard.max_energy_gap=0", "guard.max_energy_gap"),
+        ("guard.max_bad_steps=0", "guard.max_bad_steps"),
+        ("guard.lr_factor=1", "guard.lr_factor"),
+        ("guard.lr_factor=0", "guard.lr_factor"),
+        ("guard.max_rollbacks=-1", "guard.max_rollbacks"),
+        ("train.ebm_lr=nan", "train.ebm_lr"),
     ],
 )
 def test_validate_rejects(item, message):
@@ -238,6 +277,7 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "saved.yaml"
     save_config(cfg, path)
     assert load_config(path) == cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.yaml"]  # written atomically
     assert to_dict(load_config(path)) == to_dict(cfg)
 
 

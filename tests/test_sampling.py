@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from cdrl.config import Config, LangevinConfig
-from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.guidance import composed
+from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import energy_fn, frozen, level, reverse_step, sample, tweedie_denoise
 from cdrl.schedule import cdrl_schedule
 
