@@ -98,6 +98,18 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         h = F.relu(self.conv3(h)).flatten(1)
         return F.relu(self.fc(h))
 
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Penultimate features and class logits from one pass (the digits FID/KID and IS inputs).
+
+        Args:
+            x: (b, 1, 8, 8) images in [-1, 1].
+
+        Returns:
+            (b, feature_dim) features (as ``features``) and (b, num_classes) logits (as ``forward``).
+        """
+        features = self.features(x)
+        return features, self.head(self.drop(features))
+
     def forward(self, x: Tensor) -> Tensor:
         """Class logits.
 
@@ -107,7 +119,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         Returns:
             (b, num_classes) logits.
         """
-        return self.head(self.drop(self.features(x)))
+        return self.features_and_logits(x)[1]
 
     def probabilities(self, x: Tensor) -> Tensor:
         """Class probabilities (softmax of the logits).
@@ -282,10 +294,14 @@ def train_digits_classifier(
     return model.eval()
 
 
+def cache_root() -> Path:
+    """The project's cache folder: ``$CDRL_CACHE_DIR``, or ``~/.cache/cdrl`` when that is unset."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or "~/.cache/cdrl").expanduser()
+
+
 def default_classifier_path() -> Path:
     """``$CDRL_CACHE_DIR/digits_classifier``, with the cache root defaulting to ``~/.cache/cdrl``."""
-    root = os.environ.get(CACHE_ENV_VAR) or "~/.cache/cdrl"
-    return Path(root).expanduser() / CACHE_SUBDIR
+    return cache_root() / CACHE_SUBDIR
 
 
 def save_classifier_atomically(

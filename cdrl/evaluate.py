@@ -1,0 +1,639 @@
+"""``cdrl-evaluate``: sample quality (FID, KID, IS), conditional accuracy, held-out bits/dim, OOD AUROC.
+
+Samples are drawn as ``cdrl-generate`` draws them (sample k from its own generator seeded ``seed + k``),
+so the set depends neither on the batch size nor on the number of processes. Under ``accelerate launch``
+the samples are split across processes and gathered on the main process, which computes every figure
+once (with torch-fidelity's ``calculate_metrics``) and writes one JSON file of the figures, the settings
+and the versions. Images are scored as uint8, rounded as the PNG writers round them. Bad input: one line
+``error: ...`` on stderr, exit code 2, nothing written.
+
+    cdrl-evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train --output fid.json
+    accelerate launch -m cdrl.evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train \\
+        --metrics fid isc --output fid.json
+    cdrl-evaluate --checkpoint runs/digits/pipeline --reference digits-train --num_samples 2000 \\
+        --output digits.json     # 8x8 models use the offline digits extractor (cdrl/fidelity.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cdrl.cli import (
+    ArgumentParser,
+    CLIError,
+    atomic_path,
+    check_writable,
+    load_pipeline,
+    resolve_checkpoint,
+    run_cli,
+)
+from cdrl.digits_classifier import cache_root, load_digits_classifier
+from cdrl.fidelity import (
+    DIGITS_SHAPE,
+    EXTRACTORS,
+    Reference,
+    check_extractor,
+    compute_fidelity,
+    digits_accuracy,
+    digits_classifier_path,
+    load_reference,
+    reference_choices,
+    to_uint8,
+)
+from cdrl.generate import generate_samples, read_model_config
+from cdrl.ood import ood_report
+from cdrl.utils import git_sha
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from cdrl.pipeline import CDRLPipeline
+
+DEFAULT_NUM_SAMPLES = 50_000  # as the papers report FID / IS
+METRICS = ("fid", "kid", "isc", "accuracy", "bpd", "ood")
+DEFAULT_METRICS = ("fid", "kid", "isc")
+FIDELITY_METRICS = {"fid", "kid", "isc"}
+SAMPLE_METRICS = FIDELITY_METRICS | {"accuracy"}  # metrics of generated samples
+HELDOUT_METRICS = {"bpd", "ood"}  # metrics of held-out real data under the model
+SCHEMA = "cdrl-evaluate/1"
+
+T = TypeVar("T")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (usage errors are one-line CLIErrors)."""
+    parser = ArgumentParser(prog="cdrl-evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path,
+        help="a pipeline folder (model_index.json), or a run folder holding one in pipeline/",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics", nargs="+", choices=METRICS, default=list(DEFAULT_METRICS), metavar="M",
+        help="any of fid kid isc (torch-fidelity), accuracy (conditional digits: the classifier reads "
+        "the requested class), bpd (held-out bits/dim), ood (OOD AUROC); default: fid kid isc",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num_samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="N",
+        help=f"generated samples (default {DEFAULT_NUM_SAMPLES:,}, as the papers use)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference", metavar="R",
+        help="real data for fid / kid (and, without --heldout, for bpd / ood): a registered data set "
+        f"({reference_choices()}), a folder of images, or a config file configs/NAME.yaml[:train|:test]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heldout", metavar="R",
+        help="held-out real data for bpd, and the in-distribution data for ood (default: --reference)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ood", nargs="+", default=[], metavar="R", help="out-of-distribution data sets for ood"
+    )
+    parser.add_argument(
+        "--num_examples", type=int, default=None, metavar="N",
+        help="bpd / ood: at most N examples of each data set (a seeded random subset; default all)",
+    )  # fmt: skip
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--class_labels", type=int, nargs="+", metavar="C",
+        help="class-conditional models: sample k gets label C[k mod len(C)] (default: unconditional)",
+    )  # fmt: skip
+    which.add_argument(
+        "--all_classes", action="store_true", help="cycle through every class 0..n-1"
+    )
+    parser.add_argument(
+        "--guidance_scale", type=float, default=1.0, metavar="S",
+        help="classifier-free guidance, diffusers' meaning: 1 = off, > 1 stronger (w = S - 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num_langevin_steps", type=int, default=None, metavar="K",
+        help="Langevin steps per noise level (default: the trained value)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="sample k uses seed + k (default 0)")
+    parser.add_argument(
+        "--batch_size", type=int, default=256,
+        help="samples per forward, in sampling and in feature extraction (default 256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", required=True, type=Path, help="the JSON file of figures, settings, versions"
+    )
+    parser.add_argument(
+        "--feature_extractor", choices=sorted(EXTRACTORS), default=None,
+        help="inception (torch-fidelity's standard InceptionV3) or digits (the offline 8x8 digits "
+        "classifier); default: digits for 1x8x8 models, inception otherwise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--inception_weights", type=Path, metavar="PATH",
+        help="a local copy of torch-fidelity's InceptionV3 weights (default: download on first use)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--digits_classifier", type=Path, metavar="PATH",
+        help="the digits classifier folder (default $CDRL_CACHE_DIR/digits_classifier, trained on "
+        "first use; retrain with python -m cdrl.digits_classifier --output PATH)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data_dir", type=Path, metavar="DIR",
+        help="root of local copies of torch-fidelity's registered data sets (cifar10-train, ...)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no_cache", action="store_true",
+        help="do not cache reference features and statistics (cached under $CDRL_CACHE_DIR/fidelity)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bpd_num_intermediate", type=int, default=None, metavar="N",
+        help="bpd: annealing distributions per level (default: cdrl.density's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bpd_num_chains", type=int, default=None, metavar="N",
+        help="bpd: importance-sampling chains per example (default: cdrl.density's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", default=None,
+        help="torch device (default: the process's accelerate device: cuda if available)",
+    )  # fmt: skip
+    return parser
+
+
+@dataclass
+class Plan:
+    """What to compute, checked against the flags and the checkpoint before any weights are loaded."""
+
+    checkpoint: Path
+    metrics: list[str]
+    sample_shape: tuple[int, ...]
+    labels: list[int] | None  # one class label per sample, or None (unconditional)
+    extractor: str | None  # a key of EXTRACTORS, when a sample metric needs one
+    heldout: str | None  # the spec of the held-out data (bpd, ood)
+
+    @property
+    def needs_samples(self) -> bool:
+        return bool(SAMPLE_METRICS & set(self.metrics))
+
+
+def plan_evaluation(args: argparse.Namespace) -> Plan:
+    """Check the flags against each other and the checkpoint's config; nothing heavy is loaded.
+
+    Raises:
+        CLIError: a flag combination or value that does not fit the flags or the checkpoint.
+    """
+    metrics = list(dict.fromkeys(args.metrics))  # unique, in the given order
+    chosen = set(metrics)
+    _check_values(args)
+    _check_metric_flags(args, chosen)
+
+    # The checkpoint: its sample shape and conditions, from config.json alone.
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    config = read_model_config(checkpoint)
+    if "in_features" in config:
+        sample_shape: tuple[int, ...] = (int(config["in_features"]),)
+    else:
+        size = int(config["sample_size"])
+        sample_shape = (int(config["in_channels"]), size, size)
+    needs_samples = bool(chosen & SAMPLE_METRICS)
+    if needs_samples and len(sample_shape) != 3:
+        raise CLIError(
+            f"checkpoint {checkpoint} makes {sample_shape[0]}-d vectors, not images: "
+            f"{', '.join(sorted(chosen & SAMPLE_METRICS))} need images (bpd and ood work on vectors)"
+        )
+    labels = _plan_labels(args, tuple(config.get("condition_sizes") or ()), checkpoint)
+    if labels is not None and not needs_samples:
+        raise CLIError("class labels are for the sample metrics (fid, kid, isc, accuracy)")
+
+    # The feature extractor and its weights.
+    extractor = None
+    if needs_samples:
+        extractor = args.feature_extractor or (
+            "digits" if sample_shape == DIGITS_SHAPE else "inception"
+        )
+        if extractor == "digits" and sample_shape != DIGITS_SHAPE:
+            raise CLIError(
+                f"the digits extractor takes 1x8x8 images; checkpoint {checkpoint} makes "
+                f"{'x'.join(map(str, sample_shape))}"
+            )
+    if "accuracy" in chosen and labels is None:
+        raise CLIError("--metrics accuracy needs --class_labels or --all_classes")
+    if "accuracy" in chosen and extractor != "digits":
+        raise CLIError("--metrics accuracy uses the digits classifier (1x8x8 digits models)")
+    if args.inception_weights is not None:
+        if extractor != "inception" or not chosen & FIDELITY_METRICS:
+            raise CLIError(
+                "--inception_weights is for fid, kid and isc with the inception extractor"
+            )
+        if not args.inception_weights.is_file():
+            raise CLIError(f"--inception_weights {args.inception_weights} is not a file")
+    if args.digits_classifier is not None and extractor != "digits":
+        raise CLIError("--digits_classifier is for the digits extractor (1x8x8 digits models)")
+    heldout = (args.heldout or args.reference) if chosen & HELDOUT_METRICS else None
+    return Plan(checkpoint, metrics, sample_shape, labels, extractor, heldout)
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Numbers in range, and an output path that can become a JSON file."""
+    for name in (
+        "num_samples", "batch_size", "num_examples", "bpd_num_intermediate", "bpd_num_chains"
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name} must be at least 1, got {value}")
+    if args.num_langevin_steps is not None and args.num_langevin_steps < 0:
+        raise CLIError(f"--num_langevin_steps must be >= 0, got {args.num_langevin_steps}")
+    if args.guidance_scale < 0:
+        raise CLIError(
+            f"--guidance_scale must be >= 0 (1 = no guidance), got {args.guidance_scale:g}"
+        )
+    if args.output.suffix.lower() != ".json":
+        raise CLIError(f"--output {args.output} must be a .json file")
+    if args.output.is_dir():
+        raise CLIError(f"--output {args.output} is a folder; give a .json file path")
+    existing = next(parent for parent in args.output.parents if parent.exists())
+    if not existing.is_dir():
+        raise CLIError(
+            f"--output {args.output} cannot be written: {existing} is a file, not a folder"
+        )
+
+
+def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
+    """Flags that only some metrics use: present when needed, and not given for nothing."""
+    paired = sorted(chosen & {"fid", "kid"})
+    if paired and args.reference is None:
+        raise CLIError(f"--metrics {' '.join(paired)} needs --reference")
+    if paired and args.num_samples < 2:
+        raise CLIError(f"{' and '.join(paired)} need --num_samples of at least 2")
+    if args.reference is not None and not chosen & ({"fid", "kid"} | HELDOUT_METRICS):
+        raise CLIError("--reference is used by fid, kid, bpd and ood, none of which was asked for")
+    heldout = sorted(chosen & HELDOUT_METRICS)
+    if heldout and args.heldout is None and args.reference is None:
+        raise CLIError(f"--metrics {' '.join(heldout)} needs --heldout or --reference")
+    if args.heldout is not None and not heldout:
+        raise CLIError("--heldout is used by bpd and ood, neither of which was asked for")
+    if "ood" in chosen and not args.ood:
+        raise CLIError("--metrics ood needs --ood with at least one out-of-distribution data set")
+    if args.ood and "ood" not in chosen:
+        raise CLIError("--ood needs --metrics ood")
+    if args.num_examples is not None and not heldout:
+        raise CLIError("--num_examples is for bpd and ood")
+    for flag in ("bpd_num_intermediate", "bpd_num_chains"):
+        if getattr(args, flag) is not None and "bpd" not in chosen:
+            raise CLIError(f"--{flag} is for --metrics bpd")
+    if "bpd" in chosen and importlib.util.find_spec("cdrl.density") is None:
+        raise CLIError(
+            "--metrics bpd needs cdrl.density (bits_per_dim), which this installation lacks"
+        )
+
+
+def _plan_labels(
+    args: argparse.Namespace, condition_sizes: tuple[int, ...], checkpoint: Path
+) -> list[int] | None:
+    """One class label per sample (cycling through the requested classes), or None."""
+    if args.class_labels is None and not args.all_classes:
+        if args.guidance_scale != 1.0:
+            raise CLIError(
+                "--guidance_scale needs --class_labels or --all_classes to guide towards"
+            )
+        return None
+    flag = "--all_classes" if args.all_classes else "--class_labels"
+    if not condition_sizes:
+        raise CLIError(f"{flag} was given, but checkpoint {checkpoint} is unconditional")
+    num_classes = condition_sizes[0]
+    classes = list(range(num_classes)) if args.all_classes else args.class_labels
+    for label in classes:
+        if not 0 <= label < num_classes:
+            raise CLIError(f"class label {label} is outside [0, {num_classes}) for this checkpoint")
+    return [classes[k % len(classes)] for k in range(args.num_samples)]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_images(
+    pipe: CDRLPipeline,
+    labels: Sequence[int] | None,
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 1.0,
+    num_langevin_steps: int | None = None,
+    batch_size: int = 256,
+    state: PartialState | None = None,
+) -> Tensor | None:
+    """Generate samples as uint8 images, split across the processes of ``state``.
+
+    Each process generates a contiguous share of ``seeds`` (accelerate's ``split_between_processes``);
+    the shares are gathered, in order, on the main process.
+
+    Args:
+        pipe: a ``CDRLPipeline`` on this process's device.
+        labels: one class label per sample, or None.
+        seeds: one seed per sample (see ``cdrl.generate.generate_samples``).
+        guidance_scale: classifier-free guidance (1 = off).
+        num_langevin_steps: K per level (default: the trained value).
+        batch_size: samples per pipeline call.
+        state: accelerate's ``PartialState``; None: this process makes every sample.
+
+    Returns:
+        (n, c, h, w) uint8 on the CPU on the main process; None on the others.
+    """
+    indices = list(range(len(seeds)))
+    main = state is None or state.is_main_process
+    with (
+        state.split_between_processes(indices) if state is not None else nullcontext(indices)
+    ) as mine:
+        chunks = []
+        starts = range(0, len(mine), batch_size)
+        for start in tqdm(
+            starts, desc="sampling", unit="batch", disable=not main or len(starts) < 2
+        ):
+            part = mine[start : start + batch_size]
+            x = generate_samples(
+                pipe, None if labels is None else [labels[i] for i in part], [seeds[i] for i in part],
+                guidance_scale=guidance_scale, num_langevin_steps=num_langevin_steps,
+                batch_size=batch_size, progress=False,
+            )  # fmt: skip
+            chunks.append(to_uint8(x))
+        local = (
+            torch.cat(chunks) if chunks else torch.zeros(0, *pipe.sample_shape, dtype=torch.uint8)
+        )
+    if state is None or state.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    shares = gather_object([local])  # one tensor per process, in process order
+    return torch.cat(shares) if main else None
+
+
+def _subset(n: int, limit: int | None, seed: int) -> list[int] | None:
+    """A seeded random subset of ``limit`` of ``range(n)`` (sorted), or None for all."""
+    if limit is None or limit >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:limit].tolist())
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class Inputs:
+    """What the main process loads before sampling: reference data and feature-extractor weights."""
+
+    reference: Reference | None = None
+    heldout: Reference | None = None
+    ood: dict[str, Reference] = field(default_factory=dict)
+    weights: Path | None = None
+
+
+def load_inputs(args: argparse.Namespace, plan: Plan) -> Inputs:
+    """Load the reference data sets and make sure the extractor's weights are usable.
+
+    Raises:
+        DataError / CLIError: data or weights that cannot be used.
+    """
+    inputs = Inputs()
+    chosen = set(plan.metrics)
+
+    def load(spec: str) -> Reference:
+        return load_reference(spec, sample_shape=plan.sample_shape, data_dir=args.data_dir)
+
+    if chosen & {"fid", "kid"}:
+        inputs.reference = load(args.reference)
+    if plan.heldout is not None:
+        same = inputs.reference is not None and plan.heldout == args.reference
+        inputs.heldout = inputs.reference if same else load(plan.heldout)
+    for spec in dict.fromkeys(args.ood):
+        inputs.ood[spec] = load(spec)
+    if plan.extractor == "digits":
+        inputs.weights = digits_classifier_path(args.digits_classifier)  # trains it when missing
+    elif plan.extractor == "inception" and chosen & FIDELITY_METRICS:
+        inputs.weights = args.inception_weights
+        check_extractor(EXTRACTORS["inception"], inputs.weights)
+    return inputs
+
+
+def versions() -> dict[str, str]:
+    """The versions of everything that shapes the figures."""
+    import accelerate
+    import diffusers
+    import numpy
+    import torch_fidelity
+    import torchvision
+
+    import cdrl
+
+    return {
+        "cdrl": cdrl.__version__,
+        "git": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_fidelity": torch_fidelity.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _main_first(state: PartialState, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on the main process only; when it fails there, fail with its message on every process."""
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except (CLIError, ValueError) as err:
+            error = " ".join(str(err).split())
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise CLIError(error)
+    return result
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = plan_evaluation(args)
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # `accelerate launch --cpu` asks for the CPU (gloo between processes) through this variable, which
+    # only AcceleratorState reads by itself.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if args.device is not None and state.num_processes > 1:
+        raise CLIError(
+            "--device cannot be used under a multi-process launch (each process has its own)"
+        )
+    device = torch.device(args.device) if args.device is not None else state.device
+
+    # The main process loads the data and the extractor's weights (training the digits classifier on
+    # first use) before any sampling, so that bad input fails in seconds, on every process. The
+    # output's parent folder is made last, once everything else has been checked.
+    def prepare() -> Inputs:
+        inputs = load_inputs(args, plan)
+        check_writable(args.output)
+        return inputs
+
+    inputs = _main_first(state, prepare)
+    pipe = load_pipeline(plan.checkpoint, device)
+
+    figures: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    fidelity_settings: dict[str, Any] = {}
+    images = None
+    if plan.needs_samples:
+        start = time.perf_counter()
+        images = sample_images(
+            pipe, plan.labels, [args.seed + k for k in range(args.num_samples)],
+            guidance_scale=args.guidance_scale, num_langevin_steps=args.num_langevin_steps,
+            batch_size=args.batch_size, state=state,
+        )  # fmt: skip
+        seconds["sampling"] = time.perf_counter() - start
+    if not state.is_main_process:
+        return 0  # the main process computes every figure
+
+    start = time.perf_counter()
+    if FIDELITY_METRICS & set(plan.metrics):
+        results, fidelity_settings = compute_fidelity(
+            images, inputs.reference, metrics=FIDELITY_METRICS & set(plan.metrics),
+            extractor=EXTRACTORS[plan.extractor], weights_path=inputs.weights,
+            batch_size=args.batch_size, cuda=device.type == "cuda",
+            cache_root=None if args.no_cache else cache_root() / "fidelity",
+        )  # fmt: skip
+        figures.update(results)
+    if "accuracy" in plan.metrics:
+        classifier = load_digits_classifier(inputs.weights, train_if_missing=False)
+        details["accuracy"] = digits_accuracy(images, plan.labels, classifier)
+        figures["accuracy"] = details["accuracy"]["accuracy"]
+    if plan.needs_samples:
+        seconds["sample_metrics"] = time.perf_counter() - start
+
+    if plan.heldout is not None:
+        start = time.perf_counter()
+        x_heldout = inputs.heldout.data(_subset(len(inputs.heldout), args.num_examples, args.seed))
+        if "bpd" in plan.metrics:
+            details["bpd"] = heldout_bpd(pipe, inputs.heldout, x_heldout, args)
+            figures["bpd"], figures["nll_nats"] = (
+                details["bpd"].pop("bpd"),
+                details["bpd"].pop("nll_nats"),
+            )
+        if "ood" in plan.metrics:
+            x_out = {
+                spec: ref.data(_subset(len(ref), args.num_examples, args.seed))
+                for spec, ref in inputs.ood.items()
+            }
+            details["ood"] = ood_report(pipe, x_heldout, x_out, batch_size=args.batch_size)
+            figures["ood_auroc"] = {
+                spec: entry["auroc"]
+                for spec, entry in details["ood"]["out_of_distribution"].items()
+            }
+        seconds["heldout_metrics"] = time.perf_counter() - start
+
+    settings = {
+        "checkpoint": str(plan.checkpoint),
+        "metrics": plan.metrics,
+        "num_samples": args.num_samples if plan.needs_samples else None,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "class_labels": None if plan.labels is None else sorted(set(plan.labels)),
+        "guidance_scale": args.guidance_scale if plan.labels is not None else None,
+        "num_langevin_steps": pipe.scheduler.langevin_settings(
+            n_steps=args.num_langevin_steps
+        ).n_steps,
+        "reference": None if inputs.reference is None else inputs.reference.describe(),
+        "heldout": None if inputs.heldout is None else inputs.heldout.describe(),
+        "ood": [ref.describe() for ref in inputs.ood.values()],
+        "num_examples": args.num_examples,
+        "feature_extractor": None if plan.extractor is None else EXTRACTORS[plan.extractor],
+        "feature_extractor_weights": None if inputs.weights is None else str(inputs.weights),
+        "fidelity": fidelity_settings,
+        "num_processes": state.num_processes,
+        "device": str(device),
+    }
+    result = {
+        "schema": SCHEMA,
+        "metrics": figures,
+        "details": details,
+        "settings": settings,
+        "versions": versions(),
+        "seconds": seconds,
+    }
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(figures))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def heldout_bpd(
+    pipe: CDRLPipeline, heldout: Reference, x0: Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Bits per dimension of held-out data with ``cdrl.density.bits_per_dim``.
+
+    Images are dequantized with the reference's levels per pixel (256 for 8-bit, 17 for the digits).
+
+    Returns:
+        ``bpd``, ``nll_nats`` (mean per example) and the rest of ``bits_per_dim``'s report (``convention``,
+        ...) but the per-example values; ``num_examples``; the estimator options that were set.
+    """
+    from cdrl.density import bits_per_dim  # the density module is optional: import it only here
+
+    options: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("num_intermediate", args.bpd_num_intermediate),
+            ("num_chains", args.bpd_num_chains),
+        )
+        if value is not None
+    }
+    if heldout.is_image:
+        options["num_bins"] = heldout.num_bins
+    density = bits_per_dim(
+        pipe, x0, generator=torch.Generator().manual_seed(args.seed), batch_size=args.batch_size,
+        **options,
+    )  # fmt: skip
+    report = {k: v for k, v in density.items() if k not in ("bpd", "nll_nats", "nll_per_example")}
+    return {
+        "bpd": float(density["bpd"]),
+        "nll_nats": float(density["nll_nats"]),
+        **report,
+        "num_examples": len(x0),
+        **options,
+    }
+
+
+def summary(figures: dict[str, Any]) -> str:
+    """One line of the figures, e.g. 'fid 12.3 | kid 0.0102 ± 0.0011 | isc 7.81 ± 0.12'."""
+    parts = []
+    if "fid" in figures:
+        parts.append(f"fid {figures['fid']:.4g}")
+    for name in ("kid", "isc"):
+        if f"{name}_mean" in figures:
+            parts.append(f"{name} {figures[f'{name}_mean']:.4g} ± {figures[f'{name}_std']:.2g}")
+    if "accuracy" in figures:
+        parts.append(f"accuracy {figures['accuracy']:.4f}")
+    if "bpd" in figures:
+        parts.append(f"bpd {figures['bpd']:.4g}")
+    for spec, value in figures.get("ood_auroc", {}).items():
+        parts.append(f"ood auroc vs {spec} {value:.4f}")
+    return " | ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cdrl-evaluate`` and ``evaluate.py``: the exit code (2: bad input)."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
