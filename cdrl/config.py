@@ -105,7 +105,10 @@ class TrainConfig:
     ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)
     variance_reduction: bool = True    # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
     init_data_weight: float = 0.0      # extra initializer regression onto the true x_t (0 = paper); see README
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # bf16 also runs the training Langevin forwards in bf16
+    tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.accel.set_tf32)
+    channels_last: bool = False        # NHWC conv weights (faster tensor-core convs on GPU)
+    compile: bool = False              # torch.compile both networks in place (cdrl.accel.maybe_compile); slow first steps
     seed: int = 0
 
 

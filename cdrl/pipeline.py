@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from cdrl import accel
 from cdrl.config import Config, LangevinConfig
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
@@ -164,6 +165,7 @@ class CDRLPipeline(DiffusionPipeline):
         compose: Sequence[tuple[Sequence[int | None], float]] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        precision: str = "fp32",
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` samples.
 
@@ -187,6 +189,8 @@ class CDRLPipeline(DiffusionPipeline):
                 per condition (class first, then attributes) and None leaves that condition null. The energy is
                 E(null) + sum_k weight_k (E(c_k) - E(null)); a negative weight means NOT (CDRL Sec. 4.4).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            precision: "fp32", or "bf16" to run the network forwards under autocast (GPU); the Langevin
+                state and its gradient stay float32 either way.
         """
         device = self.device
         known = known_mask = None
@@ -227,8 +231,13 @@ class CDRLPipeline(DiffusionPipeline):
         schedule = self.scheduler.schedule
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
         bar = self.progress_bar(total=schedule.num_levels * settings.n_steps)
+        dtype = accel.autocast_dtype(precision)
+        ebm, initializer = self.ebm, self.initializer
+        if dtype is not None:
+            ebm = accel.AutocastModule(ebm, dtype)
+            initializer = None if initializer is None else accel.AutocastModule(initializer, dtype)
         x = sample(
-            self.ebm, self.initializer, schedule, x_top, settings, null=null, terms=terms,
+            ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
             generator=generator, known=known, known_mask=known_mask, callback=lambda t, k, y: bar.update(1),
         )  # fmt: skip
         bar.close()

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cdrl import accel
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
@@ -201,9 +202,12 @@ def train_step(
 
     # Refine with K Langevin steps under the unwrapped EBM: eval mode, frozen, fp32 state (CDRL Alg. 1, line 5).
     ebm_raw = accelerator.unwrap_model(ebm)
+    # bf16: the forwards run under autocast, the chain state and its gradient stay float32. fp16 stays
+    # float32: the tempered energy's backward is scaled by 1 / s_0^2 = 4e4 and would overflow.
+    langevin_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
     with frozen(ebm_raw):
         y_neg = langevin_refine(
-            energy_fn(ebm_raw, lvl, null=cond),
+            accel.autocast_energy_fn(energy_fn(ebm_raw, lvl, null=cond), langevin_dtype),
             y_init.detach(),
             x_next,
             sigma=lvl.sigma,
@@ -769,6 +773,8 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
             "`accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
         )
     set_seed(cfg.train.seed, device_specific=True)
+    if accelerator.device.type == "cuda":
+        accel.set_tf32(cfg.train.tf32)
     return _train(cfg, accelerator, dataset, condition_sizes, output_dir, resume)
 
 
@@ -786,6 +792,11 @@ def _train(
     # Models, EMA copies, optimizers (Adam for the EBM, AdamW for the initializer), warmup.
     ebm, init = _build_checked(cfg, tuple(dataset.sample_shape), condition_sizes)
     ebm_ema_model, init_ema_model = copy.deepcopy(ebm), copy.deepcopy(init)
+    for network in (ebm, init):  # after the EMA copies, which stay plain for export
+        if network is not None:
+            if cfg.train.channels_last:
+                accel.to_channels_last(network)
+            accel.maybe_compile(network, cfg.train.compile)
     ema = {
         "ebm": EMAModel(
             ebm.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup

@@ -406,3 +406,22 @@ def test_energy_fn_context_cache_matches_the_full_forward(ebm_fixture, weights, 
         (g1,) = torch.autograd.grad(cached.sum(), y)
         (g2,) = torch.autograd.grad(uncached(y).sum(), y)
         torch.testing.assert_close(g1, g2)
+
+
+def test_pipeline_bf16_precision_is_close_to_fp32(tiny_pipeline):
+    """precision="bf16" autocasts the networks only; samples stay close to float32 (same noise)."""
+    out = {
+        p: tiny_pipeline(
+            batch_size=4,
+            generator=torch.Generator().manual_seed(0),
+            num_langevin_steps=3,
+            output_type="pt",
+            precision=p,
+        ).images  # fmt: skip
+        for p in ("fp32", "bf16")
+    }
+    assert out["bf16"].dtype == torch.float32
+    assert not torch.equal(out["bf16"], out["fp32"])
+    assert (out["bf16"] - out["fp32"]).abs().max() <= 5e-2
+    with pytest.raises(ValueError, match="precision"):
+        tiny_pipeline(batch_size=1, precision="fp64")

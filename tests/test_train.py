@@ -317,3 +317,37 @@ def test_lr_schedule_warms_up_then_follows_its_shape(name):
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     expected_end = {"constant": 1.0, "cosine": 0.0, "linear": 0.01}[name]
     assert lrs[-1] == pytest.approx(expected_end, abs=2e-3)
+
+
+def test_bf16_training_runs_the_langevin_forwards_in_bf16(monkeypatch):
+    """mixed_precision=bf16 autocasts the chain's convolutions; the chain state stays float32."""
+    import cdrl.train as train_module
+
+    conv_dtypes: list[torch.dtype] = []
+    original_conv = torch.nn.functional.conv2d
+
+    def conv_spy(x, *args, **kwargs):
+        out = original_conv(x, *args, **kwargs)
+        conv_dtypes.append(out.dtype)
+        return out
+
+    real_refine = train_module.langevin_refine
+    seen = {}
+
+    def refine_spy(fn, y, *args, **kwargs):
+        monkeypatch.setattr(torch.nn.functional, "conv2d", conv_spy)
+        try:
+            out = real_refine(fn, y, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "conv2d", original_conv)
+        seen["in"], seen["out"] = y.dtype, out.dtype
+        return out
+
+    monkeypatch.setattr(train_module, "langevin_refine", refine_spy)
+    _step(["train.mixed_precision=bf16"])
+    assert seen == {"in": torch.float32, "out": torch.float32}
+    assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
+
+    conv_dtypes.clear()
+    _step()  # float32 by default
+    assert conv_dtypes and set(conv_dtypes) == {torch.float32}
