@@ -1,0 +1,760 @@
+"""Normalized densities (METHOD.md Sec. 9): each recovery conditional's normalizer by annealed importance
+sampling (or exactly, on a grid, for 2-D models), the variational bound on -log p(x), and bits per dimension.
+
+Sign convention as everywhere in the package: an energy is E, p ∝ exp(-E). Log-normalizers and likelihoods
+are float64, in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from cdrl.config import LangevinConfig
+from cdrl.guidance import composed
+from cdrl.sampling import energy_fn as tempered_energy
+from cdrl.sampling import frozen, level
+from cdrl.schedule import NoiseSchedule
+from cdrl.utils import expand_as, randn_like
+
+# The energy functions here see several states per example: rows [i n, (i + 1) n) of the input belong to
+# example i (``repeat_interleave`` order); n is the number of chains (AIS) or a chunk of grid nodes (grid).
+EnergyFn = Callable[[Tensor], Tensor]  # y (b * n, ...) -> energy (b * n,)
+
+# Initial MALA step: MALA_SCALE * std * D^(-1/6), the optimal scaling for a Gaussian of that std
+# (Roberts & Rosenthal 1998: l ~ 1.65, acceptance ~ 0.574).
+MALA_SCALE = 1.65
+
+
+class AISResult(NamedTuple):
+    """One annealed importance sampling run over b examples with M chains each."""
+
+    log_normalizer: Tensor  # (b,) float64 log Z-hat
+    log_weights: Tensor  # (b, M) float64 final log-weights (since the last resampling)
+    acceptance: Tensor  # (b,) float64 mean MALA acceptance rate
+    step_size: Tensor  # (b,) float64 the adapted MALA step at the end of the path
+    num_resamples: Tensor  # (b,) long, how often the example's chains were resampled
+
+
+class NLLResult(NamedTuple):
+    """The variational bound on -log p(x) per example, split by level (``negative_log_likelihood``)."""
+
+    nll: Tensor  # (b,) float64 nats: the bound on -log p(x), data_scale Jacobian included
+    terms: Tensor  # (b, T) float64 nats: each level's term, t = 0..T-1 (T-1 is the marginal EBM)
+    energy: Tensor  # (b, T) float64: E(y_t, t) / temperature_t at the forward-diffused y_t
+    log_normalizer: Tensor  # (b, T) float64: log Z_t minus the tether's log-normalizer; top: log Z
+    jacobian: Tensor  # (T,) float64: -(D / 2) log alpha_{t+1}, 0 at the top level
+    data_scale_nats: float  # -D log(data_scale), the Jacobian of x -> data_scale * x
+    acceptance: Tensor  # (b, T) float64 AIS MALA acceptance (NaN for the grid)
+    ess_fraction: Tensor  # (b, T) float64 final ESS of the AIS weights over M (NaN for the grid)
+
+
+# ---------------------------------------------------------------------------------------- AIS
+
+
+def annealing_schedule(
+    num_intermediate: int,
+    kind: Literal["linear", "sigmoid"] = "linear",
+    *,
+    sharpness: float = 4.0,
+) -> Tensor:
+    """Inverse temperatures 0 = beta_0 < beta_1 < ... < beta_K = 1, (K + 1,) float64.
+
+    "linear" spaces them evenly; "sigmoid" by sigmoid(sharpness (2 k / K - 1)) rescaled to [0, 1], with
+    small steps near both ends (Grosse et al. 2015). On the 2-D and digits models tried, linear did as
+    well or better (experiments/results/long_run.md).
+    """
+    if num_intermediate < 1:
+        raise ValueError(f"num_intermediate must be >= 1, got {num_intermediate}")
+    u = torch.linspace(0.0, 1.0, num_intermediate + 1, dtype=torch.float64)
+    if kind == "linear":
+        return u
+    if kind == "sigmoid":
+        s = torch.sigmoid(sharpness * (2.0 * u - 1.0))
+        betas = (s - s[0]) / (s[-1] - s[0])
+        betas[0], betas[-1] = 0.0, 1.0
+        return betas
+    raise ValueError(f"unknown annealing schedule {kind!r}; use 'linear' or 'sigmoid'")
+
+
+class _Path(NamedTuple):
+    """The geometric path log gamma_beta = (1 - beta) log N(y; mean, std^2) + beta log gamma(y), per row."""
+
+    x_next: Tensor  # (n, ...) tether centre
+    sigma: Tensor  # (n,) float64
+    tether: Tensor  # (n,) float64
+    mean: Tensor  # (n, ...) base mean
+    std: Tensor  # (n,) float64 base std
+
+    def log_target_minus_base(self, y: Tensor, e: Tensor) -> Tensor:
+        """log gamma(y) - log gamma_0(y), with gamma_0 the unnormalized base exp(-||y - mean||^2 / 2 std^2)."""
+        return self.log_density(y, e, 1.0) - self.log_density(y, e, 0.0)
+
+    def log_density(self, y: Tensor, e: Tensor, beta: float) -> Tensor:
+        """log gamma_beta(y) (unnormalized), (n,) float64; e = E(y), (n,) float64."""
+        tether_sq = (self.x_next - y).flatten(1).double().pow(2).sum(1)
+        base_sq = (y - self.mean).flatten(1).double().pow(2).sum(1)
+        target = -e - self.tether * tether_sq / (2.0 * self.sigma**2)
+        return (1.0 - beta) * (-base_sq / (2.0 * self.std**2)) + beta * target
+
+    def grad(self, y: Tensor, grad_e: Tensor, beta: float) -> Tensor:
+        """grad_y log gamma_beta(y), shaped like y."""
+        grad_target = -grad_e - expand_as(self.tether / self.sigma**2, y) * (y - self.x_next)
+        grad_base = -expand_as(1.0 / self.std**2, y) * (y - self.mean)
+        return (1.0 - beta) * grad_base + beta * grad_target
+
+
+def _energy_and_grad(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.enable_grad():
+        leaf = y.detach().requires_grad_(True)
+        energy = energy_fn(leaf)
+        (grad,) = torch.autograd.grad(energy.sum(), leaf)
+    return energy.detach().double(), grad.detach()
+
+
+@torch.no_grad()
+def log_normalizer_ais(
+    energy_fn: EnergyFn,
+    x_next: Tensor,
+    sigma: Tensor,
+    tether: Tensor,
+    *,
+    base_mean: Tensor | None = None,
+    base_std: Tensor | None = None,
+    num_intermediate: int = 100,
+    num_chains: int = 16,
+    num_mcmc_steps: int = 1,
+    schedule: Literal["linear", "sigmoid"] | Tensor = "linear",
+    resample_threshold: float = 0.5,
+    target_acceptance: float = 0.6,
+    adaptation_rate: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> AISResult:
+    """log Z = log of the integral of gamma(y) = exp(-E(y) - tether ||x_{t+1} - y||^2 / (2 sigma^2)) dy.
+
+    Annealed importance sampling (Neal 2001) from a Gaussian base N(base_mean, base_std^2 I) along the
+    geometric path log gamma_beta = (1 - beta) log N + beta log gamma, with ``num_mcmc_steps``
+    Metropolis-adjusted Langevin (MALA) transitions at each intermediate beta. The default base is the
+    tether N(x_{t+1}, sigma^2 I) itself, and then the path only anneals the energy term:
+    log gamma_beta = -beta E - ||x_{t+1} - y||^2 / (2 sigma^2) + const. For a marginal EBM (tether 0), pass
+    a base that covers it (``top_level_base``).
+
+    Each transition leaves its intermediate distribution invariant, so Z-hat is unbiased and log Z-hat
+    converges to log Z as ``num_intermediate`` grows; for finite settings log Z-hat is low in expectation
+    (Jensen). When the effective sample size of an example's weights falls below ``resample_threshold``
+    times M, its chains are resampled in proportion to their weights and its mean weight is banked (an SMC
+    sampler, Del Moral et al. 2006: still unbiased for Z; 0 turns it off). The MALA step is adapted per
+    example from its chains' acceptance rate, as adaptive SMC does (Fearnhead & Taylor 2013).
+
+    Args:
+        energy_fn: y (b * M, ...) -> (b * M,) energy, already divided by the level's temperature; rows
+            [i M, (i + 1) M) belong to example i.
+        x_next: (b, ...) x_{t+1}, the tether's centre (unused where tether is 0).
+        sigma: (b,) sigma_{t+1}.
+        tether: (b,) 1 keeps the tether, 0 drops it.
+        base_mean: (b, ...) or broadcastable mean of the Gaussian base; default ``x_next``.
+        base_std: (b,) or (1,) std of the base; default ``sigma``.
+        num_intermediate: K, the number of annealing steps beta_0 = 0 < ... < beta_K = 1; the chains visit
+            the K - 1 intermediate distributions in between (K = 1: plain importance sampling).
+        num_chains: M, chains per example.
+        num_mcmc_steps: MALA transitions per intermediate distribution. A run costs about
+            1 + (K - 1) num_mcmc_steps energy gradients per chain.
+        schedule: the spacing of beta (``annealing_schedule``), or the (K + 1,) betas themselves.
+        resample_threshold: resample an example's chains when their ESS / M falls below this.
+        target_acceptance: the MALA acceptance rate the step adaptation aims at.
+        adaptation_rate: change of log(step) per unit of acceptance error, per transition.
+        generator: random source.
+
+    Returns:
+        An ``AISResult``; its ``log_normalizer`` (b,) is log Z-hat in nats.
+    """
+    b, num = x_next.shape[0], num_chains
+    dims = x_next[0].numel()
+    dev = x_next.device
+    if isinstance(schedule, Tensor):
+        betas = schedule.double().tolist()
+    else:
+        betas = annealing_schedule(num_intermediate, schedule).tolist()
+    if len(betas) != num_intermediate + 1 or betas[0] != 0.0 or betas[-1] != 1.0:
+        raise ValueError("the annealing schedule must go from 0 to 1 in K + 1 values")
+    sigma, tether = sigma.double().to(dev), tether.double().to(dev)
+    mean = x_next if base_mean is None else base_mean.to(x_next).expand_as(x_next)
+    std = sigma if base_std is None else base_std.double().to(dev).expand(b)
+
+    def rep(v: Tensor) -> Tensor:
+        return v.repeat_interleave(num, dim=0)
+
+    path = _Path(rep(x_next), rep(sigma), rep(tether), rep(mean), rep(std))
+
+    # Draw the chains from the base, then alternate weight updates and transitions (Neal 2001, Sec. 2).
+    y = path.mean + expand_as(path.std, path.mean) * randn_like(path.mean, generator)
+    e, grad_e = _energy_and_grad(energy_fn, y)
+    log_w = torch.zeros(b * num, dtype=torch.float64, device=dev)
+    log_banked = torch.zeros(b, dtype=torch.float64, device=dev)
+    resamples = torch.zeros(b, dtype=torch.long, device=dev)
+    log_step = torch.log(MALA_SCALE * std * dims ** (-1.0 / 6.0))
+    accepted = torch.zeros(b, dtype=torch.float64, device=dev)
+    for k in range(1, num_intermediate + 1):
+        log_w += (betas[k] - betas[k - 1]) * path.log_target_minus_base(y, e)
+        if k == num_intermediate:
+            break  # the weights are complete; a transition at beta = 1 would not change them
+        if resample_threshold > 0:
+            rows, low, log_mean = _resample(log_w.reshape(b, num), resample_threshold, generator)
+            if bool(low.any()):
+                y, e, grad_e = y[rows], e[rows], grad_e[rows]
+                log_w = torch.where(rep(low), torch.zeros_like(log_w), log_w)
+                log_banked += torch.where(low, log_mean, torch.zeros_like(log_mean))
+                resamples += low.long()
+        for _ in range(num_mcmc_steps):
+            y, e, grad_e, accept = _mala_step(
+                energy_fn, path, y, e, grad_e, betas[k], rep(log_step.exp()), generator
+            )
+            rate = accept.double().reshape(b, num).mean(1)
+            accepted += rate
+            log_step = log_step + adaptation_rate * (rate - target_acceptance)
+
+    log_w = log_w.reshape(b, num)
+    log_base = 0.5 * dims * torch.log(2.0 * math.pi * std**2)
+    log_z = log_base + log_banked + torch.logsumexp(log_w, dim=1) - math.log(num)
+    transitions = (num_intermediate - 1) * num_mcmc_steps
+    acceptance = accepted / transitions if transitions else torch.full_like(accepted, math.nan)
+    return AISResult(log_z, log_w, acceptance, log_step.exp(), resamples)
+
+
+def _resample(
+    log_w: Tensor, threshold: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multinomial resampling of the examples whose ESS / M is below ``threshold``.
+
+    Returns the rows to keep (b * M,) (identity for the other examples), the mask of resampled examples
+    (b,), and each example's log mean weight (b,).
+    """
+    b, num = log_w.shape
+    low = ess_fraction(log_w) < threshold
+    log_mean = torch.logsumexp(log_w, dim=1) - math.log(num)
+    picks = torch.arange(num, device=log_w.device).expand(b, num)
+    if bool(low.any()):
+        device = generator.device if generator is not None else log_w.device
+        probs = torch.softmax(log_w, dim=1).to(device)
+        drawn = torch.multinomial(probs, num, replacement=True, generator=generator)
+        picks = torch.where(low[:, None], drawn.to(log_w.device), picks)
+    rows = (picks + num * torch.arange(b, device=log_w.device)[:, None]).reshape(-1)
+    return rows, low, log_mean
+
+
+def _mala_step(
+    energy_fn: EnergyFn,
+    path: _Path,
+    y: Tensor,
+    e: Tensor,
+    grad_e: Tensor,
+    beta: float,
+    step: Tensor,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One Metropolis-adjusted Langevin transition leaving gamma_beta invariant (Roberts & Tweedie 1996).
+
+    y' = y + (h^2 / 2) grad log gamma_beta(y) + h xi, accepted with probability
+    min(1, gamma_beta(y') q(y | y') / (gamma_beta(y) q(y' | y))).
+    """
+    h = expand_as(step, y)
+    grad = path.grad(y, grad_e, beta)
+    proposal = y + 0.5 * h**2 * grad + h * randn_like(y, generator)
+    e_new, grad_e_new = _energy_and_grad(energy_fn, proposal)
+    grad_new = path.grad(proposal, grad_e_new, beta)
+
+    def log_q(to: Tensor, frm: Tensor, grad_frm: Tensor) -> Tensor:
+        """log N(to; frm + h^2 / 2 grad_frm, h^2 I), up to a constant that cancels."""
+        diff = (to - frm - 0.5 * h**2 * grad_frm).flatten(1).double()
+        return -diff.pow(2).sum(1) / (2.0 * step**2)
+
+    log_ratio = (
+        path.log_density(proposal, e_new, beta)
+        - path.log_density(y, e, beta)
+        + log_q(y, proposal, grad_new)
+        - log_q(proposal, y, grad)
+    )
+    device = generator.device if generator is not None else log_ratio.device
+    u = torch.rand(log_ratio.shape, generator=generator, dtype=torch.float64, device=device)
+    accept = torch.log(u.to(log_ratio.device)) < torch.nan_to_num(log_ratio, nan=-math.inf)
+    keep = accept.reshape(-1, *([1] * (y.dim() - 1)))
+    return (
+        torch.where(keep, proposal, y),
+        torch.where(accept, e_new, e),
+        torch.where(keep, grad_e_new, grad_e),
+        accept,
+    )
+
+
+def ess_fraction(log_weights: Tensor) -> Tensor:
+    """Effective sample size over M, (sum w)^2 / (M sum w^2), of importance weights (b, M) -> (b,)."""
+    num = log_weights.shape[1]
+    log_ess = 2 * torch.logsumexp(log_weights, 1) - torch.logsumexp(2 * log_weights, 1)
+    return torch.exp(log_ess) / num
+
+
+# --------------------------------------------------------------------------------------- grid
+
+
+@torch.no_grad()
+def log_normalizer_grid(
+    energy_fn: EnergyFn,
+    x_next: Tensor,
+    sigma: Tensor,
+    tether: Tensor,
+    *,
+    center: Tensor | None = None,
+    half_width: Tensor | float | None = None,
+    num_points: int = 801,
+    max_rows: int = 1 << 16,
+) -> Tensor:
+    """The same log Z as ``log_normalizer_ais``, by quadrature: exact up to the grid, for small D.
+
+    A Riemann sum of gamma(y) over num_points^D nodes of the box center ± half_width (the trapezoid rule
+    when gamma vanishes at the edges; O(h^2) for a ReLU network's piecewise-linear energy). Meant for the
+    2-D models, where it is the test of the AIS estimator (METHOD.md Sec. 9).
+
+    Args:
+        energy_fn: as for ``log_normalizer_ais``; called on chunks of nodes, rows [i n, (i + 1) n) for
+            example i.
+        x_next, sigma, tether: (b, D), (b,), (b,) as for ``log_normalizer_ais``.
+        center: (b, D) or broadcastable centre of the box; default ``x_next``.
+        half_width: (b,) or a float; default 10 sigma (the tether's mass beyond is below e^-50). For a
+            marginal EBM (tether 0), pass a box that holds all of its mass.
+        num_points: nodes per dimension.
+        max_rows: the most nodes passed to ``energy_fn`` at once.
+
+    Returns:
+        (b,) float64 log Z.
+    """
+    if x_next.dim() != 2:
+        raise ValueError(f"the grid takes vectors (b, D); got shape {tuple(x_next.shape)}")
+    b, dims = x_next.shape
+    if num_points**dims > 1 << 26:
+        raise ValueError(f"{num_points}^{dims} nodes is too many; the grid is for D <= 3")
+    dev = x_next.device
+    sigma, tether = sigma.double().to(dev), tether.double().to(dev)
+    center = (x_next if center is None else center.to(x_next).expand_as(x_next)).double()
+    if half_width is None:
+        half = 10.0 * sigma
+    else:
+        half = torch.as_tensor(half_width, dtype=torch.float64, device=dev).expand(b)
+    unit = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64, device=dev)
+    nodes = torch.cartesian_prod(*([unit] * dims)).reshape(-1, dims)  # (N^D, D) in [-1, 1]^D
+    chunk = max(1, max_rows // b)
+    parts = []
+    for start in range(0, nodes.shape[0], chunk):
+        part = nodes[None, start : start + chunk]
+        y = center[:, None, :] + half[:, None, None] * part  # (b, n, D)
+        e = energy_fn(y.reshape(-1, dims).to(x_next.dtype)).double().reshape(b, -1)
+        sq = (y - x_next.double()[:, None, :]).pow(2).sum(-1)
+        log_gamma = -e - tether[:, None] * sq / (2.0 * sigma[:, None] ** 2)
+        parts.append(torch.logsumexp(log_gamma, dim=1))
+    spacing = 2.0 * half / (num_points - 1)
+    return torch.logsumexp(torch.stack(parts, dim=1), dim=1) + dims * torch.log(spacing)
+
+
+# ---------------------------------------------------------------------------------- the bound
+
+
+def level_energy_fn(
+    ebm: nn.Module,
+    schedule: NoiseSchedule,
+    settings: LangevinConfig,
+    t: int,
+    *,
+    cond: Tensor | None = None,
+) -> EnergyFn:
+    """The tempered energy y -> E(y, t) / temperature_t of level t, for any number of rows per example.
+
+    Args:
+        ebm: the energy network, ebm(y, noise_level, cond) -> (n,).
+        schedule, settings: the noise schedule and Langevin settings; they fix the temperature
+            (s_t^2 when ``settings.tempered``, see ``cdrl.sampling.level``).
+        t: the level.
+        cond: (b, K) labels, one row per example (the rows of y come grouped per example, see
+            ``EnergyFn``); None for an unconditional model.
+    """
+    per_size: dict[int, EnergyFn] = {}  # one per batch size, so that its cached context is reused
+
+    def fn(y: Tensor) -> Tensor:
+        n = y.shape[0]
+        if n not in per_size:
+            lvl = level(schedule, torch.full((n,), t, device=y.device), settings)
+            labels = None if cond is None else cond.repeat_interleave(n // cond.shape[0], dim=0)
+            per_size[n] = tempered_energy(ebm, lvl, null=labels)
+        return per_size[n](y)
+
+    return fn
+
+
+def top_level_base(
+    schedule: NoiseSchedule, x0: Tensor, *, data_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """A Gaussian AIS base for the top (marginal) EBM: the moments of q(x_{T-1}) over the data x0.
+
+    x_{T-1} = sqrt(r) x_0 + sqrt(1 - r) eps with r = alphabar_{T-1} / alphabar_0 (the bound diffuses the
+    level-0 variable x_0 = data_scale * x), so the base is N(sqrt(r) mean(x_0), (r var(x_0) + 1 - r) I),
+    var averaged over dimensions.
+
+    Returns:
+        (mean (1, ...), std (1,)), float64.
+    """
+    ab = schedule.alphas_cumprod
+    r = float(ab[-2] / ab[0])
+    x = x0.double() * data_scale
+    mean = math.sqrt(r) * x.mean(0, keepdim=True)
+    var = r * float(x.var(0, unbiased=False).mean()) if x.shape[0] > 1 else 0.0
+    return mean, torch.tensor([math.sqrt(var + 1.0 - r)], dtype=torch.float64)
+
+
+def top_level_log_normalizer(
+    ebm: nn.Module,
+    schedule: NoiseSchedule,
+    settings: LangevinConfig,
+    x0: Tensor,
+    *,
+    data_scale: float = 1.0,
+    cond: Tensor | None = None,
+    method: Literal["ais", "grid"] = "ais",
+    base: tuple[Tensor, Tensor] | None = None,
+    num_intermediate: int = 100,
+    num_chains: int = 256,
+    num_mcmc_steps: int = 1,
+    grid_points: int = 801,
+    generator: torch.Generator | None = None,
+) -> AISResult:
+    """log Z_{T-1}, the log of the integral of exp(-E(y, T-1) / temperature_{T-1}) dy: the marginal EBM.
+
+    AIS from the Gaussian ``base`` (default ``top_level_base(schedule, x0)``) with ``num_chains`` chains for
+    the one constant; or, with ``method="grid"``, quadrature over the box base mean ± 8 base std.
+
+    Args:
+        ebm, schedule, settings, data_scale: as for ``negative_log_likelihood``.
+        x0: (n, ...) data in data units; only its moments are used (to place the base).
+        cond: (1, K) labels for a conditional EBM, or None.
+        method: "ais" or "grid".
+        base: (mean (1, ...), std (1,)) of the Gaussian base (AIS) or box (grid).
+        num_intermediate, num_chains, num_mcmc_steps, generator: see ``log_normalizer_ais``.
+        grid_points: nodes per dimension for the grid.
+
+    Returns:
+        An ``AISResult`` for one example (for the grid: NaN acceptance and step, no weights).
+    """
+    if method not in ("ais", "grid"):
+        raise ValueError(f"unknown method {method!r}; use 'ais' or 'grid'")
+    mean, std = top_level_base(schedule, x0, data_scale=data_scale) if base is None else base
+    mean = mean.to(x0.device, x0.dtype).expand(1, *x0.shape[1:])
+    std = torch.as_tensor(std, dtype=torch.float64, device=x0.device).reshape(1)
+    zero = torch.zeros(1, dtype=torch.float64, device=x0.device)
+    with frozen(ebm):
+        fn = level_energy_fn(ebm, schedule, settings, schedule.num_levels - 1, cond=cond)
+        if method == "grid":
+            log_z = log_normalizer_grid(
+                fn, mean, std, zero, half_width=8.0 * std, num_points=grid_points
+            )
+            nan = torch.full((1,), math.nan, dtype=torch.float64)
+            empty = torch.zeros(1, 0, dtype=torch.float64)
+            return AISResult(log_z, empty, nan, nan, torch.zeros(1, dtype=torch.long))
+        return log_normalizer_ais(
+            fn, mean, std, zero, base_mean=mean, base_std=std, num_intermediate=num_intermediate,
+            num_chains=num_chains, num_mcmc_steps=num_mcmc_steps, generator=generator,
+        )  # fmt: skip
+
+
+def negative_log_likelihood(
+    ebm: nn.Module,
+    schedule: NoiseSchedule,
+    settings: LangevinConfig,
+    x0: Tensor,
+    *,
+    data_scale: float = 1.0,
+    cond: Tensor | None = None,
+    method: Literal["ais", "grid"] = "ais",
+    base: Literal["tether", "proposal"] = "tether",
+    initializer: nn.Module | None = None,
+    num_intermediate: int = 100,
+    num_chains: int = 16,
+    num_mcmc_steps: int = 1,
+    top_log_normalizer: float | None = None,
+    top_num_chains: int | None = None,
+    top_base: tuple[Tensor, Tensor] | None = None,
+    grid_points: int = 801,
+    generator: torch.Generator | None = None,
+) -> NLLResult:
+    """The variational bound on -log p(x) for continuous x (b, ...), per example and level (METHOD.md Sec. 9).
+
+    The model is the chain p(x_{T-1}) prod_t p(x_t | x_{t+1}) over x_0 = data_scale * x: at the top the
+    marginal EBM p(x_{T-1}) = exp(-E(x_{T-1}, T-1) / T_{T-1}) / Z_{T-1}, below it the recovery conditionals
+    of y = sqrt(alpha_{t+1}) x_t (DRL Eq. (5); T_t is the temperature, s_t^2 when tempered):
+
+        log p(y | x_{t+1}) = -E(y, t) / T_t - ||x_{t+1} - y||^2 / (2 sigma_{t+1}^2) - log Z_t(x_{t+1}).
+
+    With x_{1:T-1} drawn once per example from the forward chain q(x_{t+1} | x_t) =
+    N(sqrt(alpha_{t+1}) x_t, sigma_{t+1}^2 I), DDPM's bound (Ho et al. 2020, Eq. (3))
+
+        -log p(x_0) <= E_q[-log p(x_{T-1}) - sum_t log p(x_t | x_{t+1}) + sum_t log q(x_{t+1} | x_t)]
+
+    splits into one term per level. The tether and log q cancel exactly (both are
+    ||x_{t+1} - y_t||^2 / (2 sigma^2) at the forward sample), leaving, for t < T - 1,
+
+        term_t = E(y_t, t) / T_t + [log Z_t(x_{t+1}) - (D / 2) log(2 pi sigma_{t+1}^2)]
+                 - (D / 2) log alpha_{t+1},
+
+    the last piece the Jacobian of y = sqrt(alpha) x, and term_{T-1} = E(x_{T-1}) / T_{T-1} + log Z_{T-1}.
+    Then -log p(x) = -log p(x_0) - D log(data_scale). The normalizers come from AIS (``method="ais"``),
+    whose log Z is low in expectation, so the estimate can fall a little below the true bound, or from the
+    grid (``method="grid"``, 2-D models only).
+
+    Args:
+        ebm: the energy network (run under ``cdrl.sampling.frozen``).
+        schedule: the noise schedule.
+        settings: the Langevin settings the model was trained with (they fix the temperatures).
+        x0: (b, ...) continuous data in data units (before data_scale; images already dequantized).
+        data_scale: the model sees data * data_scale (2-D toys: 4).
+        cond: (b, K) labels for a conditional EBM; None for an unconditional one. Pass the null label for
+            the unconditional density of a conditional model.
+        method: "ais" or "grid".
+        base: AIS base of the tethered levels: "tether", N(x_{t+1}, sigma^2 I) (METHOD.md Sec. 9), or
+            "proposal", the initializer's Gaussian proposal N(mu(x_{t+1}), proposal_std^2 I), which is
+            closer to a trained conditional (needs ``initializer``).
+        initializer: the initializer network, for ``base="proposal"``.
+        num_intermediate, num_chains, num_mcmc_steps: AIS settings of each tethered level.
+        top_log_normalizer: log Z_{T-1} if known (it does not depend on x); else estimated here.
+        top_num_chains: AIS chains for log Z_{T-1}; default 16 * num_chains.
+        top_base: (mean, std) of the top level's AIS base or grid box (default ``top_level_base``).
+        grid_points: grid nodes per dimension (the tethered boxes are x_{t+1} ± 10 sigma).
+        generator: random source. The forward noise is drawn first, level by level, each shaped like x0,
+            so two calls with equal seeds share x_{1:T-1}.
+
+    Returns:
+        An ``NLLResult``.
+    """
+    if method not in ("ais", "grid"):
+        raise ValueError(f"unknown method {method!r}; use 'ais' or 'grid'")
+    if base == "proposal" and initializer is None:
+        raise ValueError("base='proposal' needs the initializer")
+    num_levels = schedule.num_levels
+    b, dims = x0.shape[0], x0[0].numel()
+    dev = x0.device
+    alphas = schedule.alphas.double().tolist()
+    sigmas = schedule.sigmas.double().tolist()
+    scales = schedule.y_scales.double().tolist()
+
+    # Draw x_{1:T-1} from the forward chain, all noise first (DDPM Eq. (2)).
+    xs = [x0 * data_scale]
+    for t in range(num_levels - 1):
+        eps = randn_like(x0, generator)
+        xs.append(math.sqrt(alphas[t + 1]) * xs[-1] + sigmas[t + 1] * eps)
+
+    energy = torch.zeros(b, num_levels, dtype=torch.float64, device=dev)
+    log_norm = torch.zeros_like(energy)
+    acceptance = torch.full_like(energy, math.nan)
+    ess = torch.full_like(energy, math.nan)
+    jacobian = torch.zeros(num_levels, dtype=torch.float64)
+    with frozen(ebm, initializer):
+        for t in range(num_levels):
+            fn = level_energy_fn(ebm, schedule, settings, t, cond=cond)
+            energy[:, t] = fn(scales[t] * xs[t]).double()
+            if t == num_levels - 1:
+                break
+            jacobian[t] = -0.5 * dims * math.log(alphas[t + 1])
+            sigma = torch.full((b,), sigmas[t + 1], dtype=torch.float64, device=dev)
+            tether = torch.ones_like(sigma)
+            if method == "grid":
+                log_z = log_normalizer_grid(fn, xs[t + 1], sigma, tether, num_points=grid_points)
+            else:
+                base_mean = base_std = None
+                if base == "proposal":
+                    lvl = level(schedule, torch.full((b,), t, device=dev), settings)
+                    base_mean = composed(initializer, xs[t + 1], lvl.next_noise_level, null=cond)
+                    base_std = lvl.proposal_std.double()
+                result = log_normalizer_ais(
+                    fn, xs[t + 1], sigma, tether, base_mean=base_mean, base_std=base_std,
+                    num_intermediate=num_intermediate, num_chains=num_chains,
+                    num_mcmc_steps=num_mcmc_steps, generator=generator,
+                )  # fmt: skip
+                log_z = result.log_normalizer
+                acceptance[:, t] = result.acceptance
+                ess[:, t] = ess_fraction(result.log_weights)
+            log_norm[:, t] = log_z - 0.5 * dims * torch.log(2.0 * math.pi * sigma**2)
+
+    # The top level: one constant for all examples.
+    if top_log_normalizer is None:
+        top = top_level_log_normalizer(
+            ebm, schedule, settings, x0, data_scale=data_scale,
+            cond=None if cond is None else cond[:1], method=method, base=top_base,
+            num_intermediate=num_intermediate, num_chains=top_num_chains or 16 * num_chains,
+            num_mcmc_steps=num_mcmc_steps, grid_points=grid_points, generator=generator,
+        )  # fmt: skip
+        top_log_normalizer = float(top.log_normalizer[0])
+        if method == "ais":
+            acceptance[:, -1] = float(top.acceptance[0])
+            ess[:, -1] = float(ess_fraction(top.log_weights)[0])
+    log_norm[:, -1] = top_log_normalizer
+
+    terms = energy + log_norm + jacobian.to(dev)
+    data_scale_nats = -dims * math.log(data_scale)
+    nll = terms.sum(1) + data_scale_nats
+    return NLLResult(nll, terms, energy, log_norm, jacobian, data_scale_nats, acceptance, ess)
+
+
+# ------------------------------------------------------------------------------- bits per dim
+
+
+def dequantize(x0: Tensor, num_bins: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of images in [-1, 1] with ``num_bins`` levels (Theis et al. 2016).
+
+    Each pixel is quantized to k = round((x + 1) / 2 (num_bins - 1)) in {0, ..., num_bins - 1} and spread
+    over its bin: x' = (k + u) / num_bins * 2 - 1, u ~ U(0, 1). Then -log P(k) <= E_u[-log p(x')] +
+    D log(num_bins / 2), the bins being 2 / num_bins wide in [-1, 1].
+    """
+    k = torch.round((x0.clamp(-1, 1) + 1) / 2 * (num_bins - 1))
+    device = generator.device if generator is not None else x0.device
+    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
+    return (k + u) / num_bins * 2 - 1
+
+
+def bits_per_dim(
+    pipeline,
+    x0: Tensor,
+    *,
+    num_intermediate: int = 100,
+    num_chains: int = 16,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+    num_bins: int | None = 256,
+    base: Literal["tether", "proposal"] = "tether",
+    top_num_chains: int | None = None,
+    num_mcmc_steps: int = 1,
+) -> dict:
+    """Negative log-likelihood and bits per dimension of data under a trained pipeline (METHOD.md Sec. 9).
+
+    Images (x0 (n, c, h, w)) are discrete with ``num_bins`` levels per pixel (256: 8-bit): uniform
+    dequantization x' = (k + u) / num_bins * 2 - 1 (``dequantize``), and the reported NLL is the discrete
+    one, -log P(k) <= -log p(x') + D log(num_bins / 2); bpd = NLL / (D ln 2), which for 8-bit data in
+    [-1, 1] is the continuous figure plus log2(128) = 7 bits. Vectors (x0 (n, d), the 2-D toys) are
+    continuous: no dequantization, the NLL is -log p(x) in nats (it can be negative), bpd = NLL / (d ln 2).
+    The density is the model's chain at x_0 = data_scale * x, through the bound of
+    ``negative_log_likelihood``; each tethered level's normalizer is estimated by AIS from its tether (or the
+    initializer's proposal), the top level's once for the whole set. A conditional model is evaluated
+    unconditionally (its null label). The AIS estimate of each log Z is low in expectation, so with too few
+    intermediate distributions the NLL comes out too low, never too high, on average.
+
+    Args:
+        pipeline: a ``CDRLPipeline`` (its ebm, scheduler and, for base="proposal", initializer).
+        x0: (n, ...) data in [-1, 1] (before data_scale).
+        num_intermediate: AIS annealing steps per level.
+        num_chains: AIS chains per example and level.
+        generator: random source (dequantization, forward noise, AIS).
+        batch_size: examples per AIS batch (each runs batch_size * num_chains states at once).
+        num_bins: levels per pixel for images (256: 8-bit; sklearn's 8x8 digits have 17). Ignored for
+            vectors.
+        base: AIS base of the tethered levels, "tether" or "proposal" (see ``negative_log_likelihood``).
+        top_num_chains: AIS chains for the top level's normalizer (default 16 * num_chains).
+        num_mcmc_steps: MALA transitions per intermediate distribution.
+
+    Returns:
+        A JSON-serializable dict: ``nll_nats`` (mean per example), ``bpd``, ``nll_stderr_nats``,
+        ``nll_per_example`` (list), ``convention`` (dequantization and units in words),
+        ``per_level_nats`` (mean term of each level t = 0..T-1, the last the marginal EBM: where the nats
+        go), ``per_level_energy``, ``per_level_log_normalizer``, ``per_level_jacobian``,
+        ``data_scale_nats``, ``dequantization_nats``, ``top_log_normalizer``, ``ais_acceptance`` and
+        ``ais_ess_fraction`` per level, ``num_examples``, ``dims`` and the AIS settings.
+    """
+    ebm, scheduler = pipeline.ebm, pipeline.scheduler
+    initializer = pipeline.initializer if base == "proposal" else None
+    if base == "proposal" and initializer is None:
+        raise ValueError("base='proposal' needs a pipeline with an initializer")
+    schedule = scheduler.schedule
+    settings = scheduler.langevin_settings()
+    data_scale = float(scheduler.config.data_scale)
+    param = next(ebm.parameters())
+    x0 = x0.to(param.device, param.dtype)
+    n, dims = x0.shape[0], x0[0].numel()
+    if x0.dim() == 4 and num_bins is not None:
+        x = dequantize(x0, num_bins, generator=generator)
+        offset = dims * math.log(num_bins / 2)
+        convention = (
+            f"discrete {num_bins}-level pixels, uniform dequantization: x' = (k + u) / {num_bins} * 2 - 1, "
+            f"k = round((x + 1) / 2 * {num_bins - 1}), u ~ U(0, 1); NLL = -log p(x') + D log({num_bins} / 2) "
+            f"nats, an upper bound on -log P(k); bpd = NLL / (D ln 2)"
+        )
+    else:
+        x, offset = x0, 0.0
+        convention = (
+            "continuous data, no dequantization: NLL = -log p(x) in nats, a density (it can be "
+            "negative); bpd = NLL / (D ln 2)"
+        )
+    sizes = tuple(ebm.config.get("condition_sizes") or ())
+    null = torch.tensor(sizes, device=x.device).expand(n, -1).clone() if sizes else None
+    num_top = top_num_chains or 16 * num_chains
+
+    top = top_level_log_normalizer(
+        ebm, schedule, settings, x, data_scale=data_scale, cond=None if null is None else null[:1],
+        num_intermediate=num_intermediate, num_chains=num_top, num_mcmc_steps=num_mcmc_steps,
+        generator=generator,
+    )  # fmt: skip
+    top_log_z = float(top.log_normalizer[0])
+    results = []
+    for i in range(0, n, batch_size):
+        result = negative_log_likelihood(
+            ebm, schedule, settings, x[i : i + batch_size], data_scale=data_scale,
+            cond=None if null is None else null[i : i + batch_size], base=base,
+            initializer=initializer, num_intermediate=num_intermediate, num_chains=num_chains,
+            num_mcmc_steps=num_mcmc_steps, top_log_normalizer=top_log_z, generator=generator,
+        )  # fmt: skip
+        results.append(result)
+    nll = torch.cat([r.nll for r in results]) + offset
+    acceptance = torch.cat([r.acceptance for r in results]).mean(0)
+    ess = torch.cat([r.ess_fraction for r in results]).mean(0)
+    acceptance[-1] = float(top.acceptance[0])
+    ess[-1] = float(ess_fraction(top.log_weights)[0])
+    mean = nll.mean().item()
+
+    def level_means(field: str) -> list[float]:
+        return torch.cat([getattr(r, field) for r in results]).mean(0).tolist()
+
+    return {
+        "nll_nats": mean,
+        "bpd": mean / (dims * math.log(2)),
+        "nll_stderr_nats": nll.std().item() / math.sqrt(n) if n > 1 else math.nan,
+        "nll_per_example": nll.tolist(),
+        "convention": convention,
+        "per_level_nats": level_means("terms"),
+        "per_level_energy": level_means("energy"),
+        "per_level_log_normalizer": level_means("log_normalizer"),
+        "per_level_jacobian": results[0].jacobian.tolist(),
+        "data_scale_nats": results[0].data_scale_nats,
+        "dequantization_nats": offset,
+        "top_log_normalizer": top_log_z,
+        "ais_acceptance": acceptance.tolist(),
+        "ais_ess_fraction": ess.tolist(),
+        "num_examples": n,
+        "dims": dims,
+        "num_intermediate": num_intermediate,
+        "num_chains": num_chains,
+        "top_num_chains": num_top,
+        "num_mcmc_steps": num_mcmc_steps,
+        "base": base,
+    }
+
+
+__all__ = [
+    "AISResult",
+    "NLLResult",
+    "annealing_schedule",
+    "bits_per_dim",
+    "dequantize",
+    "ess_fraction",
+    "level_energy_fn",
+    "log_normalizer_ais",
+    "log_normalizer_grid",
+    "negative_log_likelihood",
+    "top_level_base",
+    "top_level_log_normalizer",
+]
