@@ -1,0 +1,570 @@
+"""CDRL vs DRL vs a diffusion model on 8x8 digits, trained for equal time: sample quality against the number of
+network evaluations per sample.
+
+Quality is judged by the independent digits classifier (confident fraction, classes present, largest class
+share), a Fréchet distance on that classifier's penultimate features against the real test split, and the
+fraction of near-copies of training digits. NFE per sample: CDRL T*K EBM gradients + 1 Tweedie step (plus T
+cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet forward per step.
+
+Usage:
+  # time a short run of each method, train the three one at a time for an equal budget, evaluate:
+  OMP_NUM_THREADS=1 python experiments/compare.py --train --minutes 8 --runs_dir runs/compare
+  # evaluate models trained before (run folders or their exported pipelines):
+  OMP_NUM_THREADS=1 python experiments/compare.py --cdrl runs/compare/cdrl --drl runs/compare/drl \
+      --diffusion runs/compare/diffusion
+Writes <results_dir>/<name>.md (tables and the command), <name>.png (quality against NFE), one sample grid
+per sampler (<name>_<sampler>_<steps>.png) and the raw numbers as <runs_dir>/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# diffusion_baseline sits beside this file (also when a test imports this file by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diffusion_baseline  # noqa: E402
+
+from cdrl.config import load_config  # noqa: E402
+from cdrl.digits_classifier import (  # noqa: E402
+    DigitsClassifier,
+    digits_split,
+    judge_digits,
+    load_digits_classifier,
+    novelty,
+)
+from cdrl.pipeline import CDRLPipeline  # noqa: E402
+from cdrl.train import run  # noqa: E402
+from cdrl.utils import git_sha, parse_int_list, save_grid  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("cdrl", "drl", "diffusion")
+# Everything from this heading on in an existing report is kept when the report is rewritten.
+NOTES_HEADING = "## Notes"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The digits FID.
+# TODO(issue 7): switch to cdrl.fidelity (torch-fidelity on the same classifier features) once it has landed.
+
+
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (d,) and unbiased covariance (d, d) of (n, d) features, in float64."""
+    features = features.double()
+    mean = features.mean(dim=0)
+    centred = features - mean
+    return mean, centred.T @ centred / max(features.shape[0] - 1, 1)
+
+
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2) (Heusel et al. 2017, Eq. (6)).
+
+    ||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)). The trace of the matrix square root is taken as
+    sum sqrt(eig(cov1^(1/2) cov2 cov1^(1/2))), a symmetric PSD matrix, so no complex parts arise.
+    """
+    mu1, cov1, mu2, cov2 = (v.double() for v in (mu1, cov1, mu2, cov2))
+    eigval, eigvec = torch.linalg.eigh(cov1)
+    sqrt1 = eigvec @ torch.diag(eigval.clamp(min=0).sqrt()) @ eigvec.T
+    middle = sqrt1 @ cov2 @ sqrt1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
+    return max(float(distance), 0.0)
+
+
+@torch.no_grad()
+def classifier_features(
+    images: Tensor, classifier: DigitsClassifier, batch_size: int = 1000
+) -> Tensor:
+    """(n, feature_dim) penultimate features of the digits classifier for (n, 1, 8, 8) images in [-1, 1]."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    chunks = [
+        classifier.features(x.to(device, torch.float32)).cpu() for x in images.split(batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def classifier_fid(images: Tensor, reference: Tensor, classifier: DigitsClassifier) -> float:
+    """A digits FID: the Fréchet distance between the classifier features of ``images`` and ``reference``.
+
+    Not comparable with Inception FIDs. With a few hundred reference digits the estimate is biased upwards,
+    the same way for every method, so compare values computed against the same reference only.
+
+    Args:
+        images: (n, 1, 8, 8) generated digits in [-1, 1].
+        reference: (m, 1, 8, 8) real digits in [-1, 1] (the test split here).
+        classifier: a trained ``DigitsClassifier``.
+    """
+    return frechet_distance(
+        *feature_statistics(classifier_features(images, classifier)),
+        *feature_statistics(classifier_features(reference, classifier)),
+    )
+
+
+def measure(
+    images: Tensor, classifier: DigitsClassifier, train: Tensor, test: Tensor
+) -> dict[str, Any]:
+    """The comparison's quality figures for (n, 1, 8, 8) digits in [-1, 1]."""
+    judged = judge_digits(images, classifier)
+    return {
+        "confident_fraction": judged["confident_fraction"],
+        "classes_present": judged["classes_present"],
+        "max_class_fraction": judged["max_class_fraction"],
+        "fid": classifier_fid(images, test, classifier),
+        "copy_fraction": novelty(images, train, reference=test)["copy_fraction"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling each kind of model.
+
+
+def resolve_pipeline(folder: str | Path) -> Path:
+    """A run folder's exported ``pipeline`` subfolder, or the folder itself if it is a pipeline."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and (folder / "pipeline").is_dir():
+        folder = folder / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"no exported pipeline (model_index.json) in {folder}")
+    return folder
+
+
+def ebm_nfe(pipeline: CDRLPipeline, n_steps: int) -> int:
+    """EBM gradient evaluations per sample: T * K Langevin steps, + 1 for the Tweedie step when it is on."""
+    config = pipeline.scheduler.config
+    return config.num_levels * n_steps + int(bool(config.tweedie))
+
+
+def sample_ebm(
+    pipeline: CDRLPipeline, n_steps: int, n: int, *, seed: int, batch_size: int
+) -> Tensor:
+    """(n, c, h, w) samples in [-1, 1] with K = ``n_steps``; batch i is seeded ``seed + i``."""
+    chunks = []
+    for index, start in enumerate(range(0, n, batch_size)):
+        out = pipeline(batch_size=min(batch_size, n - start), num_langevin_steps=n_steps,
+                       generator=torch.Generator().manual_seed(seed + index), output_type="pt")  # fmt: skip
+        chunks.append(torch.as_tensor(out.images).float().cpu() * 2 - 1)
+    return torch.cat(chunks)
+
+
+def sampler_settings(
+    folders: dict[str, Path | None],
+    *,
+    cdrl_steps: Sequence[int],
+    drl_steps: Sequence[int],
+    ddpm_steps: Sequence[int],
+    ddim_steps: Sequence[int],
+    seed: int,
+    batch_size: int,
+) -> list[tuple[str, str, int, int, Callable[[int], Tensor]]]:
+    """(method, sampler, steps, nfe, draw(n) -> images) for every setting of every model given."""
+    settings = []
+    for method, steps_list in (("cdrl", cdrl_steps), ("drl", drl_steps)):
+        if folders.get(method) is None:
+            continue
+        pipe = CDRLPipeline.from_pretrained(str(resolve_pipeline(folders[method])))
+        pipe.set_progress_bar_config(disable=True)
+        for k in steps_list:
+
+            def draw_ebm(n: int, k: int = k, pipe: CDRLPipeline = pipe) -> Tensor:
+                return sample_ebm(pipe, k, n, seed=seed, batch_size=batch_size)
+
+            settings.append((method, method.upper(), k, ebm_nfe(pipe, k), draw_ebm))
+    if folders.get("diffusion") is not None:
+        unet, train_scheduler = diffusion_baseline.load_diffusion(folders["diffusion"])
+        for sampler, steps_list in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
+            for k in steps_list:
+
+                def draw(n: int, k: int = k, sampler: str = sampler) -> Tensor:
+                    return diffusion_baseline.sample_diffusion(
+                        unet, sampler, k, n, torch.Generator().manual_seed(seed),
+                        train_scheduler=train_scheduler, batch_size=batch_size,
+                    )  # fmt: skip
+
+                settings.append(("diffusion", sampler.upper(), k, k, draw))
+    return settings
+
+
+def evaluate(
+    folders: dict[str, Path | None],
+    *,
+    classifier: DigitsClassifier,
+    cdrl_steps: Sequence[int] = (3, 5, 8, 15),
+    drl_steps: Sequence[int] = (15, 30),
+    ddpm_steps: Sequence[int] = (10, 20, 50, 100, 1000),
+    ddim_steps: Sequence[int] = (5, 10, 20, 50, 100),
+    num_samples: int = 1000,
+    seed: int = 0,
+    batch_size: int = 500,
+    grid_prefix: Path | None = None,
+) -> dict[str, Any]:
+    """Sample every model at every setting and measure the samples.
+
+    Args:
+        folders: {"cdrl" | "drl" | "diffusion": run or pipeline folder, or None to skip}.
+        classifier: the digits classifier that judges the samples and gives the FID features.
+        cdrl_steps, drl_steps: K per level for the EBMs; ddpm_steps, ddim_steps: sampling steps.
+        num_samples: samples per setting.
+        seed: sampling seed (the same for every setting).
+        batch_size: samples per sampler call.
+        grid_prefix: save the first 100 samples of each sampler's last setting as <prefix>_<sampler>_<steps>.png.
+
+    Returns:
+        {"rows": one dict per setting (method, sampler, steps, nfe, the ``measure`` figures, sampling
+        seconds), "reference": the same figures for real training digits, "grids": the saved PNGs}.
+    """
+    x_train, _, x_test, _ = digits_split()
+    settings = sampler_settings(folders, cdrl_steps=cdrl_steps, drl_steps=drl_steps, ddpm_steps=ddpm_steps,
+                                ddim_steps=ddim_steps, seed=seed, batch_size=batch_size)  # fmt: skip
+    last = {sampler: steps for _, sampler, steps, _, _ in settings}
+    rows, grids = [], []
+    for method, sampler, steps, nfe, draw in settings:
+        wall, cpu = time.perf_counter(), time.process_time()
+        images = draw(num_samples)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        row = {"method": method, "sampler": sampler, "steps": steps, "nfe": nfe,
+               **measure(images, classifier, x_train, x_test),
+               "sampling_wall_s": round(wall, 2), "sampling_cpu_s": round(cpu, 2)}  # fmt: skip
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if grid_prefix is not None and steps == last[sampler]:
+            path = Path(f"{grid_prefix}_{sampler.lower()}_{steps}.png")
+            save_grid(images[:100], path, nrow=10, upscale=4)
+            grids.append(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    real = x_train[torch.randperm(len(x_train), generator=generator)[:num_samples]]
+    reference = measure(real, classifier, x_train, x_test)
+    reference["copy_fraction"] = None  # they are the training digits
+    return {"rows": rows, "reference": reference, "grids": grids}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equal-time training.
+
+
+def ebm_train_fn(config: Path, extra: Sequence[str] = ()) -> Callable[[Path, int], dict[str, Any]]:
+    """train(folder, steps) for a cdrl config: ``cdrl.train.run`` with train.max_steps = steps."""
+
+    def train(folder: Path, steps: int, *, quiet: bool = False) -> dict[str, Any]:
+        overrides = [f"train.max_steps={steps}", f"log.output_dir={folder}", *extra]
+        if quiet:  # a timing run: no grids, checkpoints or trackers inside the loop
+            overrides += ["log.sample_every=0", "log.checkpointing_steps=0", "log.report_to=none",
+                          "log.num_grid_samples=1", f"log.log_every={steps}"]  # fmt: skip
+        cfg = load_config(config, overrides)
+        resume = "latest" if (folder / "config.yaml").is_file() else None
+        run(cfg, resume=resume)
+        return {"steps": steps, "config": str(config), "overrides": overrides}
+
+    return train
+
+
+def diffusion_train_fn(**kwargs: Any) -> Callable[[Path, int], dict[str, Any]]:
+    """train(folder, steps) for the diffusion baseline."""
+
+    def train(folder: Path, steps: int, *, quiet: bool = False) -> dict[str, Any]:
+        summary = diffusion_baseline.train_diffusion(folder, max_steps=steps, **kwargs)
+        return {k: v for k, v in summary.items() if k != "settings"}
+
+    return train
+
+
+def cpu_seconds_per_step(train: Callable, short: int, long: int) -> float:
+    """CPU seconds per training step: the difference of two fresh runs of ``short`` and ``long`` steps.
+
+    Setup and export cost the same in both and cancel. CPU time rather than wall time, so that other jobs on
+    a shared machine do not change the figure (much): at one thread it is the time the step takes alone.
+    """
+    costs = []
+    for steps in (short, long):
+        with tempfile.TemporaryDirectory(prefix="cdrl-compare-timing-") as tmp:
+            start = time.process_time()
+            train(Path(tmp) / "run", steps, quiet=True)
+            costs.append(time.process_time() - start)
+    return max(costs[1] - costs[0], 1e-9) / (long - short)
+
+
+def train_all(
+    runs_dir: Path,
+    *,
+    minutes: float,
+    trainers: dict[str, Callable],
+    timing_steps: dict[str, tuple[int, int]],
+    skip: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Time each method, then train each for ``minutes`` of single-process CPU time, one after another.
+
+    The budget in steps is minutes * 60 / (CPU seconds per step), measured by ``cpu_seconds_per_step`` and
+    cached in ``runs_dir/timing.json``. A method whose ``runs_dir/<method>/pipeline`` exists is not trained
+    again; one interrupted mid-run resumes from its last checkpoint.
+
+    Returns:
+        {method: {"cpu_s_per_step", "budget_steps", "train_wall_s", "train_cpu_s", ...}}.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    timing_path = runs_dir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    for method, train in trainers.items():
+        if method in skip:
+            continue
+        entry = timing.setdefault(method, {})
+        if "cpu_s_per_step" not in entry:
+            short, long = timing_steps[method]
+            print(f"timing {method}: {short} and {long} steps", flush=True)
+            entry.update({"cpu_s_per_step": cpu_seconds_per_step(train, short, long),
+                          "timing_steps": [short, long], "num_threads": torch.get_num_threads()})  # fmt: skip
+            timing_path.write_text(json.dumps(timing, indent=2))
+        entry["minutes"] = minutes
+        entry["budget_steps"] = max(1, round(minutes * 60 / entry["cpu_s_per_step"]))
+        print(f"{method}: {entry['cpu_s_per_step']:.4f} CPU s/step -> {entry['budget_steps']} steps in "
+              f"{minutes:g} min", flush=True)  # fmt: skip
+    for method, train in trainers.items():
+        folder = runs_dir / method
+        if method in skip or (folder / "pipeline" / "model_index.json").is_file():
+            continue
+        print(f"training {method} for {timing[method]['budget_steps']} steps", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        info = train(folder, timing[method]["budget_steps"])
+        timing[method].update({"train_wall_s": round(time.perf_counter() - wall, 1),
+                               "train_cpu_s": round(time.process_time() - cpu, 1),
+                               "train": info, "git_sha": git_sha()})  # fmt: skip
+        timing_path.write_text(json.dumps(timing, indent=2))
+    return timing
+
+
+def parameter_counts(folders: dict[str, Path | None]) -> dict[str, int]:
+    """Trainable parameters per method (EBM + initializer; UNet)."""
+    counts = {}
+    for method in ("cdrl", "drl"):
+        if folders.get(method) is not None:
+            pipe = CDRLPipeline.from_pretrained(str(resolve_pipeline(folders[method])))
+            modules = [m for m in (pipe.ebm, pipe.initializer) if m is not None]
+            counts[method] = sum(p.numel() for m in modules for p in m.parameters())
+    if folders.get("diffusion") is not None:
+        unet, _ = diffusion_baseline.load_diffusion(folders["diffusion"])
+        counts["diffusion"] = diffusion_baseline.num_parameters(unet)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report: table, plot.
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (f"{row['sampler']:<5} steps {row['steps']:>4} NFE {row['nfe']:>4}  confident "
+            f"{row['confident_fraction']:.3f}  classes {row['classes_present']:>2}  largest "
+            f"{row['max_class_fraction']:.3f}  FID {row['fid']:.2f}  copies {row['copy_fraction']:.3f}  "
+            f"{row['sampling_cpu_s']:.1f} CPU s")  # fmt: skip
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The results table: one line per sampler setting, then real training digits."""
+    lines = [
+        "| model | sampler | K or steps | NFE / sample | confident (p >= 0.9) | classes | largest class "
+        "| digits FID | copies | sampling CPU s / 1000 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        per_1000 = row["sampling_cpu_s"] * 1000 / result["num_samples"]
+        lines.append(
+            f"| {row['method']} | {row['sampler']} | {row['steps']} | {row['nfe']} "
+            f"| {_fmt(row['confident_fraction'])} | {row['classes_present']} "
+            f"| {_fmt(row['max_class_fraction'])} | {_fmt(row['fid'], 2)} "
+            f"| {_fmt(row['copy_fraction'])} | {per_1000:.1f} |"
+        )
+    ref = result["reference"]
+    lines.append(
+        f"| real train digits | - | - | - | {_fmt(ref['confident_fraction'])} | {ref['classes_present']} "
+        f"| {_fmt(ref['max_class_fraction'])} | {_fmt(ref['fid'], 2)} | - | - |"
+    )
+    return "\n".join(lines)
+
+
+def training_table(timing: dict[str, Any], params: dict[str, int], folders: dict[str, Any]) -> str:
+    lines = [
+        "| model | parameters | CPU s / step (1 thread) | steps | training wall s | training CPU s | folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        if folders.get(method) is None:
+            continue
+        entry = timing.get(method, {})
+        count = f"{params[method]:,}" if method in params else "-"
+        lines.append(
+            f"| {method} | {count} | {_fmt(entry.get('cpu_s_per_step'), 4)} "
+            f"| {entry.get('budget_steps', '-')} | {_fmt(entry.get('train_wall_s'), 0)} "
+            f"| {_fmt(entry.get('train_cpu_s'), 0)} | `{folders[method]}` |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    path: Path, result: dict[str, Any], *, command: str, timing: dict[str, Any], params: dict[str, int],
+    folders: dict[str, Any], plot_path: Path | None,
+) -> None:  # fmt: skip
+    """<name>.md: command, training budget, results table; a ``## Notes`` section already there is kept."""
+    notes = ""
+    if path.is_file():
+        text = path.read_text()
+        if NOTES_HEADING in text:
+            notes = text[text.index(NOTES_HEADING) :]
+    parts = [
+        "# CDRL vs DRL vs diffusion on 8x8 digits at equal training time\n",
+        f"Command (git `{git_sha()}`):\n\n```bash\n{command}\n```\n",
+        "## Training\n",
+        training_table(timing, params, folders) + "\n",
+        f"## Quality against network evaluations ({result['num_samples']} samples per row, seed "
+        f"{result['seed']})\n",
+        markdown_table(result) + "\n",
+        "NFE: CDRL T*K EBM gradients + 1 Tweedie step (its T = 6 initializer forwards are not counted); "
+        "DRL T*K EBM gradients; DDPM/DDIM one UNet forward per step. `confident`: fraction the independent "
+        "digits classifier labels with p >= 0.9; `classes`: classes with at least one confident sample; "
+        "`largest class`: share of the most frequent predicted class; `digits FID`: Fréchet distance of the "
+        "classifier's penultimate features against the 360 real test digits (`classifier_fid` in "
+        "`experiments/compare.py`); `copies`: share of samples nearer to a training digit than 99% of real "
+        "test digits are.\n",
+    ]
+    if plot_path is not None:
+        parts.append(f"![quality against NFE]({plot_path.name})\n")
+    if result["grids"]:
+        parts.append(
+            "Sample grids: " + ", ".join(f"`{Path(g).name}`" for g in result["grids"]) + "\n"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + ("\n" + notes if notes else ""))
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Confident fraction and digits FID against NFE (log scale), one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    samplers = dict.fromkeys(row["sampler"] for row in result["rows"])
+    for sampler in samplers:
+        rows = sorted(
+            (r for r in result["rows"] if r["sampler"] == sampler), key=lambda r: r["nfe"]
+        )
+        nfe = [r["nfe"] for r in rows]
+        for ax, key in zip(axes, ("confident_fraction", "fid"), strict=True):
+            ax.plot(nfe, [r[key] for r in rows], marker="o", label=sampler)
+    ref = result["reference"]
+    for ax, key, title in zip(axes, ("confident_fraction", "fid"),
+                              ("confident fraction (p >= 0.9), higher is better",
+                               "digits FID (classifier features), lower is better"), strict=True):  # fmt: skip
+        ax.axhline(ref[key], color="gray", linestyle="--", label="real train digits")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for method in METHODS:
+        parser.add_argument(
+            f"--{method}", type=Path, default=None, help=f"trained {method} run or pipeline"
+        )
+    parser.add_argument("--train", action="store_true",
+                        help="train the methods not given above into --runs_dir, equal --minutes each")  # fmt: skip
+    parser.add_argument(
+        "--minutes", type=float, default=8.0, help="training budget per method (CPU time)"
+    )
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--cdrl_config", type=Path, default=ROOT / "configs/digits.yaml")
+    parser.add_argument("--drl_config", type=Path, default=ROOT / "configs/digits_drl.yaml")
+    parser.add_argument("--diffusion_batch_size", type=int, default=32)
+    parser.add_argument("--diffusion_lr", type=float, default=1e-3)
+    parser.add_argument("--timing_steps", type=int, default=100,
+                        help="EBM timing: runs of 20 and 20 + this many steps")  # fmt: skip
+    parser.add_argument("--diffusion_timing_steps", type=int, default=500)
+    parser.add_argument("--cdrl_steps", default="3,5,8,15", help="K values for CDRL")
+    parser.add_argument("--drl_steps", default="15,30", help="K values for DRL")
+    parser.add_argument("--ddpm_steps", default="10,20,50,100,1000")
+    parser.add_argument("--ddim_steps", default="5,10,20,50,100")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=500, help="samples per sampler call")
+    parser.add_argument("--classifier", type=Path, default=None, help="digits classifier folder")
+    parser.add_argument("--results_dir", type=Path, default=ROOT / "experiments/results")
+    parser.add_argument("--name", default="compare", help="file name stem of the outputs")
+    parser.add_argument("--no_plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.num_samples < 2 or args.batch_size < 1:
+        parser.error("--num_samples must be >= 2 and --batch_size >= 1")
+
+    folders: dict[str, Path | None] = {m: getattr(args, m) for m in METHODS}
+    timing: dict[str, Any] = {}
+    if args.train:
+        trainers = {
+            "cdrl": ebm_train_fn(args.cdrl_config),
+            "drl": ebm_train_fn(args.drl_config),
+            "diffusion": diffusion_train_fn(
+                batch_size=args.diffusion_batch_size, learning_rate=args.diffusion_lr
+            ),  # fmt: skip
+        }
+        n = args.timing_steps
+        timing_steps = {"cdrl": (20, 20 + n), "drl": (20, 20 + n),
+                        "diffusion": (100, 100 + args.diffusion_timing_steps)}  # fmt: skip
+        given = [m for m in METHODS if folders[m] is not None]
+        timing = train_all(args.runs_dir, minutes=args.minutes, trainers=trainers,
+                           timing_steps=timing_steps, skip=given)  # fmt: skip
+        for method in METHODS:
+            folders[method] = folders[method] or args.runs_dir / method
+    elif (args.runs_dir / "timing.json").is_file():
+        timing = json.loads((args.runs_dir / "timing.json").read_text())
+    if not any(folders.values()):
+        parser.error("give --cdrl/--drl/--diffusion folders, or --train")
+
+    classifier = load_digits_classifier(args.classifier)
+    steps = {key: parse_int_list(getattr(args, key)) for key in
+             ("cdrl_steps", "drl_steps", "ddpm_steps", "ddim_steps")}  # fmt: skip
+    result = evaluate(folders, classifier=classifier, num_samples=args.num_samples, seed=args.seed,
+                      batch_size=args.batch_size, grid_prefix=args.results_dir / args.name, **steps)  # fmt: skip
+    result.update({"num_samples": args.num_samples, "seed": args.seed, "timing": timing,
+                   "folders": {k: None if v is None else str(v) for k, v in folders.items()},
+                   "git_sha": git_sha()})  # fmt: skip
+    plot_path = None if args.no_plot else plot(result, args.results_dir / f"{args.name}.png")
+    argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/compare.py {argv_text}"
+    write_report(args.results_dir / f"{args.name}.md", result, command=command, timing=timing,
+                 params=parameter_counts(folders), folders=folders, plot_path=plot_path)  # fmt: skip
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    (args.runs_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.results_dir / (args.name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
