@@ -10,6 +10,8 @@ Tests that need a non-trivial proposal mean call the ``randomize_output`` fixtur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -252,3 +254,37 @@ def fresh_process() -> FreshProcess:
         warm.start()
         warm.join()
     return FreshProcess(context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training runs in-process (tests/test_train.py, tests/test_reliability.py).
+
+DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs/debug.yaml"
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state so every Accelerator starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_debug(output_dir: Path, *args: str) -> int:
+    """cdrl.train.main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
+    from cdrl.train import main
+
+    reset_accelerate()
+    argv = [
+        "--config",
+        str(DEBUG_CONFIG),
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
+        *args,
+    ]
+    try:
+        return main(argv)
+    finally:
+        reset_accelerate()

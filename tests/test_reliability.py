@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from conftest import reset_accelerate, train_debug
 from safetensors.torch import load_file
 
 import cdrl.train as T
 from cdrl import generate
 from cdrl.config import load_config
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
-from cdrl.train import checkpoint_problem, main
+from cdrl.train import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
@@ -36,26 +36,11 @@ NO_GRIDS = "log.sample_every=0"  # grids cost time and are not what these tests 
 LOSS_KEYS = ("ebm/loss", "ebm/energy_gap", "init/mse", "ebm/grad_norm", "init/grad_norm")
 
 
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate():
-    _reset_accelerate()
+    reset_accelerate()
     yield
-    _reset_accelerate()
-
-
-def _train(output_dir: Path, *args: str) -> int:
-    """main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
-    _reset_accelerate()
-    argv = ["--config", str(DEBUG), "--output_dir", str(output_dir), "--report_to", "none", *args]
-    try:
-        return main(argv)
-    finally:
-        _reset_accelerate()
+    reset_accelerate()
 
 
 def _lines(output_dir: Path) -> list[dict]:
@@ -214,7 +199,7 @@ def test_an_energy_gap_beyond_the_bound_is_refused():
 def test_a_nan_step_is_skipped_counted_and_logged(tmp_path, poison, capsys):
     out = tmp_path / "run"
     poison(lambda call: call == 3)
-    assert _train(out, "--max_train_steps", "6", "--set", NO_GRIDS) == 0
+    assert train_debug(out, "--max_train_steps", "6", "--set", NO_GRIDS) == 0
     err = capsys.readouterr().err
     assert "warning: step 3 skipped (1 in a row): non-finite EBM energies" in err
 
@@ -247,7 +232,7 @@ def test_a_streak_of_nan_steps_rolls_back_with_lower_learning_rates(tmp_path, po
         "guard.lr_factor=0.5",
     ]
     calls = poison(lambda call: call in (5, 6))
-    assert _train(out, "--max_train_steps", "8", *args) == 0
+    assert train_debug(out, "--max_train_steps", "8", *args) == 0
     assert len(calls) == 10  # steps 1-6, then 5-8 again after rolling back to checkpoint-4
     err = capsys.readouterr().err
     assert (
@@ -271,7 +256,9 @@ def test_a_streak_of_nan_steps_rolls_back_with_lower_learning_rates(tmp_path, po
     assert _marker(out / "checkpoint-8")["guard"] == {"skipped": 2, "streak": 0, "rollbacks": 1}
 
     # The lowered rate is part of the run: a resume keeps it.
-    assert _train(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "9", *args) == 0
+    assert (
+        train_debug(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "9", *args) == 0
+    )
     last = _records(out)[-1]
     assert last["step"] == 9 and last["lr/ebm"] == pytest.approx(0.5e-4)
     assert last["guard/rollbacks"] == 1
@@ -281,7 +268,7 @@ def test_training_stops_with_one_line_when_rollbacks_do_not_help(tmp_path, poiso
     out = tmp_path / "run"
     poison(lambda call: call >= 3)
     args = ["--set", NO_GRIDS, "guard.max_bad_steps=2", "guard.max_rollbacks=1"]
-    assert _train(out, "--max_train_steps", "8", *args) == 2
+    assert train_debug(out, "--max_train_steps", "8", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error: ")]
     assert errors == [err[-1]], err
@@ -299,7 +286,9 @@ def test_training_stops_with_one_line_when_rollbacks_do_not_help(tmp_path, poiso
 def test_a_streak_before_the_first_checkpoint_stops_with_one_line(tmp_path, poison, capsys):
     out = tmp_path / "run"
     poison(lambda call: True)
-    assert _train(out, "--max_train_steps", "8", "--set", NO_GRIDS, "guard.max_bad_steps=2") == 2
+    assert (
+        train_debug(out, "--max_train_steps", "8", "--set", NO_GRIDS, "guard.max_bad_steps=2") == 2
+    )
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: training diverged: 2 bad steps in a row up to step 2")
     assert "no checkpoint to roll back to yet" in message
@@ -308,7 +297,7 @@ def test_a_streak_before_the_first_checkpoint_stops_with_one_line(tmp_path, pois
 def test_with_the_guard_off_the_first_nan_step_stops_training(tmp_path, poison, capsys):
     out = tmp_path / "run"
     poison(lambda call: call == 3)
-    assert _train(out, "--max_train_steps", "6", "--set", NO_GRIDS, "guard.enabled=false") == 2
+    assert train_debug(out, "--max_train_steps", "6", "--set", NO_GRIDS, "guard.enabled=false") == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: step 3: non-finite EBM energies")
     assert message.endswith("training stopped (guard.enabled=false)")
@@ -411,7 +400,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
 def run_0_to_4(tmp_path_factory) -> Path:
     """configs/debug.yaml trained 0 -> 4 in one go (seed 0, checkpoints 2 and 4, no grids)."""
     out = tmp_path_factory.mktemp("reliability") / "run"
-    assert _train(out, "--set", NO_GRIDS) == 0
+    assert train_debug(out, "--set", NO_GRIDS) == 0
     return out
 
 
@@ -424,7 +413,7 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(run_0_to_4, tmp_pa
     shutil.copytree(run_0_to_4, out)
     weights = out / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # as if the disk had filled up
-    assert _train(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
+    assert train_debug(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
     err = capsys.readouterr().err
     assert (
         f"warning: skipping {out / 'checkpoint-4'}: its file model.safetensors is missing or truncated"
@@ -448,10 +437,10 @@ def _make_legacy(checkpoint: Path) -> None:
 
 def test_a_checkpoint_from_before_checkpoint_json_resumes_exactly(run_0_to_4, tmp_path):
     out = tmp_path / "run"
-    assert _train(out, "--max_train_steps", "2", "--set", NO_GRIDS) == 0
+    assert train_debug(out, "--max_train_steps", "2", "--set", NO_GRIDS) == 0
     _make_legacy(out / "checkpoint-2")
     assert checkpoint_problem(out / "checkpoint-2") is None
-    assert _train(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
+    assert train_debug(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
     assert _losses(out) == _losses(run_0_to_4)
 
 
@@ -480,7 +469,7 @@ def test_resume_refuses_a_pickle_that_is_not_plain_data(run_0_to_4, tmp_path, ca
         info = _marker(out / "checkpoint-4")
         info["files"][file] = (out / "checkpoint-4" / file).stat().st_size
         (out / "checkpoint-4" / "checkpoint.json").write_text(json.dumps(info))
-    assert _train(out, "--resume_from_checkpoint", "latest") == 2
+    assert train_debug(out, "--resume_from_checkpoint", "latest") == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith(f"error: checkpoint file {out / 'checkpoint-4' / file} was refused")
     assert "(torch.load(weights_only=True): Unsupported global: GLOBAL io.open)" in message
@@ -520,8 +509,8 @@ def test_pipeline_weights_must_match_their_config(tiny_pipeline, tmp_path):
 
 def test_same_seed_same_losses_weights_and_samples(run_0_to_4, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
-    assert _train(again, "--set", NO_GRIDS) == 0
-    assert _train(other, "--seed", "1", "--set", NO_GRIDS) == 0
+    assert train_debug(again, "--set", NO_GRIDS) == 0
+    assert train_debug(other, "--seed", "1", "--set", NO_GRIDS) == 0
     assert _losses(again) == _losses(run_0_to_4)
     assert _losses(other) != _losses(run_0_to_4)  # the seed matters: the comparison can fail
     samples = []

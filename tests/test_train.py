@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from conftest import reset_accelerate, train_debug
 from diffusers.optimization import get_constant_schedule_with_warmup
 
 from cdrl.config import load_config
@@ -38,27 +38,11 @@ TOY = [
 ]
 
 
-def _reset_accelerate() -> None:
-    """Forget accelerate's process-wide state so every Accelerator starts afresh."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate():
-    _reset_accelerate()
+    reset_accelerate()
     yield
-    _reset_accelerate()
-
-
-def _train(output_dir: Path, *args: str) -> int:
-    """main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
-    _reset_accelerate()
-    argv = ["--config", str(DEBUG), "--output_dir", str(output_dir), "--report_to", "none", *args]
-    try:
-        return main(argv)
-    finally:
-        _reset_accelerate()
+    reset_accelerate()
 
 
 def _metrics(output_dir: Path) -> list[dict]:
@@ -175,7 +159,7 @@ def test_train_step_class_conditional():
 def debug_run(tmp_path_factory) -> Path:
     """configs/debug.yaml trained 0 -> 4 in one go (seed 0)."""
     output_dir = tmp_path_factory.mktemp("debug") / "run"
-    assert _train(output_dir) == 0
+    assert train_debug(output_dir) == 0
     return output_dir
 
 
@@ -208,23 +192,25 @@ def test_main_writes_the_run_and_exports_a_working_pipeline(debug_run: Path):
 
 def test_resume_latest_continues_from_the_checkpoint(tmp_path: Path):
     out = tmp_path / "run"
-    assert _train(out, "--max_train_steps", "2") == 0
+    assert train_debug(out, "--max_train_steps", "2") == 0
     assert _checkpoints(out) == ["checkpoint-2"]
-    assert _train(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
+    assert train_debug(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     assert load_config(out / "config.yaml").train.max_steps == 4
     assert (out / "pipeline" / "model_index.json").is_file()
     # an explicit checkpoint folder, relative to the run, also resumes (and changes nothing at 4 -> 4)
-    assert _train(out, "--resume_from_checkpoint", "checkpoint-4", "--max_train_steps", "4") == 0
+    assert (
+        train_debug(out, "--resume_from_checkpoint", "checkpoint-4", "--max_train_steps", "4") == 0
+    )
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
 
 
 def test_resume_is_deterministic(debug_run: Path, tmp_path: Path):
     """0 -> 4 in one go and 0 -> 2, then 2 -> 4 resumed, log the same losses at steps 3 and 4."""
     out = tmp_path / "run"
-    assert _train(out, "--max_train_steps", "2") == 0
-    assert _train(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
+    assert train_debug(out, "--max_train_steps", "2") == 0
+    assert train_debug(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "4") == 0
     one_go, resumed = _metrics(debug_run), _metrics(out)
     # steps 1 and 2 ran identically (same seed): the runs are comparable
     for a, b in zip(one_go[:2], resumed[:2], strict=True):
@@ -239,7 +225,7 @@ def test_checkpoints_total_limit_keeps_only_the_newest_class_conditional(tmp_pat
     """Also runs the class-conditional code paths (label dropout, labelled grids, guided export)."""
     out = tmp_path / "run"
     args = ["--checkpoints_total_limit", "1", "--set", "data.class_conditional=true"]
-    assert _train(out, *args) == 0
+    assert train_debug(out, *args) == 0
     assert _checkpoints(out) == ["checkpoint-4"]
     assert not list(out.glob(".tmp-*"))
     assert (out / "samples" / "0000004_refined.png").is_file()
@@ -253,15 +239,15 @@ def test_checkpoints_total_limit_keeps_only_the_newest_class_conditional(tmp_pat
 def test_log_file_belongs_to_its_own_run(tmp_path: Path):
     first, second = tmp_path / "first", tmp_path / "second"
     fast = ["--max_train_steps", "1", "--set", "log.sample_every=0"]
-    assert _train(first, *fast) == 0
-    assert _train(second, *fast) == 0
+    assert train_debug(first, *fast) == 0
+    assert train_debug(second, *fast) == 0
     assert str(second) in (second / "log.txt").read_text()  # "exported the EMA pipeline to ..."
     assert str(second) not in (first / "log.txt").read_text()
 
 
 def test_toy_2d_run_exports_a_vector_pipeline(tmp_path: Path):
     out = tmp_path / "toy"
-    assert _train(out, "--max_train_steps", "3", "--set", *TOY) == 0
+    assert train_debug(out, "--max_train_steps", "3", "--set", *TOY) == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
     assert (out / "samples" / "0000002_refined.png").is_file()  # scatter plots for 2-D data
     assert (out / "samples" / "0000003_init.png").is_file()
@@ -298,7 +284,7 @@ def test_existing_run_is_resumable_after_refusal(debug_run: Path, tmp_path: Path
     again without training (step 4 of 4) and without duplicating metrics."""
     out = tmp_path / "run"
     shutil.copytree(debug_run, out)
-    assert _train(out, "--resume_from_checkpoint", "latest") == 0
+    assert train_debug(out, "--resume_from_checkpoint", "latest") == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
 
