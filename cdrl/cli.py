@@ -70,6 +70,38 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def requested_classes(
+    class_labels: Sequence[int] | None,
+    all_classes: bool,
+    guidance_scale: float,
+    condition_sizes: Sequence[int],
+    checkpoint: str | Path,
+) -> list[int] | None:
+    """The classes asked for by ``--class_labels`` / ``--all_classes``, checked against the checkpoint.
+
+    Returns:
+        The class ids, or None when neither flag was given (unconditional sampling).
+
+    Raises:
+        CLIError: guidance without a class, classes for an unconditional checkpoint, a label out of range.
+    """
+    if class_labels is None and not all_classes:
+        if guidance_scale != 1.0:
+            raise CLIError(
+                "--guidance_scale needs --class_labels or --all_classes to guide towards"
+            )
+        return None
+    flag = "--all_classes" if all_classes else "--class_labels"
+    if not condition_sizes:
+        raise CLIError(f"{flag} was given, but checkpoint {checkpoint} is unconditional")
+    num_classes = condition_sizes[0]
+    classes = list(range(num_classes)) if all_classes else list(class_labels)
+    for label in classes:
+        if not 0 <= label < num_classes:
+            raise CLIError(f"class label {label} is outside [0, {num_classes}) for this checkpoint")
+    return classes
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A pipeline folder (with model_index.json), or a run folder holding one in ``pipeline/``."""
     path = Path(path)

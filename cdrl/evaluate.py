@@ -37,6 +37,7 @@ from cdrl.cli import (
     atomic_path,
     check_writable,
     load_pipeline,
+    requested_classes,
     resolve_checkpoint,
     run_cli,
 )
@@ -297,20 +298,11 @@ def _plan_labels(
     args: argparse.Namespace, condition_sizes: tuple[int, ...], checkpoint: Path
 ) -> list[int] | None:
     """One class label per sample (cycling through the requested classes), or None."""
-    if args.class_labels is None and not args.all_classes:
-        if args.guidance_scale != 1.0:
-            raise CLIError(
-                "--guidance_scale needs --class_labels or --all_classes to guide towards"
-            )
+    classes = requested_classes(
+        args.class_labels, args.all_classes, args.guidance_scale, condition_sizes, checkpoint
+    )
+    if classes is None:
         return None
-    flag = "--all_classes" if args.all_classes else "--class_labels"
-    if not condition_sizes:
-        raise CLIError(f"{flag} was given, but checkpoint {checkpoint} is unconditional")
-    num_classes = condition_sizes[0]
-    classes = list(range(num_classes)) if args.all_classes else args.class_labels
-    for label in classes:
-        if not 0 <= label < num_classes:
-            raise CLIError(f"class label {label} is outside [0, {num_classes}) for this checkpoint")
     return [classes[k % len(classes)] for k in range(args.num_samples)]
 
 

@@ -29,6 +29,7 @@ from cdrl.cli import (
     atomic_path,
     check_writable,
     load_pipeline,
+    requested_classes,
     resolve_checkpoint,
     run_cli,
 )
@@ -117,26 +118,22 @@ def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> lis
             raise CLIError(f"--{name} must be at least 1, got {value}")
     if args.num_langevin_steps is not None and args.num_langevin_steps < 0:
         raise CLIError(f"--num_langevin_steps must be >= 0, got {args.num_langevin_steps}")
-    if args.class_labels is None and not args.all_classes:
-        if args.num_samples_per_class is not None:
-            raise CLIError("--num_samples_per_class needs --class_labels or --all_classes")
-        if args.guidance_scale != 1.0:
-            raise CLIError(
-                "--guidance_scale needs --class_labels or --all_classes to guide towards"
-            )
+    if (
+        args.class_labels is None
+        and not args.all_classes
+        and args.num_samples_per_class is not None
+    ):
+        raise CLIError("--num_samples_per_class needs --class_labels or --all_classes")
+    classes = requested_classes(
+        args.class_labels, args.all_classes, args.guidance_scale, condition_sizes, args.checkpoint
+    )
+    if classes is None:
         return None
-    flag = "--all_classes" if args.all_classes else "--class_labels"
-    if not condition_sizes:
-        raise CLIError(f"{flag} was given, but checkpoint {args.checkpoint} is unconditional")
     if args.num_samples is not None:
+        flag = "--all_classes" if args.all_classes else "--class_labels"
         raise CLIError(
             f"--num_samples is for unconditional sampling; with {flag} use --num_samples_per_class"
         )
-    num_classes = condition_sizes[0]
-    classes = range(num_classes) if args.all_classes else args.class_labels
-    for label in classes:
-        if not 0 <= label < num_classes:
-            raise CLIError(f"class label {label} is outside [0, {num_classes}) for this checkpoint")
     per_class = args.num_samples_per_class or 1
     return [label for label in classes for _ in range(per_class)]
 
