@@ -282,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="condition a class-conditional model on this class",
     )
+    parser.add_argument(
+        "--resample",
+        type=int,
+        default=0,
+        help="RePaint resampling: extra passes per noise level, each diffusing the sample back one "
+        "level and redoing the step, so the completion agrees better with the kept pixels; costs "
+        "(1 + N) times the sampling time (default 0)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument(
         "--batch_size", type=int, default=64, help="completions sampled at once (default 64)"
@@ -305,6 +313,8 @@ def _main(argv: Sequence[str] | None) -> int:
     for flag in ("num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.resample < 0:
+        raise CLIError(f"--resample must be >= 0, got {args.resample}")
     if args.guidance_scale < 0:
         raise CLIError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if args.guidance_scale != 1.0 and args.class_label is None:
@@ -367,6 +377,7 @@ def _main(argv: Sequence[str] | None) -> int:
         batch_size=args.batch_size,
         class_label=args.class_label,
         guidance_scale=args.guidance_scale,
+        resample=args.resample,
     )
 
     # Write everything into a temporary folder, then move it into place.
@@ -451,6 +462,7 @@ def complete(
     batch_size: int = 64,
     class_label: int | None = None,
     guidance_scale: float = 1.0,
+    resample: int = 0,
 ) -> Tensor:
     """Sample ``num_samples`` completions of each image with a ``CDRLPipeline``.
 
@@ -466,6 +478,7 @@ def complete(
         batch_size: samples per pipeline call.
         class_label: condition a class-conditional model on this class (None: unconditional).
         guidance_scale: classifier-free guidance with ``class_label`` (1 = plain conditional).
+        resample: RePaint resampling passes per level (see ``cdrl.sampling.sample``).
 
     Returns:
         (n, num_samples, c, s, s) completions in [0, 1]; the kept pixels equal ``known`` exactly.
@@ -483,6 +496,7 @@ def complete(
             mask_image=repaint_all[start:stop],
             class_labels=labels,
             guidance_scale=guidance_scale,
+            resample=resample,
             generator=generators,
             output_type="pt",
         )
@@ -561,6 +575,7 @@ def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args
         "seed": args.seed,
         "class_label": args.class_label,
         "guidance_scale": args.guidance_scale,
+        "resample": args.resample,
         "resolution": int(completions.shape[-1]),
         "channels": int(completions.shape[2]),
         "panel_columns": ["input", "mask (white = repaint)", "masked input"]

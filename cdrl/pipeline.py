@@ -162,6 +162,7 @@ class CDRLPipeline(DiffusionPipeline):
         image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
         mask_image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
         num_samples_per_image: int = 1,
+        resample: int = 0,
         compose: Sequence[tuple[Sequence[int | None], float]] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -185,6 +186,9 @@ class CDRLPipeline(DiffusionPipeline):
             mask_image: inpainting mask, diffusers' convention: 1 / white = repaint, 0 / black = keep;
                 (n, 1 or c, h, w) in [0, 1] or PIL images. Values are rounded to {0, 1}.
             num_samples_per_image: completions per inpainting image (batch_size is then n * this).
+            resample: extra passes per level, each diffusing x_t back to x_{t+1} and redoing the step
+                (RePaint's resampling, jump length 1): the unknown pixels harmonize with the known ones.
+                Meant for inpainting; costs (1 + resample) times the network evaluations.
             compose: product of experts over conditions: (labels, weight) pairs, where labels gives one value
                 per condition (class first, then attributes) and None leaves that condition null. The energy is
                 E(null) + sum_k weight_k (E(c_k) - E(null)); a negative weight means NOT (CDRL Sec. 4.4).
@@ -230,7 +234,7 @@ class CDRLPipeline(DiffusionPipeline):
         )
         schedule = self.scheduler.schedule
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
-        bar = self.progress_bar(total=schedule.num_levels * settings.n_steps)
+        bar = self.progress_bar(total=schedule.num_levels * settings.n_steps * (1 + int(resample)))
         dtype = accel.autocast_dtype(precision)
         ebm, initializer = self.ebm, self.initializer
         if dtype is not None:
@@ -238,7 +242,8 @@ class CDRLPipeline(DiffusionPipeline):
             initializer = None if initializer is None else accel.AutocastModule(initializer, dtype)
         x = sample(
             ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
-            generator=generator, known=known, known_mask=known_mask, callback=lambda t, k, y: bar.update(1),
+            generator=generator, known=known, known_mask=known_mask, resample=int(resample),
+            callback=lambda t, k, y: bar.update(1),
         )  # fmt: skip
         bar.close()
         images = self._postprocess(x / self.scheduler.config.data_scale, output_type)

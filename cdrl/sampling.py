@@ -213,6 +213,7 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
+    resample: int = 0,
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Generate x_0 from x_T: T recovery steps from the top, then the Tweedie step (CDRL Alg. 2).
@@ -225,19 +226,30 @@ def sample(
         null, terms: conditioning (see ``cdrl.guidance.composed``).
         generator: a generator or one per sample.
         known, known_mask: inpainting constraint (see ``reverse_step``); the output keeps known pixels exactly.
+        resample: extra passes per level (RePaint's resampling with jump length 1, Lugmayr et al. 2022): after
+            a recovery step x_{t+1} -> x_t, x_t is diffused back by one step, x_{t+1} = sqrt(alpha_{t+1}) x_t
+            + sigma_{t+1} eps, and the step is run again, ``resample`` times. It lets the unknown pixels
+            harmonize with the known ones; it costs (1 + resample) times the network evaluations.
         callback: called as callback(t, k, y) after Langevin step k at level t.
 
     Returns:
         (b, ...) samples in data units (not clamped).
     """
+    if resample < 0:
+        raise ValueError(f"resample must be >= 0, got {resample}")
     x = x_top
     with frozen(ebm, initializer):
         for t in reversed(range(schedule.num_levels)):
             step_callback = None if callback is None else (lambda k, y, t=t: callback(t, k, y))
-            x = reverse_step(
-                ebm, initializer, schedule, x, t, settings, null=null, terms=terms,
-                generator=generator, known=known, known_mask=known_mask, callback=step_callback,
-            )  # fmt: skip
+            x_next = x
+            for r in range(resample + 1):
+                if r > 0:  # diffuse x_t back to x_{t+1} with q(x_{t+1} | x_t)
+                    alpha = float(schedule.alphas[t + 1])
+                    x_next = alpha**0.5 * x + (1.0 - alpha) ** 0.5 * randn_like(x, generator)
+                x = reverse_step(
+                    ebm, initializer, schedule, x_next, t, settings, null=null, terms=terms,
+                    generator=generator, known=known, known_mask=known_mask, callback=step_callback,
+                )  # fmt: skip
         if settings.tweedie:
             x = tweedie_denoise(ebm, schedule, x, settings, null=null, terms=terms)
     if known is not None:

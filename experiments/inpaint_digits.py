@@ -146,6 +146,7 @@ def run(
     seed: int = 0,
     completions_per_image: int = 1,
     batch_size: int = 500,
+    resample: int = 0,
 ) -> tuple[dict[str, Any], Tensor]:
     """Complete every half-masked image and score it.
 
@@ -158,6 +159,7 @@ def run(
         seed: completion k of a half draws its noise from seed + k.
         completions_per_image: completions of each image.
         batch_size: samples per pipeline call.
+        resample: RePaint resampling passes per level.
 
     Returns:
         The JSON-ready result, and a figure tensor (rows of originals, masked inputs and first
@@ -176,6 +178,7 @@ def run(
             num_samples=completions_per_image,
             seed=seed,
             batch_size=batch_size,
+            resample=resample,
         )  # (n, m, 1, 8, 8) in [0, 1]
         completions = done.flatten(0, 1) * 2 - 1  # image-major
         error = known_pixel_error(
@@ -197,6 +200,7 @@ def run(
     result = {
         "num_images": n,
         "completions_per_image": completions_per_image,
+        "resample": resample,
         "unmasked_class_rate": unmasked,
         "halves": halves,
         "passes": all(row["passes"] for row in halves),
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--completions_per_image", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--resample", type=int, default=0, help="RePaint resampling passes per level")
     parser.add_argument(
         "--classifier", type=Path, default=None, help="digits classifier folder (default: cache)"
     )
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         completions_per_image=args.completions_per_image,
         batch_size=args.batch_size,
+        resample=args.resample,
     )
     result = {
         "checkpoint": str(args.checkpoint),

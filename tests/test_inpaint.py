@@ -138,6 +138,67 @@ def test_pipeline_keeps_known_pixels(preset):
     assert (quantized[keep.numpy()] == pixels.repeat(2, 0)[keep.numpy()]).all()
 
 
+def test_resampling_keeps_known_pixels_and_repeats_each_level():
+    """RePaint resampling: (1 + r) passes per level, known pixels still exact, and a different result."""
+    pipeline = build_pipeline()
+    image = torch.rand(2, 1, SIZE, SIZE)
+    repaint = torch.from_numpy(preset_mask("left_half", SIZE)).expand(2, 1, -1, -1)
+    steps = {}
+    outs = {}
+    for r in (0, 2):
+        calls = []
+        original = pipeline.progress_bar
+
+        def counting_bar(*args, calls=calls, original=original, **kwargs):
+            bar = original(*args, **kwargs)
+            calls.append(kwargs.get("total"))
+            return bar
+
+        pipeline.progress_bar = counting_bar
+        outs[r] = pipeline(
+            image=image, mask_image=repaint, resample=r,
+            generator=[torch.Generator().manual_seed(k) for k in range(2)], output_type="pt",
+        ).images  # fmt: skip
+        pipeline.progress_bar = original
+        steps[r] = calls[0]
+        keep = (repaint == 0).expand_as(outs[r])
+        assert torch.allclose(outs[r][keep], image[keep], atol=1e-6)
+    assert steps[2] == 3 * steps[0]
+    assert (outs[2] - outs[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="resample must be >= 0"):
+        pipeline(image=image, mask_image=repaint, resample=-1, output_type="pt")
+
+
+def test_resampling_renoises_with_one_forward_step():
+    """A resampling pass feeds reverse_step x_{t+1} = sqrt(alpha_{t+1}) x_t + sigma_{t+1} eps."""
+    from cdrl import sampling
+
+    pipeline = build_pipeline()
+    schedule = pipeline.scheduler.schedule
+    seen = []
+
+    def fake_step(ebm, initializer, schedule_, x_next, t, settings, **kwargs):
+        seen.append((t, x_next.clone()))
+        return torch.full_like(x_next, float(t + 1))  # x_t = t + 1 everywhere
+
+    original = sampling.reverse_step
+    sampling.reverse_step = fake_step
+    try:
+        settings = pipeline.scheduler.langevin_settings(tweedie=False)
+        torch.manual_seed(0)
+        sampling.sample(
+            pipeline.ebm, pipeline.initializer, schedule, torch.zeros(4000, 1), settings, resample=1
+        )
+    finally:
+        sampling.reverse_step = original
+    levels = [t for t, _ in seen]
+    assert levels == [t for t in reversed(range(schedule.num_levels)) for _ in range(2)]
+    for (t, x_next), (_, first) in zip(seen[1::2], seen[0::2]):
+        alpha = float(schedule.alphas[t + 1])
+        assert abs(x_next.mean().item() - alpha**0.5 * (t + 1)) < 0.05
+        assert abs(x_next.std().item() - (1 - alpha) ** 0.5) < 0.05
+
+
 # ---------------------------------------------------------------- the CLI
 
 
