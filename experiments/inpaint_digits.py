@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--completions_per_image", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=500)
-    parser.add_argument("--resample", type=int, default=0, help="RePaint resampling passes per level")
+    parser.add_argument(
+        "--resample", type=int, default=0, help="RePaint resampling passes per level"
+    )
     parser.add_argument(
         "--classifier", type=Path, default=None, help="digits classifier folder (default: cache)"
     )

@@ -193,7 +193,10 @@ def test_resampling_renoises_with_one_forward_step():
         sampling.reverse_step = original
     levels = [t for t, _ in seen]
     assert levels == [t for t in reversed(range(schedule.num_levels)) for _ in range(2)]
-    for (t, x_next), (_, first) in zip(seen[1::2], seen[0::2]):
+    top = schedule.num_levels - 1
+    for (t, first), (_, x_next) in zip(seen[0::2], seen[1::2], strict=True):
+        # the first pass continues from the level above (which returned t + 2); the top from x_T = 0
+        assert torch.all(first == (0.0 if t == top else float(t + 2)))
         alpha = float(schedule.alphas[t + 1])
         assert abs(x_next.mean().item() - alpha**0.5 * (t + 1)) < 0.05
         assert abs(x_next.std().item() - (1 - alpha) ** 0.5) < 0.05
