@@ -23,7 +23,6 @@ from torch import Tensor
 
 from cdrl import accel
 from cdrl.config import Config, LangevinConfig
-from cdrl.guidance import NEGATIONS
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
@@ -165,7 +164,6 @@ class CDRLPipeline(DiffusionPipeline):
         num_samples_per_image: int = 1,
         resample: int = 0,
         compose: Sequence[tuple[Sequence[int | None], float]] | None = None,
-        negation: str = "linear",
         output_type: str = "pil",
         return_dict: bool = True,
         precision: str = "fp32",
@@ -194,10 +192,6 @@ class CDRLPipeline(DiffusionPipeline):
             compose: product of experts over conditions: (labels, weight) pairs, where labels gives one value
                 per condition (class first, then attributes) and None leaves that condition null. The energy is
                 E(null) + sum_k weight_k (E(c_k) - E(null)); a negative weight means NOT (CDRL Sec. 4.4).
-            negation: how a negative compose weight acts: "linear" (the formula above, unbounded: strong
-                negations also push samples off the data) or "posterior" (adds |weight| log p(not c | y)
-                from the EBM's implicit classifier over the condition's values: bounded; each negated
-                term must set one condition).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
             precision: "fp32", or "bf16" to run the network forwards under autocast (GPU); the Langevin
                 state and its gradient stay float32 either way.
@@ -235,8 +229,6 @@ class CDRLPipeline(DiffusionPipeline):
             )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if negation not in NEGATIONS:
-            raise ValueError(f"negation must be one of {', '.join(NEGATIONS)}, got {negation!r}")
         settings = self.scheduler.langevin_settings(
             n_steps=num_langevin_steps, noise_scale=langevin_noise_scale
         )
@@ -251,7 +243,7 @@ class CDRLPipeline(DiffusionPipeline):
         x = sample(
             ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
             generator=generator, known=known, known_mask=known_mask, resample=int(resample),
-            negation=negation, callback=lambda t, k, y: bar.update(1),
+            callback=lambda t, k, y: bar.update(1),
         )  # fmt: skip
         bar.close()
         images = self._postprocess(x / self.scheduler.config.data_scale, output_type)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from cdrl.config import LangevinConfig
-from cdrl.guidance import Condition, composed, log_prob_not, split_negated, stacked_conditions
+from cdrl.guidance import Condition, composed, stacked_conditions
 from cdrl.langevin import EnergyFn, langevin_refine
 from cdrl.schedule import NoiseSchedule
 from cdrl.utils import expand_as, randn_like
@@ -61,37 +61,13 @@ def energy_fn(
     *,
     null: Tensor | None = None,
     terms: Sequence[Condition] = (),
-    negation: str = "linear",
 ) -> EnergyFn:
     """The tempered, composed EBM energy at one level: y -> E(y) / temperature, (b,).
 
     For an EBM with a ``context`` method (ours), the y-independent context of the stacked conditions is
     computed on the first call and reused by every later call (a Langevin chain), so keep the returned
-    function within one ``frozen`` block and one level. With ``negation="posterior"`` each negative-weight
-    term adds -|w| log p(not c | y) (``cdrl.guidance.split_negated``) instead of its linear term.
+    function within one ``frozen`` block and one level.
     """
-    kept, negated = split_negated(terms, null, negation)
-    base = _linear_energy_fn(ebm, lvl, null=null, terms=kept)
-    if not negated:
-        return base
-    alternatives = [
-        [_linear_energy_fn(ebm, lvl, null=cond) for cond in term.alternatives] for term in negated
-    ]
-
-    def fn(y: Tensor) -> Tensor:
-        out = base(y)
-        for term, fns in zip(negated, alternatives, strict=True):
-            logits = torch.stack([-f(y) for f in fns], 1)  # (b, size): -E(y, v) / temperature
-            out = out - term.weight * log_prob_not(logits, term.value)
-        return out
-
-    return fn
-
-
-def _linear_energy_fn(
-    ebm: nn.Module, lvl: Level, *, null: Tensor | None, terms: Sequence[Condition] = ()
-) -> EnergyFn:
-    """``energy_fn`` with every term linear."""
     if not hasattr(ebm, "context"):
 
         def fn(y: Tensor) -> Tensor:
@@ -121,16 +97,13 @@ def propose(
     null: Tensor | None = None,
     terms: Sequence[Condition] = (),
     generator: torch.Generator | list[torch.Generator] | None = None,
-    negation: str = "linear",
 ) -> Tensor:
     """The initializer's proposal yhat = mu(x_{t+1}) + std * eps in y-space (CDRL Eq. (8)).
 
-    Without an initializer (DRL) the chain starts at x_{t+1} itself. With ``negation="posterior"`` the
-    negated terms are left out of the mean (a mean has no posterior to negate): the EBM enforces them.
+    Without an initializer (DRL) the chain starts at x_{t+1} itself.
     """
     if initializer is None:
         return x_next.clone()
-    terms, _ = split_negated(terms, null, negation)
     mean = composed(initializer, x_next, lvl.next_noise_level, null=null, terms=terms)
     return mean + expand_as(lvl.proposal_std, mean) * randn_like(mean, generator)
 
@@ -167,7 +140,6 @@ def reverse_step(
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
-    negation: str = "linear",
 ) -> Tensor:
     """One recovery step x_{t+1} -> x_t: proposal, K Langevin steps on p(y | x_{t+1}), y / scale (CDRL Alg. 2).
 
@@ -186,11 +158,9 @@ def reverse_step(
         t_batch = torch.full((known.shape[0],), t, device=known.device)
         known_y = scale * schedule.q_sample(known, t_batch, randn_like(known, generator))
     with torch.no_grad():
-        y = propose(
-            initializer, x_next, lvl, null=null, terms=terms, generator=generator, negation=negation
-        )
+        y = propose(initializer, x_next, lvl, null=null, terms=terms, generator=generator)
     y = langevin_refine(
-        energy_fn(ebm, lvl, null=null, terms=terms, negation=negation),
+        energy_fn(ebm, lvl, null=null, terms=terms),
         y,
         x_next,
         sigma=lvl.sigma,
@@ -215,7 +185,6 @@ def tweedie_denoise(
     *,
     null: Tensor | None = None,
     terms: Sequence[Condition] = (),
-    negation: str = "linear",
 ) -> Tensor:
     """x0_hat = (x_0 + (1 - alphabar_0) grad log p(x_0)) / sqrt(alphabar_0) (CDRL App. A.2, Tweedie's formula).
 
@@ -224,7 +193,7 @@ def tweedie_denoise(
     t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
     tweedie_settings = LangevinConfig(**{**vars(settings), "b2": settings.tweedie_b2})
     lvl = level(schedule, t, tweedie_settings)
-    fn = energy_fn(ebm, lvl, null=null, terms=terms, negation=negation)
+    fn = energy_fn(ebm, lvl, null=null, terms=terms)
     with torch.enable_grad():
         leaf = x0.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(fn(leaf * expand_as(lvl.scale, leaf)).sum(), leaf)
@@ -245,7 +214,6 @@ def sample(
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     resample: int = 0,
-    negation: str = "linear",
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Generate x_0 from x_T: T recovery steps from the top, then the Tweedie step (CDRL Alg. 2).
@@ -281,12 +249,9 @@ def sample(
                 x = reverse_step(
                     ebm, initializer, schedule, x_next, t, settings, null=null, terms=terms,
                     generator=generator, known=known, known_mask=known_mask, callback=step_callback,
-                    negation=negation,
                 )  # fmt: skip
         if settings.tweedie:
-            x = tweedie_denoise(
-                ebm, schedule, x, settings, null=null, terms=terms, negation=negation
-            )
+            x = tweedie_denoise(ebm, schedule, x, settings, null=null, terms=terms)
     if known is not None:
         x = known_mask * known + (1.0 - known_mask) * x
     return x

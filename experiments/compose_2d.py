@@ -214,12 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--not_weight", type=float, default=-1.0, help="weight of the negated term (< 0)"
     )
-    parser.add_argument(
-        "--negation",
-        choices=("linear", "posterior"),
-        default="linear",
-        help="how the negative weight acts (CDRLPipeline's negation argument)",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     args = parser.parse_args(argv)
@@ -251,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         out = pipeline(
             batch_size=args.num_samples,
             compose=terms,
-            negation=args.negation,
             generator=torch.Generator().manual_seed(args.seed + index),
             output_type="np",
         )
