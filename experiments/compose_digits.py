@@ -10,7 +10,7 @@ ink mass is above the training median (``cdrl.data.attribute_values``). For each
 The class is judged by the independent digits classifier (argmax), thickness by ink mass.
 
 Usage: python experiments/compose_digits.py --checkpoint DIR --output_dir DIR [--per_class 100]
-       [--and_weight 2] [--not_weight -1] [--negation linear|posterior] [--seed 0]
+       [--and_weight 2] [--not_weight -1] [--seed 0]
 Writes compose_digits.json, compose_digits.md and compose_digits.png (per class: thick | thin |
 not thick samples) into --output_dir.
 """
@@ -62,7 +62,6 @@ def run(
     per_class: int,
     and_weight: float,
     not_weight: float,
-    negation: str,
     seed: int,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Sample every (experiment, class) cell; returns per-cell and mean scores, and the samples."""
@@ -75,7 +74,6 @@ def run(
             out = pipeline(
                 batch_size=per_class,
                 compose=terms,
-                negation=negation,
                 generator=generator,
                 output_type="pt",
             )
@@ -114,8 +112,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "class": "(c) weight 1",
         "thick": f"(c) AND thick, weights {result['and_weight']:g}",
         "thin": f"(c) AND thin, weights {result['and_weight']:g}",
-        "not_thick": f"(c) {result['and_weight']:g}, NOT thick {result['not_weight']:g} "
-        f"({result['negation']})",
+        "not_thick": f"(c) {result['and_weight']:g}, NOT thick {result['not_weight']:g}",
     }
     for experiment in EXPERIMENTS:
         row = result["mean"][experiment]
@@ -150,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--not_weight", type=float, default=-1.0, help="weight of the negated term (< 0)"
     )
-    parser.add_argument("--negation", choices=("linear", "posterior"), default="linear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier", type=Path, default=None, help="digits classifier folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -179,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         per_class=args.per_class,
         and_weight=args.and_weight,
         not_weight=args.not_weight,
-        negation=args.negation,
         seed=args.seed,
     )
     result = {
@@ -187,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         "per_class": args.per_class,
         "and_weight": args.and_weight,
         "not_weight": args.not_weight,
-        "negation": args.negation,
         "seed": args.seed,
         "seconds": time.perf_counter() - start,
         "git_sha": git_sha(),

@@ -41,7 +41,7 @@ class RealDigits:
         self.thick = torch.from_numpy(attribute_values("digits", self.x, "thickness")).bool()
         self.wrong = wrong
 
-    def __call__(self, batch_size, compose, negation, generator, output_type):
+    def __call__(self, batch_size, compose, generator, output_type):
         label = compose[0][0][0]
         if self.wrong:
             label = (label + 1) % 10
@@ -68,7 +68,6 @@ def test_scores_on_real_digits():
         "per_class": 8,
         "and_weight": 2.0,
         "not_weight": -1.0,
-        "negation": "linear",
         "seed": 0,
     }
     result, samples = compose_digits.run(RealDigits(), classifier, **kwargs)
@@ -96,11 +95,9 @@ def test_main_end_to_end(tmp_path, tiny_cond_ebm):
     CDRLPipeline(ebm, None, CDRLScheduler(num_levels=2, n_steps=1)).save_pretrained(folder)
     out = tmp_path / "results"
     args = ["--checkpoint", str(folder), "--output_dir", str(out), "--per_class", "6"]
-    assert compose_digits.main([*args, "--negation", "posterior"]) == 0
+    assert compose_digits.main(args) == 0
     result = json.loads((out / "compose_digits.json").read_text())
-    assert result["negation"] == "posterior" and set(result["mean"]) == set(
-        compose_digits.EXPERIMENTS
-    )
+    assert result["not_weight"] == -1.0 and set(result["mean"]) == set(compose_digits.EXPERIMENTS)
     for row in result["mean"].values():
         assert all(0.0 <= value <= 1.0 for value in row.values())
     assert (out / "compose_digits.png").stat().st_size > 0
