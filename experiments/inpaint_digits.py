@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from cdrl.inpaint import complete, preset_mask  # noqa: E402
 from cdrl.utils import git_sha, save_grid  # noqa: E402
 
 HALVES = ("left_half", "right_half", "top_half", "bottom_half")
+MIN_Z = 2.0  # 'clearly more often': the paired z-score over images must reach this
 KNOWN_TOLERANCE = 1e-6  # digits are multiples of 1/16, so the kept half must come back bit-exact
 FIGURE_COLUMNS = 10
 
@@ -88,8 +90,12 @@ def summarize_half(
     labels: Tensor,
     known_error: float,
 ) -> dict[str, Any]:
-    """Scores of one masked half; it passes when the model beats the mean-fill baseline and the
-    known half is preserved (error <= ``KNOWN_TOLERANCE``).
+    """Scores of one masked half; it passes when the model beats the mean-fill baseline clearly (a
+    paired z-score of at least ``MIN_Z`` over images) and the known half is preserved (error <=
+    ``KNOWN_TOLERANCE``).
+
+    The paired difference of image i is (its completions' match rate) - (its mean fill's match, 0 or
+    1); z = mean / (std / sqrt(n)).
 
     Args:
         half: the mask preset's name.
@@ -106,15 +112,32 @@ def summarize_half(
     model_rate = class_match_rate(completion_probabilities, labels.repeat_interleave(repeats))
     baseline_rate = class_match_rate(baseline_probabilities, labels)
     known_preserved = known_error <= KNOWN_TOLERANCE
+    model_hits = completion_probabilities.argmax(1) == labels.repeat_interleave(repeats)
+    baseline_hits = baseline_probabilities.argmax(1) == labels
+    paired = model_hits.double().reshape(-1, repeats).mean(1) - baseline_hits.double()
+    z = _paired_z(paired)
     return {
         "mask": half,
         "model_class_rate": model_rate,
         "baseline_class_rate": baseline_rate,
         "improvement": model_rate - baseline_rate,
+        "paired_z": z,
         "known_max_abs_error": known_error,
         "known_preserved": known_preserved,
-        "passes": bool(model_rate > baseline_rate and known_preserved),
+        "passes": bool(model_rate > baseline_rate and z >= MIN_Z and known_preserved),
     }
+
+
+def _paired_z(differences: Tensor) -> float:
+    """mean / standard error of per-image differences (inf for a constant positive difference)."""
+    n = differences.numel()
+    if n == 0:
+        return 0.0
+    mean = float(differences.mean())
+    se = float(differences.std()) / n**0.5 if n > 1 else 0.0
+    if se == 0.0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / se
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -123,13 +146,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Inpainting {result['num_images']} test digits, {result['completions_per_image']} "
         "completion(s) each; rate = fraction classified as the original digit.",
         "",
-        "| masked half | model | mean-fill baseline | unmasked | known half preserved | pass |",
-        "|---|---|---|---|---|---|",
+        "| masked half | model | mean-fill baseline | paired z | unmasked | known half preserved | pass |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["halves"]:
         lines.append(
             f"| {row['mask']} | {row['model_class_rate']:.3f} | {row['baseline_class_rate']:.3f} "
-            f"| {result['unmasked_class_rate']:.3f} | {'yes' if row['known_preserved'] else 'NO'} "
+            f"| {row['paired_z']:.1f} | {result['unmasked_class_rate']:.3f} | {'yes' if row['known_preserved'] else 'NO'} "
             f"(max error {row['known_max_abs_error']:.1e}) | {'ok' if row['passes'] else 'FAIL'} |"
         )
     lines += ["", "PASS" if result["passes"] else "FAIL", ""]

@@ -418,6 +418,21 @@ def test_inpaint_digits_measurements():
     assert good["passes"] and good["model_class_rate"] == 1.0 and good["improvement"] == 1.0
     assert not script.summarize_half("left_half", wrong, right, labels, 0.0)["passes"]
     assert not script.summarize_half("left_half", right, wrong, labels, 0.1)["passes"]
+    assert good["paired_z"] == float("inf")
+    # Better by one image in six: higher, but not clearly (paired z about 1), so it fails.
+    slightly = right.clone()
+    slightly[1:] = wrong[1:]
+    baseline = wrong.clone()
+    close = script.summarize_half("left_half", slightly, baseline, labels, 0.0)
+    assert close["improvement"] > 0 and 0.5 < close["paired_z"] < 1.5 and not close["passes"]
+    # 120 images, the model right on 80 and the mean fill on 40 (disjoint but overlapping by 20):
+    labels = torch.arange(120) % 10
+    right = torch.nn.functional.one_hot(labels, 10).float()
+    wrong = torch.nn.functional.one_hot((labels + 1) % 10, 10).float()
+    model = torch.cat([right[:80], wrong[80:]])
+    fill = torch.cat([wrong[:60], right[60:100], wrong[100:]])
+    clear = script.summarize_half("left_half", model, fill, labels, 0.0)
+    assert clear["paired_z"] > 2 and clear["passes"]
     json.dumps(good)
 
 
