@@ -215,7 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)"
     )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides",
+    )
     args = p.parse_args(argv)
     device = device_of(args.device)
     cuda = device.type == "cuda"

@@ -1119,7 +1119,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         "--config", help="YAML file with the settings that differ from the defaults"
     )
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys"
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (repeatable: --set a=1 b=2 --set c=3)",
     )
     parser.add_argument("--output_dir", help="run folder (log.output_dir)")
     parser.add_argument("--train_batch_size", help="batch size per process (train.batch_size)")

@@ -337,3 +337,15 @@ def test_bf16_training_runs_the_langevin_forwards_in_bf16(monkeypatch):
     conv_dtypes.clear()
     _step()  # float32 by default
     assert conv_dtypes and set(conv_dtypes) == {torch.float32}
+
+
+def test_repeated_set_flags_accumulate():
+    """`--set a=1 --set b=2` keeps both overrides (argparse's default would keep only the last)."""
+    from cdrl.train import parse_args
+
+    cfg, _ = parse_args(
+        ["--config", "configs/toy2d.yaml", "--set", "train.max_steps=7", "langevin.n_steps=3",
+         "--set", "train.lr_schedule=cosine"]
+    )  # fmt: skip
+    assert cfg.train.max_steps == 7 and cfg.langevin.n_steps == 3
+    assert cfg.train.lr_schedule == "cosine"
