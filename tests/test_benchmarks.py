@@ -76,6 +76,21 @@ def test_langevin_flops(bench, capsys, tmp_path):
         assert math.isclose(result["fraction"], rate_ratio, rel_tol=1e-6)
 
 
+def test_langevin_flops_compiled_copy(bench, capsys, tmp_path):
+    """--compile times the folded, compiled sampling copy (eager backend here: the wiring, not speed);
+    the FLOPs are counted on the plain network, so they match the uncompiled run."""
+    args = ["--digits_batch", "4", "--matmul_size", "128", "--n_steps", "1", "--rounds", "1"]
+    _, plain = run_main(bench, capsys, tmp_path, "langevin_flops", [*args, "--only", "digits"])
+    out, compiled = run_main(
+        bench, capsys, tmp_path, "langevin_flops",
+        [*args, "--only", "digits", "--compile", "--compile_backend", "eager"],
+    )  # fmt: skip
+    assert "torch.compile'd" in out
+    (result,) = compiled["results"]
+    assert result["compiled"] and not plain["results"][0]["compiled"]
+    assert result["gflop_per_step"] == plain["results"][0]["gflop_per_step"]
+
+
 def test_sampling_memory_one_fresh_process_per_k(bench, capsys, tmp_path):
     out, payload = run_main(bench, capsys, tmp_path, "sampling_memory", ["--batch", "2"])
     assert "peak growth MiB" in out and "flat" in out
