@@ -2,7 +2,7 @@
 network evaluations per sample.
 
 Quality is judged by the independent digits classifier (confident fraction, classes present, largest class
-share), a Fréchet distance on that classifier's penultimate features against the real test split, and the
+share), torch-fidelity's FID on that classifier's penultimate features against the real test split, and the
 fraction of near-copies of training digits. NFE per sample: CDRL T*K EBM gradients + 1 Tweedie step (plus T
 cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet forward per step.
 
@@ -46,6 +46,7 @@ from cdrl.digits_classifier import (  # noqa: E402
     load_digits_classifier,
     novelty,
 )
+from cdrl.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity, to_uint8  # noqa: E402
 from cdrl.pipeline import CDRLPipeline  # noqa: E402
 from cdrl.train import run  # noqa: E402
 from cdrl.utils import git_sha, parse_int_list, save_grid  # noqa: E402
@@ -57,73 +58,44 @@ NOTES_HEADING = "## Notes"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The digits FID.
-# TODO(issue 7): switch to cdrl.fidelity (torch-fidelity on the same classifier features) once it has landed.
+# The digits FID: torch-fidelity's FID on the registered digits-classifier features (cdrl.fidelity).
 
 
-def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (d,) and unbiased covariance (d, d) of (n, d) features, in float64."""
-    features = features.double()
-    mean = features.mean(dim=0)
-    centred = features - mean
-    return mean, centred.T @ centred / max(features.shape[0] - 1, 1)
-
-
-def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
-    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2) (Heusel et al. 2017, Eq. (6)).
-
-    ||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)). The trace of the matrix square root is taken as
-    sum sqrt(eig(cov1^(1/2) cov2 cov1^(1/2))), a symmetric PSD matrix, so no complex parts arise.
-    """
-    mu1, cov1, mu2, cov2 = (v.double() for v in (mu1, cov1, mu2, cov2))
-    eigval, eigvec = torch.linalg.eigh(cov1)
-    sqrt1 = eigvec @ torch.diag(eigval.clamp(min=0).sqrt()) @ eigvec.T
-    middle = sqrt1 @ cov2 @ sqrt1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
-    return max(float(distance), 0.0)
-
-
-@torch.no_grad()
-def classifier_features(
-    images: Tensor, classifier: DigitsClassifier, batch_size: int = 1000
-) -> Tensor:
-    """(n, feature_dim) penultimate features of the digits classifier for (n, 1, 8, 8) images in [-1, 1]."""
-    classifier.eval()
-    device = next(classifier.parameters()).device
-    chunks = [
-        classifier.features(x.to(device, torch.float32)).cpu() for x in images.split(batch_size)
-    ]
-    return torch.cat(chunks)
-
-
-def classifier_fid(images: Tensor, reference: Tensor, classifier: DigitsClassifier) -> float:
-    """A digits FID: the Fréchet distance between the classifier features of ``images`` and ``reference``.
+def digits_fid(
+    images: Tensor, reference: Tensor, classifier_path: str | Path | None = None
+) -> float:
+    """torch-fidelity's FID between (n, 1, 8, 8) digits in [-1, 1] and real ones, on the penultimate
+    features of the digits classifier (the ``digits-classifier`` extractor; ``classifier_path`` its folder,
+    default the cached one). The images go through 8-bit values first, as saved samples would.
 
     Not comparable with Inception FIDs. With a few hundred reference digits the estimate is biased upwards,
     the same way for every method, so compare values computed against the same reference only.
-
-    Args:
-        images: (n, 1, 8, 8) generated digits in [-1, 1].
-        reference: (m, 1, 8, 8) real digits in [-1, 1] (the test split here).
-        classifier: a trained ``DigitsClassifier``.
     """
-    return frechet_distance(
-        *feature_statistics(classifier_features(images, classifier)),
-        *feature_statistics(classifier_features(reference, classifier)),
+    figures, _ = compute_fidelity(
+        to_uint8(images),
+        Reference.from_images("digits-test", to_uint8(reference)),
+        metrics={"fid"},
+        extractor=DIGITS_EXTRACTOR,
+        weights_path=classifier_path,
     )
+    return figures["fid"]
 
 
 def measure(
-    images: Tensor, classifier: DigitsClassifier, train: Tensor, test: Tensor
+    images: Tensor,
+    classifier: DigitsClassifier,
+    train: Tensor,
+    test: Tensor,
+    classifier_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The comparison's quality figures for (n, 1, 8, 8) digits in [-1, 1]."""
+    """The comparison's quality figures for (n, 1, 8, 8) digits in [-1, 1]; ``classifier_path`` is
+    ``classifier``'s folder (None: the cached default), for the FID's feature extractor."""
     judged = judge_digits(images, classifier)
     return {
         "confident_fraction": judged["confident_fraction"],
         "classes_present": judged["classes_present"],
         "max_class_fraction": judged["max_class_fraction"],
-        "fid": classifier_fid(images, test, classifier),
+        "fid": digits_fid(images, test, classifier_path),
         "copy_fraction": novelty(images, train, reference=test)["copy_fraction"],
     }
 
@@ -202,6 +174,7 @@ def evaluate(
     folders: dict[str, Path | None],
     *,
     classifier: DigitsClassifier,
+    classifier_path: str | Path | None = None,
     cdrl_steps: Sequence[int] = (3, 5, 8, 15),
     drl_steps: Sequence[int] = (15, 30),
     ddpm_steps: Sequence[int] = (10, 20, 50, 100, 1000),
@@ -215,7 +188,8 @@ def evaluate(
 
     Args:
         folders: {"cdrl" | "drl" | "diffusion": run or pipeline folder, or None to skip}.
-        classifier: the digits classifier that judges the samples and gives the FID features.
+        classifier: the digits classifier that judges the samples.
+        classifier_path: its folder (None: the cached default), for the FID's feature extractor.
         cdrl_steps, drl_steps: K per level for the EBMs; ddpm_steps, ddim_steps: sampling steps.
         num_samples: samples per setting.
         seed: sampling seed (the same for every setting).
@@ -236,7 +210,7 @@ def evaluate(
         images = draw(num_samples)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         row = {"method": method, "sampler": sampler, "steps": steps, "nfe": nfe,
-               **measure(images, classifier, x_train, x_test),
+               **measure(images, classifier, x_train, x_test, classifier_path),
                "sampling_wall_s": round(wall, 2), "sampling_cpu_s": round(cpu, 2)}  # fmt: skip
         rows.append(row)
         print(format_row(row), flush=True)
@@ -246,7 +220,7 @@ def evaluate(
             grids.append(str(path))
     generator = torch.Generator().manual_seed(seed)
     real = x_train[torch.randperm(len(x_train), generator=generator)[:num_samples]]
-    reference = measure(real, classifier, x_train, x_test)
+    reference = measure(real, classifier, x_train, x_test, classifier_path)
     reference["copy_fraction"] = None  # they are the training digits
     return {"rows": rows, "reference": reference, "grids": grids}
 
@@ -437,9 +411,9 @@ def write_report(
         "NFE: CDRL T*K EBM gradients + 1 Tweedie step (its T = 6 initializer forwards are not counted); "
         "DRL T*K EBM gradients; DDPM/DDIM one UNet forward per step. `confident`: fraction the independent "
         "digits classifier labels with p >= 0.9; `classes`: classes with at least one confident sample; "
-        "`largest class`: share of the most frequent predicted class; `digits FID`: Fréchet distance of the "
-        "classifier's penultimate features against the 360 real test digits (`classifier_fid` in "
-        "`experiments/compare.py`); `copies`: share of samples nearer to a training digit than 99% of real "
+        "`largest class`: share of the most frequent predicted class; `digits FID`: torch-fidelity's FID on "
+        "the classifier's penultimate features (the registered `digits-classifier` extractor) against the "
+        "360 real test digits; `copies`: share of samples nearer to a training digit than 99% of real "
         "test digits are.\n",
     ]
     if plot_path is not None:
@@ -550,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = load_digits_classifier(args.classifier)
     steps = {key: parse_int_list(getattr(args, key)) for key in
              ("cdrl_steps", "drl_steps", "ddpm_steps", "ddim_steps")}  # fmt: skip
-    result = evaluate(folders, classifier=classifier, num_samples=args.num_samples, seed=args.seed,
+    result = evaluate(folders, classifier=classifier, classifier_path=args.classifier, num_samples=args.num_samples, seed=args.seed,
                       batch_size=args.batch_size, grid_prefix=args.results_dir / args.name, **steps)  # fmt: skip
     result.update({"num_samples": args.num_samples, "seed": args.seed, "timing": timing,
                    "folders": {k: None if v is None else str(v) for k, v in folders.items()},
