@@ -76,13 +76,19 @@ def dataset_name(checkpoint: Path) -> str:
     return name
 
 
-def sample_points(checkpoint: Path, num_samples: int, seed: int) -> np.ndarray:
-    """(num_samples, 2) samples of the saved pipeline, in data units."""
+def sample_points(
+    checkpoint: Path, num_samples: int, seed: int, num_langevin_steps: int | None = None
+) -> np.ndarray:
+    """(num_samples, 2) samples of the saved pipeline, in data units (K per level: the stored one
+    unless ``num_langevin_steps`` is given)."""
     from cdrl import CDRLPipeline
 
     pipe = CDRLPipeline.from_pretrained(str(checkpoint))
     out = pipe(
-        batch_size=num_samples, generator=torch.Generator().manual_seed(seed), output_type="pt"
+        batch_size=num_samples,
+        generator=torch.Generator().manual_seed(seed),
+        num_langevin_steps=num_langevin_steps,
+        output_type="pt",
     )
     points = out.images
     if isinstance(points, torch.Tensor):
@@ -116,15 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="saved pipeline folder")
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num_langevin_steps", type=int, default=None, help="K per level (default: the stored one)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the scores as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="save a scatter plot PNG here")
     args = parser.parse_args(argv)
 
     name = dataset_name(args.checkpoint)
-    points = sample_points(args.checkpoint, args.num_samples, args.seed)
+    points = sample_points(args.checkpoint, args.num_samples, args.seed, args.num_langevin_steps)
     result = {
         "checkpoint": str(args.checkpoint),
         "seed": args.seed,
+        "num_langevin_steps": args.num_langevin_steps,
         **evaluate_points(name, points),
     }
     print(f"{name}: {result['in_support']:.3f} in support (need >= {MIN_IN_SUPPORT})")
