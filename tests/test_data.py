@@ -159,19 +159,26 @@ def test_toy2d_check_main(tmp_path, monkeypatch):
     checkpoint = tmp_path / "pipe"
     checkpoint.mkdir()
     (checkpoint / "training_config.yaml").write_text("data:\n  name: moons\n  toy_size: 100\n")
-    monkeypatch.setattr(
-        toy2d_check, "sample_points", lambda path, n, seed: sample_toy("moons", n, seed)
-    )
+    asked = []
+
+    def fake_samples(path, n, seed, k=None):
+        asked.append(k)
+        return sample_toy("moons", n, seed)
+
+    monkeypatch.setattr(toy2d_check, "sample_points", fake_samples)
     output, plot = tmp_path / "results.json", tmp_path / "out.png"
     code = toy2d_check.main(
         ["--checkpoint", str(checkpoint), "--num_samples", "500", "--output", str(output)]
-        + ["--plot", str(plot)]
+        + ["--plot", str(plot), "--num_langevin_steps", "7"]
     )
-    assert code == 0
-    assert json.loads(output.read_text())["passed"] is True
+    assert code == 0 and asked == [7]
+    result = json.loads(output.read_text())
+    assert result["passed"] is True and result["num_langevin_steps"] == 7
     assert plot.stat().st_size > 0
     monkeypatch.setattr(
-        toy2d_check, "sample_points", lambda path, n, seed: np.zeros((n, 2), dtype=np.float32)
+        toy2d_check,
+        "sample_points",
+        lambda path, n, seed, k=None: np.zeros((n, 2), dtype=np.float32),
     )
     assert toy2d_check.main(["--checkpoint", str(checkpoint)]) == 1
 
