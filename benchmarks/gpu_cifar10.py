@@ -56,6 +56,7 @@ from _common import (
 )
 
 from cdrl import accel
+from cdrl.cli import add_config_overrides
 from cdrl.config import Config
 from cdrl.pipeline import CDRLScheduler
 from cdrl.sampling import sample
@@ -215,14 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)"
     )
-    p.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides",
-    )
+    add_config_overrides(p)
     args = p.parse_args(argv)
     device = device_of(args.device)
     cuda = device.type == "cuda"

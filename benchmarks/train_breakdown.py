@@ -28,6 +28,7 @@ from _common import (
     training_setup,
 )
 
+from cdrl.cli import add_config_overrides
 from cdrl.data import load_dataset
 
 PHASE_NAMES = {
@@ -61,14 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, help="default: the config's train.batch_size")
     p.add_argument("--iters", type=int, help="timed iterations (default 20; quick 3)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; quick 1)")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides",
-    )
+    add_config_overrides(p)
     args = p.parse_args(argv)
     device = device_of(args.device)
     overrides = list(args.set)

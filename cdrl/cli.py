@@ -44,6 +44,19 @@ class ArgumentParser(argparse.ArgumentParser):
         return ""
 
 
+def add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """Add ``--set KEY=VALUE ...``: config overrides that accumulate over repeated flags (argparse's default
+    would keep only the last ``--set``). Parsed into a list of strings for ``cdrl.config.load_config``."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (repeatable: --set a=1 b=2 --set c=3)",
+    )
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is a failed allocation: MemoryError (Python, NumPy), torch.OutOfMemoryError (GPU),
     or a RuntimeError from torch's CPU allocator or from C++ (``std::bad_alloc``)."""

@@ -40,6 +40,7 @@ from cdrl import accel
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
+    add_config_overrides,
     check_writable,
     describe_out_of_memory,
     is_out_of_memory,
@@ -1118,14 +1119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument(
         "--config", help="YAML file with the settings that differ from the defaults"
     )
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys (repeatable: --set a=1 b=2 --set c=3)",
-    )
+    add_config_overrides(parser)
     parser.add_argument("--output_dir", help="run folder (log.output_dir)")
     parser.add_argument("--train_batch_size", help="batch size per process (train.batch_size)")
     parser.add_argument("--max_train_steps", help="optimizer steps (train.max_steps)")
