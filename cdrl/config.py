@@ -105,6 +105,10 @@ class TrainConfig:
     ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)
     variance_reduction: bool = True    # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
     init_data_weight: float = 0.0      # extra initializer regression onto the true x_t (0 = paper); see README
+    persistent_levels: int = 0         # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
+    persistent_fraction: float = 0.5   # share of those levels' examples whose negative comes from a persistent chain
+    persistent_size: int = 256         # chains per persistent level (per process), split evenly among label values
+    persistent_reset: float = 0.05     # probability that a chosen chain restarts from the example's fresh chain
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # bf16 also runs the training Langevin forwards in bf16
     tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.accel.set_tf32)
     channels_last: bool = False        # NHWC conv weights (faster tensor-core convs on GPU)
@@ -343,6 +347,16 @@ def validate(cfg: Config) -> None:
             "schedule.kind=drl needs schedule.num_levels >= 2",
         ),
         (cfg.langevin.tweedie_b2 > 0, "langevin.tweedie_b2 must be > 0"),
+        (
+            0 <= cfg.train.persistent_levels <= cfg.schedule.num_levels,
+            "train.persistent_levels must be in [0, schedule.num_levels]",
+        ),
+        (
+            0.0 <= cfg.train.persistent_fraction <= 1.0
+            and 0.0 <= cfg.train.persistent_reset <= 1.0,
+            "train.persistent_fraction and train.persistent_reset must be in [0, 1]",
+        ),
+        (cfg.train.persistent_size >= 1, "train.persistent_size must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (
             0.0 <= cfg.train.adam_beta1 < 1.0 and 0.0 <= cfg.train.adam_beta2 < 1.0,

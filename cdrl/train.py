@@ -51,6 +51,7 @@ from cdrl.data import DataError, load_dataset
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
 from cdrl.models import EnergyMLP, EnergyResNet, InitializerMLP, InitializerUNet
+from cdrl.persistent import PersistentChains
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler, weights_mismatch
 from cdrl.sampling import energy_fn, frozen, level, sample
 from cdrl.schedule import NoiseSchedule
@@ -85,6 +86,9 @@ class Models(NamedTuple):
     init_opt: torch.optim.Optimizer | None
     ebm_sched: Any
     init_sched: Any
+    chains: PersistentChains | None = (
+        None  # persistent negatives at the lowest levels (train.persistent_*)
+    )
 
 
 class StepResult(NamedTuple):
@@ -219,11 +223,25 @@ def train_step(
             noise=cfg.langevin.noise,
         )
 
+    # At the lowest levels some of the EBM's negatives continue persistent chains (cdrl.persistent).
+    y_ebm_neg = y_neg
+    if models.chains is not None:
+
+        def run_chain(y: Tensor, x_tether: Tensor, t_sub: Tensor, c: Tensor | None) -> Tensor:
+            sub = level(schedule, t_sub, cfg.langevin)
+            with frozen(ebm_raw):
+                fn = accel.autocast_energy_fn(energy_fn(ebm_raw, sub, null=c), langevin_dtype)
+                return langevin_refine(fn, y, x_tether, sigma=sub.sigma, tether=sub.tether,
+                                       step_size=sub.step_size, n_steps=cfg.langevin.n_steps,
+                                       noise=cfg.langevin.noise)  # fmt: skip
+
+        y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, run_chain)
+
     # Energies of positives and refined negatives in one forward; both losses (DRL Eq. (8), CDRL Eq. (9)).
     ebm.train()
     both_cond = None if cond is None else torch.cat([cond, cond])
     energies = ebm(
-        torch.cat([y_pos, y_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
+        torch.cat([y_pos, y_ebm_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
     ).float()
     energy_pos, energy_neg = energies.chunk(2)
     loss, stats = ebm_loss(energy_pos, energy_neg, lvl.loss_weight)
@@ -280,6 +298,10 @@ def train_step(
         for name, values in (("gap", gap), ("move", move), ("rms_err", err)):
             stats[f"level/{name}"] = torch.zeros(T, device=x0.device).index_add_(0, t, values)
         stats["langevin/move_norm"] = move.mean()
+        if models.chains is not None:
+            stats["persistent/share"] = continued.float().mean()
+            # the largest |y| among the continued chains: chains that run off show up here first
+            stats["persistent/max_abs"] = (y_ebm_neg.flatten(1).abs().amax(1) * continued).amax()
     return StepResult(stats, None)
 
 
@@ -498,8 +520,9 @@ def save_checkpoint(
     limit: int | None,
     ema: dict[str, EMAModel],
     guard: GuardState,
+    chains: PersistentChains | None = None,
 ) -> Path:
-    """accelerator.save_state and the EMAs into checkpoint-N, crash-safe.
+    """accelerator.save_state, the EMAs and the persistent chains into checkpoint-N, crash-safe.
 
     Everything goes into .tmp-checkpoint-N, is flushed to disk, is described by checkpoint.json (written
     last), and is renamed into place; an existing checkpoint-N is moved aside first and deleted after, as
@@ -511,6 +534,9 @@ def save_checkpoint(
         _remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # models (safetensors), optimizers, schedulers, RNG states
+    if chains is not None:  # every process keeps its own chains
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(chains.state_dict(), str(tmp / chains_file(accelerator.process_index)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tensors, ema_info = _ema_state(ema)
@@ -533,6 +559,11 @@ def save_checkpoint(
             _remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def chains_file(process_index: int) -> str:
+    """The checkpoint file holding one process's persistent chains."""
+    return f"persistent_chains_{process_index}.safetensors"
 
 
 def _remove_leftovers(output_dir: Path) -> None:
@@ -602,6 +633,10 @@ def load_checkpoint(
             info = json.loads(marker.read_text())
             accelerator.load_state(str(path))
             _load_ema(ema, load_file(str(path / EMA_WEIGHTS)), info["ema"], accelerator.device)
+            if models.chains is not None:  # a checkpoint without chains restarts them empty
+                file = path / chains_file(accelerator.process_index)
+                models.chains.load_state_dict(load_file(str(file)) if file.is_file() else {})
+                models.chains.to(accelerator.device)
             return GuardState(**{**info.get("guard", {}), "streak": 0})
         with _legacy_view(path) as view:
             accelerator.load_state(view)
@@ -844,7 +879,13 @@ def _train(
         ebm, ebm_opt, ebm_sched, loader = accelerator.prepare(ebm, ebm_opt, ebm_sched, loader)
     for value in ema.values():  # saved by save_checkpoint (safetensors), not by accelerate (pickle)
         value.to(accelerator.device)
-    models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched)
+    lc = cfg.train
+    chains = None
+    if lc.persistent_levels > 0 and lc.persistent_fraction > 0:
+        chains = PersistentChains(lc.persistent_levels, lc.persistent_size,
+                                  fraction=lc.persistent_fraction, reset=lc.persistent_reset,
+                                  condition_sizes=condition_sizes)  # fmt: skip
+    models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, chains)
     if len(loader) == 0:
         raise DataError(
             f"data set '{cfg.data.name}' gives no full batch of {cfg.train.batch_size} per process"
@@ -946,7 +987,7 @@ def _train(
                 every = cfg.log.checkpointing_steps
                 if every and step % every == 0 and guard.streak == 0:
                     save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit,
-                                    ema, guard)  # fmt: skip
+                                    ema, guard, chains)  # fmt: skip
                 if step >= cfg.train.max_steps:
                     break
         if bar is None:  # nothing to train (resumed at max_steps)
@@ -956,7 +997,7 @@ def _train(
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints or checkpoints[-1][0] != step:
             save_checkpoint(
-                accelerator, output_dir, step, cfg.log.checkpoints_total_limit, ema, guard
+                accelerator, output_dir, step, cfg.log.checkpoints_total_limit, ema, guard, chains
             )
         export_dir = output_dir / "pipeline"
         if accelerator.is_main_process:

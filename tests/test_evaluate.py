@@ -602,3 +602,27 @@ def test_two_processes_give_the_samples_and_figures_of_one(cond_pipe, cond_check
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["settings"]["num_processes"] == 2 and one["settings"]["num_processes"] == 1
     assert two["metrics"] == one["metrics"] and two["details"] == one["details"]
+
+
+def test_ood_sets_script_writes_inverted_digits_and_noise(tmp_path, capsys):
+    from experiment_scripts import load_experiment
+    from PIL import Image
+
+    from cdrl.digits_classifier import digits_split
+
+    ood_sets = load_experiment("ood_sets")
+    assert ood_sets.main(["--output_dir", str(tmp_path), "--num", "5"]) == 0
+    inverted = sorted((tmp_path / "inverted").glob("*.png"))
+    noise = sorted((tmp_path / "noise").glob("*.png"))
+    assert len(inverted) == len(noise) == 5
+    first = np.asarray(Image.open(inverted[0]))
+    digit = digits_split()[2][0, 0].numpy()
+    assert first.shape == (8, 8) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, 255 - np.rint((digit + 1) / 2 * 255).astype(np.uint8))
+    pixels = np.stack([np.asarray(Image.open(p)) for p in noise])
+    assert pixels.std() > 50  # uniform noise, not a constant image
+    # bad input: one line, exit code 2, nothing written
+    assert (
+        ood_sets.run_cli(ood_sets.main, ["--output_dir", str(tmp_path / "bad"), "--num", "0"]) == 2
+    )
+    assert "--num must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
