@@ -107,7 +107,8 @@ def _torchrun(*args: str) -> list[str]:
     ]
 
 
-TRAIN_ARGS = ["--config", str(DEBUG), "--report_to", "none", "--set", "train.max_steps=3"]
+TRAIN_ARGS = ["--config", str(DEBUG), "--report_to", "none", "--set", "train.max_steps=3",
+              "train.persistent_levels=1", "train.persistent_size=4"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,10 @@ def test_torchrun_two_cpu_processes_train_and_export(two_ranks):
     assert metrics[0]["lr/ebm"] == pytest.approx(0.5 * 1e-4)
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
-    for rank in (0, 1):  # save_state stores every process's RNG state
+    listed = json.loads((run_dir / "checkpoint-3" / "checkpoint.json").read_text())["files"]
+    for rank in (0, 1):  # save_state stores every process's RNG state; each keeps its own chains
         assert (run_dir / "checkpoint-3" / f"random_states_{rank}.pkl").is_file()
+        assert f"persistent_chains_{rank}.safetensors" in listed
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert not list(run_dir.glob(".tmp-*"))
 
