@@ -42,11 +42,12 @@ DRIVER = textwrap.dedent(
     train_step, level = T.train_step, T.level
 
     def spy_level(schedule, t, settings):
-        seen["levels"].append(t.tolist())
+        if seen.pop("first", False):  # the batch's levels (later calls: persistent chains)
+            seen["levels"].append(t.tolist())
         return level(schedule, t, settings)
 
     def spy_step(models, batch, cfg, schedule, accelerator, condition_sizes=()):
-        seen["models"], seen["accelerator"] = models, accelerator
+        seen["models"], seen["accelerator"], seen["first"] = models, accelerator, True
         seen["batches"].append(batch[0].flatten(1).sum(1).tolist())
         return train_step(models, batch, cfg, schedule, accelerator, condition_sizes)
 
