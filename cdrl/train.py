@@ -86,9 +86,8 @@ class Models(NamedTuple):
     init_opt: torch.optim.Optimizer | None
     ebm_sched: Any
     init_sched: Any
-    chains: PersistentChains | None = (
-        None  # persistent negatives at the lowest levels (train.persistent_*)
-    )
+    # persistent negatives at the lowest levels (train.persistent_*), or None
+    chains: PersistentChains | None = None
 
 
 class StepResult(NamedTuple):
@@ -211,31 +210,21 @@ def train_step(
     # bf16: the forwards run under autocast, the chain state and its gradient stay float32. fp16 stays
     # float32: the tempered energy's backward is scaled by 1 / s_0^2 = 4e4 and would overflow.
     langevin_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
-    with frozen(ebm_raw):
-        y_neg = langevin_refine(
-            accel.autocast_energy_fn(energy_fn(ebm_raw, lvl, null=cond), langevin_dtype),
-            y_init.detach(),
-            x_next,
-            sigma=lvl.sigma,
-            tether=lvl.tether,
-            step_size=lvl.step_size,
-            n_steps=cfg.langevin.n_steps,
-            noise=cfg.langevin.noise,
-        )
 
+    def refine(y: Tensor, x_tether: Tensor, t_chain: Tensor, c: Tensor | None) -> Tensor:
+        """K Langevin steps from y of the recovery conditionals at levels t_chain, tethered to x_tether."""
+        lv = lvl if t_chain is t else level(schedule, t_chain, cfg.langevin)  # the batch: lvl as is
+        with frozen(ebm_raw):
+            fn = accel.autocast_energy_fn(energy_fn(ebm_raw, lv, null=c), langevin_dtype)
+            return langevin_refine(fn, y, x_tether, sigma=lv.sigma, tether=lv.tether,
+                                   step_size=lv.step_size, n_steps=cfg.langevin.n_steps,
+                                   noise=cfg.langevin.noise)  # fmt: skip
+
+    y_neg = refine(y_init.detach(), x_next, t, cond)
     # At the lowest levels some of the EBM's negatives continue persistent chains (cdrl.persistent).
     y_ebm_neg = y_neg
     if models.chains is not None:
-
-        def run_chain(y: Tensor, x_tether: Tensor, t_sub: Tensor, c: Tensor | None) -> Tensor:
-            sub = level(schedule, t_sub, cfg.langevin)
-            with frozen(ebm_raw):
-                fn = accel.autocast_energy_fn(energy_fn(ebm_raw, sub, null=c), langevin_dtype)
-                return langevin_refine(fn, y, x_tether, sigma=sub.sigma, tether=sub.tether,
-                                       step_size=sub.step_size, n_steps=cfg.langevin.n_steps,
-                                       noise=cfg.langevin.noise)  # fmt: skip
-
-        y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, run_chain)
+        y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, refine)
 
     # Energies of positives and refined negatives in one forward; both losses (DRL Eq. (8), CDRL Eq. (9)).
     ebm.train()
@@ -879,11 +868,11 @@ def _train(
         ebm, ebm_opt, ebm_sched, loader = accelerator.prepare(ebm, ebm_opt, ebm_sched, loader)
     for value in ema.values():  # saved by save_checkpoint (safetensors), not by accelerate (pickle)
         value.to(accelerator.device)
-    lc = cfg.train
+    tc = cfg.train
     chains = None
-    if lc.persistent_levels > 0 and lc.persistent_fraction > 0:
-        chains = PersistentChains(lc.persistent_levels, lc.persistent_size,
-                                  fraction=lc.persistent_fraction, reset=lc.persistent_reset,
+    if tc.persistent_levels > 0 and tc.persistent_fraction > 0:
+        chains = PersistentChains(tc.persistent_levels, tc.persistent_size,
+                                  fraction=tc.persistent_fraction, reset=tc.persistent_reset,
                                   condition_sizes=condition_sizes)  # fmt: skip
     models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, chains)
     if len(loader) == 0:
