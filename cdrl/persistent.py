@@ -53,12 +53,11 @@ class PersistentChains:
                 "persistent chains need levels >= 0, size >= 1 and fraction, reset in [0, 1]; got "
                 f"{levels}, {size}, {fraction}, {reset}"
             )
-        self.levels, self.size, self.fraction, self.reset = levels, size, fraction, reset
+        self.levels, self.fraction, self.reset = levels, fraction, reset
         self.condition_sizes = tuple(condition_sizes)
         self.per_key = max(1, math.ceil(size / math.prod(s + 1 for s in self.condition_sizes)))
-        self.buffers: dict[
-            tuple[int, int], dict[str, Tensor]
-        ] = {}  # (level, label key) -> y, x_next, filled
+        # (level, label key) -> {"y", "x_next", "filled"}
+        self.buffers: dict[tuple[int, int], dict[str, Tensor]] = {}
 
     def _keys(self, cond: Tensor | None, n: int, device: torch.device) -> Tensor:
         """One integer per example for its labels (mixed radix; each condition has size + 1 values)."""
@@ -121,9 +120,8 @@ class PersistentChains:
             k_idx = torch.cat([idx for _, idx, _ in kept])
             y0 = torch.cat([buf["y"][slot] for buf, _, slot in kept])
             tether = torch.cat([buf["x_next"][slot] for buf, _, slot in kept])
-            y_neg[k_idx] = run(y0, tether, t[k_idx], None if cond is None else cond[k_idx]).to(
-                y_neg
-            )
+            k_cond = None if cond is None else cond[k_idx]
+            y_neg[k_idx] = run(y0, tether, t[k_idx], k_cond).to(y_neg)
             continued[k_idx] = True
         for buf, idx, slot, restart in groups:  # restarted chains take the example's tether
             buf["x_next"][slot[restart]] = x_next[idx[restart]].float()

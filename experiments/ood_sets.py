@@ -22,12 +22,13 @@ if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.cli import ArgumentParser, CLIError, atomic_path, run_cli  # noqa: E402
 from cdrl.digits_classifier import digits_split  # noqa: E402
+from cdrl.utils import to_uint8_images  # noqa: E402
 
 
 def ood_images(num: int, seed: int) -> dict[str, np.ndarray]:
     """{"inverted": (n, 8, 8) uint8, "noise": (n, 8, 8) uint8}, n = min(num, 360) for the inverted set."""
     _, _, x_test, _ = digits_split()
-    digits = np.rint((x_test[:num, 0].numpy() + 1.0) / 2.0 * 255.0).astype(np.uint8)
+    digits = to_uint8_images(x_test[:num])[..., 0]
     rng = np.random.default_rng(seed)
     return {
         "inverted": 255 - digits,
