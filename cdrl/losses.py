@@ -35,19 +35,20 @@ def initializer_loss(
     y_neg: Tensor,
     *,
     mean: Tensor | None = None,
-    y_pos: Tensor | None = None,
+    y_data: Tensor | None = None,
     data_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cooperative initializer loss, mean_b sum_pixels (sg(y-) - yhat)^2 (CDRL Eq. (9)).
 
     yhat = mu + std * eps carries gradient only through mu. With ``data_weight`` > 0 an extra regression
-    of mu onto the observed y+ is added, data_weight * mean_b sum (y+ - mu)^2: it teaches mu the posterior
-    mean E[y | x_{t+1}] directly (off in the paper; see the README's section on small data).
+    of mu onto a data target is added, data_weight * mean_b sum (y_data - mu)^2: it teaches mu the
+    recovery mean E[y | x_{t+1}] directly (off in the paper; see the README's section on small data).
+    The caller picks the target (``train.init_data_target``): the paired y+ or the posterior mean.
 
     Args:
         proposal: (b, ...) yhat, differentiable through the initializer.
         y_neg: (b, ...) refined negatives.
-        mean, y_pos: (b, ...) mu and y+, needed only when ``data_weight`` > 0.
+        mean, y_data: (b, ...) mu and its data target, needed only when ``data_weight`` > 0.
         data_weight: weight of the extra regression.
 
     Returns:
@@ -57,7 +58,7 @@ def initializer_loss(
     stats = {"init/mse": mse.detach()}
     loss = mse
     if data_weight > 0:
-        data_mse = (y_pos.detach() - mean).flatten(1).pow(2).sum(1).mean()
+        data_mse = (y_data.detach() - mean).flatten(1).pow(2).sum(1).mean()
         loss = loss + data_weight * data_mse
         stats["init/data_mse"] = data_mse.detach()
     return loss, stats

@@ -129,13 +129,22 @@ class NoiseSchedule:
         if variance_reduction:
             return self.q_sample(x0, t, eps), x_next
         ab_t, ab_next = gather(self.alphas_cumprod, t, x0), gather(self.alphas_cumprod, t + 1, x0)
+        var = (1 - ab_t) / (1 - ab_next) * (1 - ab_next / ab_t)
+        eps2 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.posterior_mean(x0, x_next, t) + var.sqrt() * eps2, x_next
+
+    def posterior_mean(self, x0: Tensor, x_next: Tensor, t: Tensor) -> Tensor:
+        """mu~(x_0, x_{t+1}) = E[x_t | x_{t+1}, x_0], the DDPM posterior mean (DDPM Eq. (7); docs/method.md 13).
+
+        sqrt(alphabar_t) beta_{t+1} / (1 - alphabar_{t+1}) x_0 + sqrt(alpha_{t+1}) (1 - alphabar_t) /
+        (1 - alphabar_{t+1}) x_{t+1}. Right under any coupling of (x_t, x_{t+1}), shared noise included.
+        x0, x_next: (b, ...); t: (b,) long in [0, T - 1].
+        """
+        ab_t, ab_next = gather(self.alphas_cumprod, t, x0), gather(self.alphas_cumprod, t + 1, x0)
         alpha_next = ab_next / ab_t
-        mean = (ab_t.sqrt() * (1 - alpha_next) * x0 + alpha_next.sqrt() * (1 - ab_t) * x_next) / (
+        return (ab_t.sqrt() * (1 - alpha_next) * x0 + alpha_next.sqrt() * (1 - ab_t) * x_next) / (
             1 - ab_next
         )
-        var = (1 - ab_t) / (1 - ab_next) * (1 - alpha_next)
-        eps2 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return mean + var.sqrt() * eps2, x_next
 
 
 def cdrl_schedule(

@@ -237,8 +237,12 @@ def train_step(
     stats["ebm/loss"] = loss.detach()
     losses = {"EBM": loss}
     if init is not None:
+        # The data term's target: under shared noise only the posterior mean is E[y | x_{t+1}, x_0].
+        y_data = y_pos
+        if cfg.train.init_data_target == "posterior_mean":
+            y_data = scale * schedule.posterior_mean(x0, x_next, t)
         init_loss, init_stats = initializer_loss(
-            y_init, y_neg, mean=mean, y_pos=y_pos, data_weight=cfg.train.init_data_weight
+            y_init, y_neg, mean=mean, y_data=y_data, data_weight=cfg.train.init_data_weight
         )
         stats.update(init_stats)
         losses["initializer"] = init_loss

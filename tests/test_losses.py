@@ -74,9 +74,9 @@ def test_initializer_loss_data_weight_term():
     mean = torch.zeros(2, 4, requires_grad=True)
     y_neg = torch.ones(2, 4)
     y_pos = torch.full((2, 4), 2.0, requires_grad=True)
-    base, base_stats = initializer_loss(proposal, y_neg, mean=mean, y_pos=y_pos, data_weight=0.0)
+    base, base_stats = initializer_loss(proposal, y_neg, mean=mean, y_data=y_pos, data_weight=0.0)
     assert base.item() == pytest.approx(4.0) and "init/data_mse" not in base_stats
-    loss, stats = initializer_loss(proposal, y_neg, mean=mean, y_pos=y_pos, data_weight=0.5)
+    loss, stats = initializer_loss(proposal, y_neg, mean=mean, y_data=y_pos, data_weight=0.5)
     # 4 + 0.5 * mean_b sum (2 - 0)^2 = 4 + 0.5 * 16
     assert loss.item() == pytest.approx(12.0)
     assert stats["init/data_mse"].item() == pytest.approx(16.0)

@@ -216,3 +216,43 @@ def test_make_schedule_dispatch():
     assert custom.logsnr[-1].item() == pytest.approx(-3.0)
     with pytest.raises(ValueError, match="'ddpm'"):
         make_schedule("ddpm")
+
+
+def _regress(x_t, x_next):
+    """Least-squares slope and intercept of x_t on x_{t+1}, per coordinate."""
+    dx = x_next - x_next.mean(0)
+    slope = (dx * (x_t - x_t.mean(0))).mean(0) / dx.pow(2).mean(0)
+    return slope, x_t.mean(0) - slope * x_next.mean(0)
+
+
+@pytest.mark.parametrize("t_level", [0, 2, 4])
+def test_posterior_mean_is_the_mean_of_x_t_given_x_next_and_x0(schedule, t_level):
+    # For fixed x_0, E[x_t | x_{t+1}] is linear in x_{t+1}: regress the forward joint's x_t on x_{t+1}.
+    x0, x_t, x_next = _pair_moments(schedule, t_level, False)
+    slope, intercept = _regress(x_t, x_next)
+    t = torch.full((2,), t_level)
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    exact_intercept = schedule.posterior_mean(x0[:1], zero, t[:1])[0]
+    exact_slope = schedule.posterior_mean(torch.zeros_like(zero), zero + 1, t[:1])[0]
+    ab, alphas = schedule.alphas_cumprod, schedule.alphas
+    # The closed form (DDPM Eq. (7)), written out independently of the code's arrangement.
+    coef_x0 = ab[t_level].sqrt() * (1 - alphas[t_level + 1]) / (1 - ab[t_level + 1])
+    coef_next = alphas[t_level + 1].sqrt() * (1 - ab[t_level]) / (1 - ab[t_level + 1])
+    torch.testing.assert_close(exact_slope, coef_next.expand(2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(exact_intercept, coef_x0 * x0[0], rtol=1e-12, atol=1e-15)
+    # slope SE ~ sqrt(betatilde / Var(x_next) / N) < 0.01 at 20k draws
+    torch.testing.assert_close(slope, exact_slope, rtol=0, atol=0.03)
+    torch.testing.assert_close(intercept, exact_intercept, rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("t_level", [1, 2, 3])
+def test_shared_noise_pairs_regress_onto_the_ddim_mean_not_the_posterior_mean(schedule, t_level):
+    # Why train.init_data_target exists (METHOD.md 13): under shared noise x_t is a deterministic
+    # function of (x_0, x_{t+1}) with slope sqrt((1 - ab_t) / (1 - ab_{t+1})), not the posterior's.
+    x0, x_t, x_next = _pair_moments(schedule, t_level, True)
+    slope, _ = _regress(x_t, x_next)
+    ab = schedule.alphas_cumprod
+    ddim = ((1 - ab[t_level]) / (1 - ab[t_level + 1])).sqrt()
+    torch.testing.assert_close(slope, ddim.expand(2), rtol=1e-6, atol=0)
+    posterior = schedule.posterior_mean(torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([t_level]))
+    assert (slope - float(posterior)).abs().min() > 0.05

@@ -24,6 +24,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 
 from cdrl.config import load_config
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+from cdrl.schedule import NoiseSchedule
 from cdrl.train import Models, build_models, main, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,3 +350,35 @@ def test_repeated_set_flags_accumulate():
     )  # fmt: skip
     assert cfg.train.max_steps == 7 and cfg.langevin.n_steps == 3
     assert cfg.train.lr_schedule == "cosine"
+
+
+@pytest.mark.parametrize("target", ["paired", "posterior_mean"])
+def test_initializer_data_term_regresses_onto_its_configured_target(monkeypatch, target):
+    # Capture the pair q_pair drew and the target train_step hands to initializer_loss.
+    import cdrl.train as train_module
+
+    seen = {}
+    real_pair, real_loss = NoiseSchedule.q_pair, train_module.initializer_loss
+
+    def spy_pair(self, x0, t, **kwargs):
+        seen["x0"], seen["t"] = x0, t
+        seen["x_t"], seen["x_next"] = real_pair(self, x0, t, **kwargs)
+        return seen["x_t"], seen["x_next"]
+
+    def spy_loss(proposal, y_neg, **kwargs):
+        seen.update(kwargs)
+        return real_loss(proposal, y_neg, **kwargs)
+
+    monkeypatch.setattr(NoiseSchedule, "q_pair", spy_pair)
+    monkeypatch.setattr(train_module, "initializer_loss", spy_loss)
+    _, _, _, cfg = _step(["train.init_data_weight=2", f"train.init_data_target={target}"])
+    schedule = CDRLScheduler.from_training_config(cfg).schedule
+    assert seen["data_weight"] == 2.0
+    # y-space: sqrt(alpha_{t+1}) times x_t or times the DDPM posterior mean mu~(x_0, x_{t+1}).
+    scale = schedule.y_scales[seen["t"]].float().view(-1, 1, 1, 1)
+    if target == "paired":
+        expected = scale * seen["x_t"]
+    else:
+        expected = scale * schedule.posterior_mean(seen["x0"], seen["x_next"], seen["t"])
+        assert not torch.allclose(expected, scale * seen["x_t"], atol=1e-3)
+    torch.testing.assert_close(seen["y_data"], expected, rtol=1e-6, atol=1e-6)
