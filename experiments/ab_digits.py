@@ -1,0 +1,158 @@
+"""A/B runs of the unconditional digits recipe, and the EBM's refinement gain (K = 0 against the trained K).
+
+Each arm is `configs/digits.yaml` plus `--set` overrides, trained once per seed with `train.py`; every
+exported pipeline is then sampled 1,000 times (batch i seeded i) with its sampling K and with K = 0 (the
+initializer's proposals and the final denoising step only), and judged on the same samples by the digits
+classifier (confident fraction, classes, largest class, copies) and the digits-FID against the training
+digits (1,437; the one FID reference of experiments/results/).
+
+Usage:
+  python experiments/ab_digits.py --runs_dir runs/ab --seeds 0 1 \
+      --arm base= --arm post=train.init_data_target=posterior_mean [--parallel 2] [--output ab.json]
+
+An arm is NAME=OVERRIDE[,OVERRIDE...]; an empty override list is the recipe as it is. A run whose
+`pipeline/` exists is not trained again. With --parallel 2 two runs train at once, each on one thread
+(OMP_NUM_THREADS=1): on 2 cores that is the most throughput, and the losses do not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import digits_fid, sample_ebm  # noqa: E402
+
+from cdrl import CDRLPipeline  # noqa: E402
+from cdrl.digits_classifier import digits_split, judge_digits, load_digits_classifier, novelty  # noqa: E402
+from cdrl.utils import save_grid  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition("=")
+    if not name:
+        raise SystemExit(f"error: --arm {text!r}: expected NAME=OVERRIDE[,OVERRIDE...]")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def train_command(config: Path, run: Path, seed: int, overrides: list[str]) -> list[str]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(config),
+        "--output_dir",
+        str(run),
+    ]
+    cmd += ["--seed", str(seed)]
+    return cmd + (["--set", *overrides] if overrides else [])
+
+
+def train_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> dict[str, float]:
+    """Run the training commands, ``parallel`` at a time, one thread each; wall seconds per run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else dict(os.environ)
+    pending, running, seconds = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            run, cmd = pending.pop(0)
+            run.parent.mkdir(parents=True, exist_ok=True)
+            print("+", shlex.join(cmd), flush=True)
+            log = open(run.parent / f"{run.name}.train.log", "w")  # noqa: SIM115 (closed below)
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()))  # fmt: skip
+        time.sleep(5)
+        for item in list(running):
+            run, proc, log, start = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                seconds[str(run)] = time.time() - start
+                if proc.returncode != 0:
+                    raise SystemExit(
+                        f"error: training {run} failed (exit {proc.returncode}); see its log"
+                    )
+    return seconds
+
+
+def score(images: torch.Tensor, classifier, train: torch.Tensor) -> dict[str, Any]:
+    judged = judge_digits(images, classifier)
+    return {
+        "confident_fraction": judged["confident_fraction"],
+        "classes_present": judged["classes_present"],
+        "max_class_fraction": judged["max_class_fraction"],
+        "fid_train": digits_fid(images, train),
+        "copy_fraction": novelty(images, train)["copy_fraction"],
+    }
+
+
+def evaluate_run(run: Path, num_samples: int, batch_size: int, classifier, train) -> dict[str, Any]:
+    pipe = CDRLPipeline.from_pretrained(str(run / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    trained_k = int(pipe.scheduler.config.n_steps)
+    result = {}
+    for k in (trained_k, 0):
+        images = sample_ebm(pipe, k, num_samples, seed=0, batch_size=batch_size)
+        result[f"K{k}"] = {"K": k, **score(images, classifier, train)}
+        save_grid(images[:100], run / f"samples_K{k}.png", nrow=10, upscale=4)
+    return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = ["| arm | seed | K | confident | classes | largest | digits-FID (train) | copies |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, seeds in results.items():
+        for seed, by_k in seeds.items():
+            for r in by_k.values():
+                rows.append(f"| {name} | {seed} | {r['K']} | {r['confident_fraction']:.3f} | "
+                            f"{r['classes_present']} | {r['max_class_fraction']:.3f} | "
+                            f"{r['fid_train']:.2f} | {r['copy_fraction']:.3f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/digits.yaml")
+    parser.add_argument("--runs_dir", type=Path, required=True)
+    parser.add_argument("--arm", action="append", required=True, help="NAME=OVERRIDE[,OVERRIDE...]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--parallel", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--output", type=Path, default=None, help="JSON of every figure")
+    args = parser.parse_args(argv)
+    arms = dict(parse_arm(a) for a in args.arm)
+
+    runs = {(name, seed): args.runs_dir / f"{name}-s{seed}" for name in arms for seed in args.seeds}
+    jobs = [(run, train_command(args.config, run, seed, arms[name]))
+            for (name, seed), run in runs.items() if not (run / "pipeline").is_dir()]  # fmt: skip
+    seconds = train_all(jobs, args.parallel)
+
+    classifier = load_digits_classifier(None)
+    train, _, _, _ = digits_split()
+    results: dict[str, Any] = {}
+    for (name, seed), run in runs.items():
+        results.setdefault(name, {})[seed] = evaluate_run(
+            run, args.num_samples, args.batch_size, classifier, train
+        )
+        print(json.dumps({name: {seed: results[name][seed]}}), flush=True)
+    table = markdown(results)
+    print(table)
+    if args.output is not None:
+        payload = {"arms": arms, "seeds": args.seeds, "train_seconds": seconds, "results": results,
+                   "command": shlex.join([sys.executable, *sys.argv]), "table": table}  # fmt: skip
+        args.output.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
