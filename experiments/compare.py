@@ -62,18 +62,21 @@ NOTES_HEADING = "## Notes"
 
 
 def digits_fid(
-    images: Tensor, reference: Tensor, classifier_path: str | Path | None = None
+    images: Tensor, reference: Tensor | None = None, classifier_path: str | Path | None = None
 ) -> float:
     """torch-fidelity's FID between (n, 1, 8, 8) digits in [-1, 1] and real ones, on the penultimate
     features of the digits classifier (the ``digits-classifier`` extractor; ``classifier_path`` its folder,
     default the cached one). The images go through 8-bit values first, as saved samples would.
 
-    Not comparable with Inception FIDs. With a few hundred reference digits the estimate is biased upwards,
-    the same way for every method, so compare values computed against the same reference only.
+    The reference is the one every digits FID in experiments/results/ uses: the 1,437 training digits of
+    ``digits_split()`` (``reference`` None). Not comparable with Inception FIDs, nor with FIDs against
+    another reference (a smaller one biases the estimate upwards).
     """
+    if reference is None:
+        reference = digits_split()[0]
     figures, _ = compute_fidelity(
         to_uint8(images),
-        Reference.from_images("digits-test", to_uint8(reference)),
+        Reference.from_images("digits-train", to_uint8(reference)),
         metrics={"fid"},
         extractor=DIGITS_EXTRACTOR,
         weights_path=classifier_path,
@@ -95,7 +98,7 @@ def measure(
         "confident_fraction": judged["confident_fraction"],
         "classes_present": judged["classes_present"],
         "max_class_fraction": judged["max_class_fraction"],
-        "fid": digits_fid(images, test, classifier_path),
+        "fid": digits_fid(images, train, classifier_path),
         "copy_fraction": novelty(images, train, reference=test)["copy_fraction"],
     }
 
@@ -157,16 +160,22 @@ def sampler_settings(
             settings.append((method, method.upper(), k, ebm_nfe(pipe, k), draw_ebm))
     if folders.get("diffusion") is not None:
         unet, train_scheduler = diffusion_baseline.load_diffusion(folders["diffusion"])
-        for sampler, steps_list in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
-            for k in steps_list:
+        # With diffusers' default clip_sample (x0-hat clamped to [-1, 1] at every step) and without it:
+        # CDRL never clips, so the unclipped sampler is the like-for-like row.
+        for clip in (True, False):
+            for sampler, steps_list in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
+                for k in steps_list:
 
-                def draw(n: int, k: int = k, sampler: str = sampler) -> Tensor:
-                    return diffusion_baseline.sample_diffusion(
-                        unet, sampler, k, n, torch.Generator().manual_seed(seed),
-                        train_scheduler=train_scheduler, batch_size=batch_size,
-                    )  # fmt: skip
+                    def draw(
+                        n: int, k: int = k, sampler: str = sampler, clip: bool = clip
+                    ) -> Tensor:
+                        return diffusion_baseline.sample_diffusion(
+                            unet, sampler, k, n, torch.Generator().manual_seed(seed),
+                            train_scheduler=train_scheduler, batch_size=batch_size, clip_sample=clip,
+                        )  # fmt: skip
 
-                settings.append(("diffusion", sampler.upper(), k, k, draw))
+                    name = sampler.upper() + ("-clip" if clip else "")
+                    settings.append(("diffusion", name, k, k, draw))
     return settings
 
 
@@ -198,7 +207,7 @@ def evaluate(
 
     Returns:
         {"rows": one dict per setting (method, sampler, steps, nfe, the ``measure`` figures, sampling
-        seconds), "reference": the same figures for real training digits, "grids": the saved PNGs}.
+        seconds), "reference": the same figures for the real test digits, "grids": the saved PNGs}.
     """
     x_train, _, x_test, _ = digits_split()
     settings = sampler_settings(folders, cdrl_steps=cdrl_steps, drl_steps=drl_steps, ddpm_steps=ddpm_steps,
@@ -218,10 +227,9 @@ def evaluate(
             path = Path(f"{grid_prefix}_{sampler.lower()}_{steps}.png")
             save_grid(images[:100], path, nrow=10, upscale=4)
             grids.append(str(path))
-    generator = torch.Generator().manual_seed(seed)
-    real = x_train[torch.randperm(len(x_train), generator=generator)[:num_samples]]
-    reference = measure(real, classifier, x_train, x_test, classifier_path)
-    reference["copy_fraction"] = None  # they are the training digits
+    # The floor: real digits the models never saw (the 360 test digits) against the same reference.
+    reference = measure(x_test, classifier, x_train, x_test, classifier_path)
+    reference["copy_fraction"] = None  # the copy threshold is defined by these digits
     return {"rows": rows, "reference": reference, "grids": grids}
 
 
@@ -350,7 +358,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The results table: one line per sampler setting, then real training digits."""
+    """The results table: one line per sampler setting, then the real test digits."""
     lines = [
         "| model | sampler | K or steps | NFE / sample | confident (p >= 0.9) | classes | largest class "
         "| digits FID | copies | sampling CPU s / 1000 |",
@@ -366,7 +374,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
     ref = result["reference"]
     lines.append(
-        f"| real train digits | - | - | - | {_fmt(ref['confident_fraction'])} | {ref['classes_present']} "
+        f"| real test digits | - | - | - | {_fmt(ref['confident_fraction'])} | {ref['classes_present']} "
         f"| {_fmt(ref['max_class_fraction'])} | {_fmt(ref['fid'], 2)} | - | - |"
     )
     return "\n".join(lines)
@@ -413,7 +421,8 @@ def write_report(
         "digits classifier labels with p >= 0.9; `classes`: classes with at least one confident sample; "
         "`largest class`: share of the most frequent predicted class; `digits FID`: torch-fidelity's FID on "
         "the classifier's penultimate features (the registered `digits-classifier` extractor) against the "
-        "360 real test digits; `copies`: share of samples nearer to a training digit than 99% of real "
+        "1,437 training digits (the one reference of every digits FID in experiments/results/); `-clip`: "
+        "diffusers' default `clip_sample` (x0-hat clamped to [-1, 1] every step), CDRL never clips; `copies`: share of samples nearer to a training digit than 99% of real "
         "test digits are.\n",
     ]
     if plot_path is not None:
@@ -446,7 +455,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for ax, key, title in zip(axes, ("confident_fraction", "fid"),
                               ("confident fraction (p >= 0.9), higher is better",
                                "digits FID (classifier features), lower is better"), strict=True):  # fmt: skip
-        ax.axhline(ref[key], color="gray", linestyle="--", label="real train digits")
+        ax.axhline(ref[key], color="gray", linestyle="--", label="real test digits")
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per sample")
         ax.set_title(title, fontsize=10)

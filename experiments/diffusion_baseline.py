@@ -239,6 +239,7 @@ def sample_diffusion(
     *,
     train_scheduler: DDPMScheduler | None = None,
     batch_size: int = 500,
+    clip_sample: bool | None = None,
 ) -> Tensor:
     """Sample ``n`` images with ``num_steps`` UNet evaluations each.
 
@@ -255,6 +256,8 @@ def sample_diffusion(
         generator: draws the initial noise and DDPM's per-step noise.
         train_scheduler: the scheduler the model was trained with (default: diffusers' DDPM defaults).
         batch_size: samples per UNet call.
+        clip_sample: clamp the predicted x_0 to [-1, 1] at every step (diffusers' ``clip_sample``);
+            None keeps the training scheduler's setting (diffusers' default: True).
 
     Returns:
         (n, c, h, w) float32 CPU samples in [-1, 1].
@@ -263,7 +266,8 @@ def sample_diffusion(
         raise ValueError(f"scheduler_name must be one of {SAMPLERS}, got {scheduler_name!r}")
     config = (train_scheduler or DDPMScheduler()).config
     kind = DDPMScheduler if scheduler_name == "ddpm" else DDIMScheduler
-    scheduler = kind.from_config(config, timestep_spacing="trailing")
+    overrides = {} if clip_sample is None else {"clip_sample": clip_sample}
+    scheduler = kind.from_config(config, timestep_spacing="trailing", **overrides)
     if not 1 <= num_steps <= config.num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {config.num_train_timesteps}], got {num_steps}")
     device = next(model.parameters()).device

@@ -113,6 +113,18 @@ def test_diffusion_baseline_trains_saves_and_samples(tiny_diffusion_run):
     with pytest.raises(ValueError, match="scheduler_name"):
         diffusion_baseline.sample_diffusion(unet, "euler", 3, 2)
 
+    # clip_sample: None keeps the training scheduler's (diffusers' default, True); False stops clamping
+    # x0-hat at every step, which a 3-step-trained UNet's large predictions make visible.
+    def draw(clip):
+        return diffusion_baseline.sample_diffusion(
+            unet, "ddim", 3, 5, torch.Generator().manual_seed(0), train_scheduler=scheduler,
+            batch_size=3, clip_sample=clip,
+        )  # fmt: skip
+
+    assert scheduler.config.clip_sample is True
+    assert torch.equal(draw(True), out["ddim"])  # same process, batch and seed: bit-exact
+    assert not torch.allclose(draw(False), out["ddim"], atol=1e-3)
+
 
 def test_diffusion_baseline_stops_on_its_time_budget(tmp_path):
     start = time.perf_counter()
@@ -198,14 +210,17 @@ def test_compare_evaluates_tiny_models_end_to_end(
     result = json.loads((tmp_path / "runs/cmp.json").read_text())
     settings = [(r["sampler"], r["steps"], r["nfe"]) for r in result["rows"]]
     # NFE: CDRL 6 K + 1 Tweedie, DRL 6 K, diffusion one UNet call per step.
-    assert settings == [("CDRL", 1, 7), ("CDRL", 2, 13), ("DRL", 1, 6), ("DDPM", 2, 2),
-                        ("DDIM", 1, 1), ("DDIM", 2, 2)]  # fmt: skip
+    # Diffusion with diffusers' default clip_sample ("-clip") and without it (CDRL never clips).
+    assert settings == [("CDRL", 1, 7), ("CDRL", 2, 13), ("DRL", 1, 6), ("DDPM-clip", 2, 2),
+                        ("DDIM-clip", 1, 1), ("DDIM-clip", 2, 2), ("DDPM", 2, 2), ("DDIM", 1, 1),
+                        ("DDIM", 2, 2)]  # fmt: skip
     for row in result["rows"] + [result["reference"]]:
         assert 0 <= row["confident_fraction"] <= 1 and row["fid"] >= 0
     report = (results / "cmp.md").read_text()
     assert "| cdrl | CDRL | 2 | 13 |" in report and "| diffusion | DDIM | 2 | 2 |" in report
-    assert "real train digits" in report and "python experiments/compare.py --cdrl" in report
-    for name in ("cmp.png", "cmp_cdrl_2.png", "cmp_drl_1.png", "cmp_ddpm_2.png", "cmp_ddim_2.png"):
+    assert "real test digits" in report and "python experiments/compare.py --cdrl" in report
+    for name in ("cmp.png", "cmp_cdrl_2.png", "cmp_drl_1.png", "cmp_ddpm_2.png", "cmp_ddim_2.png",
+                 "cmp_ddpm-clip_2.png"):  # fmt: skip
         assert (results / name).is_file(), name
 
     # A hand-written notes section survives a rewrite of the report.
