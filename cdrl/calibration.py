@@ -17,7 +17,6 @@ adds them to a checkpoint exported before they existed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from cdrl.config import LangevinConfig
 from cdrl.sampling import frozen, level, linear_energy_fn
 from cdrl.schedule import NoiseSchedule
-from cdrl.utils import expand_as
+from cdrl.utils import atomic_write, expand_as
 
 __all__ = ["calibrate_checkpoint", "calibrate_on_dataset", "fit_condition_offsets", "main"]
 
@@ -182,9 +181,8 @@ def calibrate_checkpoint(
     scheduler_json = folder / "scheduler" / "scheduler_config.json"
     stored = json.loads(scheduler_json.read_text())
     stored["condition_offsets"] = pipeline.scheduler.config.condition_offsets
-    tmp = scheduler_json.with_name(f".tmp-{scheduler_json.name}")
-    tmp.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, scheduler_json)
+    with atomic_write(scheduler_json) as tmp:
+        tmp.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     return folder
 
 

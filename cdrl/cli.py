@@ -7,12 +7,13 @@ import contextlib
 import difflib
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output
 
 EXIT_BAD_INPUT = 2
 
@@ -190,33 +191,26 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write a file or folder into; rename it into place on success.
+def atomic_path(
+    path: str | Path, *, folder: bool = False
+) -> contextlib.AbstractContextManager[Path]:
+    """A temporary sibling to write a file (or, with ``folder``, a folder) into; it replaces ``path`` all
+    at once on success and leaves everything as it was on an error (``cdrl.utils.atomic_write``)."""
+    return atomic_write(path, folder=folder)
 
-    Missing parent folders are made first. On an exception the temporary is removed, and so are the
-    parent folders made here, so ``path`` and its surroundings are left as they were.
+
+def check_output_folder(folder: Path, flag: str = "--output") -> None:
+    """Refuse an existing folder unless it is empty or an output we wrote (it holds our marker).
+
+    Any other folder is the user's: replacing it would delete their files, so it is never written.
     """
-    path = Path(path)
-    made = [parent for parent in path.parents if not parent.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    done = False
-    try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        tmp.replace(path)
-        done = True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        if not done:
-            for folder in made:  # innermost first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{flag} {folder} is a file; give a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_owned_output(folder):
+        raise CLIError(
+            f"{flag} {folder} is a folder cdrl did not write (no {OWNER_MARKER} in it); "
+            "give a new or empty folder"
+        )
 
 
 def run_cli(

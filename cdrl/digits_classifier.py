@@ -10,8 +10,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+
+from cdrl.utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -310,30 +310,16 @@ def save_classifier_atomically(
     """``save_pretrained`` into a temporary sibling directory, then rename it to ``path``.
 
     Without ``overwrite``, an existing classifier at ``path`` (say another process won the race) is
-    kept and the new copy discarded; with it, the old directory is moved aside and then deleted.
+    kept and the new copy discarded; with it, the new one replaces the old all at once (``atomic_write``).
 
     Returns:
         ``path`` as a ``Path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0o700
-    old = None
-    try:
+    if not overwrite and (path / "config.json").is_file():
+        return path
+    with atomic_write(path, folder=True) as tmp:
         classifier.save_pretrained(tmp, safe_serialization=True)
-        if overwrite and path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old", dir=path.parent))
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

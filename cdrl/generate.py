@@ -27,6 +27,7 @@ from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_output_folder,
     check_writable,
     load_pipeline,
     requested_classes,
@@ -151,13 +152,8 @@ def check_output(output: Path) -> bool:
         raise CLIError(f"--output {output} cannot be written: {existing} is a file, not a folder")
     if is_grid and output.is_dir():
         raise CLIError(f"--output {output} is a folder; a grid needs a .png file path")
-    if not is_grid and output.exists():
-        if not output.is_dir():
-            raise CLIError(f"--output {output} is a file; give a .png path or a folder")
-        if any(output.iterdir()) and not (output / "manifest.json").is_file():
-            raise CLIError(
-                f"--output {output} is a folder of something else; give a new or empty folder"
-            )
+    if not is_grid:
+        check_output_folder(output)
     return is_grid
 
 
@@ -213,7 +209,7 @@ def write_folder(
     images: Tensor, folder: Path, records: list[dict[str, Any]], info: dict[str, Any]
 ) -> None:
     """Write ``000000.png ...`` and ``manifest.json`` (``info``, then one record per sample)."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for array, record in zip(to_uint8_images(images), records, strict=True):
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
             folder / record["file"]
@@ -245,7 +241,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )  # fmt: skip
 
     # Write into a temporary sibling, renamed into place only once complete.
-    with atomic_path(args.output) as tmp:
+    with atomic_path(args.output, folder=not is_grid) as tmp:
         if is_grid:
             per_row = (args.num_samples_per_class or 1) if labels is not None else None
             upscale = max(1, math.ceil(GRID_MIN_TILE / images.shape[-1]))

@@ -26,6 +26,7 @@ from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_output_folder,
     check_writable,
     load_pipeline,
     run_cli,
@@ -381,7 +382,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )
 
     # Write everything into a temporary folder, then move it into place.
-    with atomic_path(output) as tmp:
+    with atomic_path(output, folder=True) as tmp:
         _write_outputs(tmp, inputs, completions, args)
     total = completions.shape[0] * completions.shape[1]
     print(f"wrote {len(inputs)} panels and {total} completions to {output}")
@@ -389,13 +390,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _check_output(output: Path) -> Path:
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"output {output} is a file; --output takes a folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
-        raise CLIError(
-            f"output folder {output} exists and is not an earlier cdrl-inpaint output (it has no "
-            f"{MANIFEST}); pass a new folder"
-        )
+    check_output_folder(output)
     check_writable(output / MANIFEST)  # creates nothing; the folder appears once complete
     return output
 
@@ -543,7 +538,6 @@ def panel(known: Tensor, repaint: Tensor, completions: Tensor) -> np.ndarray:
 
 
 def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args) -> None:
-    folder.mkdir()
     (folder / "completions").mkdir()
     items = []
     num_samples = completions.shape[1]

@@ -55,7 +55,7 @@ from cdrl.persistent import PersistentChains
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler, weights_mismatch
 from cdrl.sampling import energy_fn, frozen, level, sample
 from cdrl.schedule import NoiseSchedule
-from cdrl.utils import expand_as, git_sha, save_grid, save_scatter
+from cdrl.utils import atomic_write, expand_as, git_sha, save_grid, save_scatter
 
 logger = get_logger(__name__)
 # Warnings reach stderr through _warn only (no logging.lastResort duplicates).
@@ -409,9 +409,8 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -731,19 +730,11 @@ def calibrate_on(
 
 
 def export_pipeline(pipeline: CDRLPipeline, cfg: Config, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it into place (the old export survives a crash)."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    old = folder.with_name(f".old-{folder.name}")
-    for path in (tmp, old):
-        if path.exists():
-            shutil.rmtree(path)
-    pipeline.save_pretrained(tmp)
-    save_config(cfg, tmp / "training_config.yaml")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    """save_pretrained into a temporary folder, then swap it into place (``atomic_write``: the old or the
+    new export is at ``folder`` at every moment)."""
+    with atomic_write(folder, folder=True, durable=True) as tmp:
+        pipeline.save_pretrained(tmp)
+        save_config(cfg, tmp / "training_config.yaml")
 
 
 def save_samples(

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
 import random
 import re
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +90,8 @@ def save_grid(x: Tensor, path: str | Path, *, nrow: int | None = None, upscale: 
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def save_scatter(points: Tensor, path: str | Path, *, size: int = 256, extent: float = 1.5) -> None:
@@ -102,11 +105,8 @@ def save_scatter(points: Tensor, path: str | Path, *, size: int = 256, extent: f
     )
     canvas = np.full((size, size), 255, dtype=np.uint8)
     canvas[(size - 1 - pixels[:, 1]).numpy(), pixels[:, 0].numpy()] = 0
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 def git_sha(cwd: str | Path | None = None) -> str:
@@ -122,3 +122,116 @@ def git_sha(cwd: str | Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------------
+# All-or-nothing writes: the one home of temp-and-rename.
+
+OWNER_MARKER = (
+    ".cdrl-output"  # written into every output folder we own; a folder without it is the user's
+)
+_TMP, _OLD = "cdrl-tmp-", "cdrl-old-"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (best effort where the OS has no folder fsync)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def recover_replace(path: str | Path) -> None:
+    """Finish or undo a folder replace that a kill interrupted (``atomic_write``'s fallback path).
+
+    Where ``path`` is missing and the old version waits under our aside name, it is moved back; leftover
+    temporaries and asides of ours beside ``path`` are removed. Names are ours by construction (a hidden
+    prefix, our tag and a random suffix), so nothing a user made is touched.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    asides = sorted(path.parent.glob(f".{path.name}.{_OLD}*"))
+    if asides and not os.path.lexists(path):
+        asides.pop().rename(path)
+    for leftover in [*asides, *path.parent.glob(f".{path.name}.{_TMP}*")]:
+        _remove(leftover)
+
+
+def is_owned_output(folder: str | Path) -> bool:
+    """Whether ``folder`` is an output folder we wrote (it holds our marker file)."""
+    return (Path(folder) / OWNER_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | Path, *, folder: bool = False, durable: bool = False
+) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``path`` to write; on success it replaces ``path`` all at once.
+
+    The temporary is a new file (or, with ``folder``, a new folder holding ``OWNER_MARKER``) under a name
+    no one else uses, so no user file is ever overwritten or removed by the bookkeeping. A folder replaces
+    an existing one by an atomic exchange where the OS has it (Linux), so the old or the new version is
+    always at ``path``; elsewhere the old one is moved aside first and ``recover_replace`` restores it after
+    a kill between the two renames. On an exception the temporary, and the parent folders made for it,
+    are removed and ``path`` is left as it was. ``durable`` flushes the result to disk before returning.
+    """
+    path = Path(path)
+    made = [parent for parent in path.parents if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        recover_replace(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it 0o700
+        (tmp / OWNER_MARKER).write_text("written by cdrl; this folder may be replaced by cdrl\n")
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        tmp.chmod(0o644)  # mkstemp makes it 0o600
+    done = False
+    try:
+        yield tmp
+        if durable:
+            for file in tmp.rglob("*") if folder else [tmp]:
+                if file.is_file():
+                    _fsync(file)
+        if folder and path.is_dir() and not path.is_symlink():
+            if not _exchange(tmp, path):  # fallback: move the old aside, then rename the new in
+                aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_OLD}", dir=path.parent))
+                os.replace(path, aside)
+                os.replace(tmp, path)
+                tmp = aside
+        else:
+            os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
+        done = True
+    finally:
+        if os.path.lexists(tmp) and tmp != path:
+            _remove(tmp)
+        if not done:
+            for parent in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    parent.rmdir()

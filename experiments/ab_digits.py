@@ -1,8 +1,8 @@
 """A/B runs of the unconditional digits recipe, and the EBM's refinement gain (K = 0 against the trained K).
 
 Each arm is `configs/digits.yaml` plus `--set` overrides, trained once per seed with `train.py`; every
-exported pipeline is then sampled 1,000 times (batch i seeded i) with its sampling K and with K = 0 (the
-initializer's proposals and the final denoising step only), and judged on the same samples by the digits
+exported pipeline is then sampled 1,000 times (batch i seeded i) with its sampling K, its training K and
+K = 0 (the initializer's proposals and the final denoising step only), and judged on the same samples by the digits
 classifier (confident fraction, classes, largest class, copies) and the digits-FID against the training
 digits (1,437; the one FID reference of experiments/results/).
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import digits_fid, sample_ebm  # noqa: E402
 
 from cdrl import CDRLPipeline  # noqa: E402
+from cdrl.config import load_config  # noqa: E402
 from cdrl.digits_classifier import digits_split, judge_digits, load_digits_classifier, novelty  # noqa: E402
 from cdrl.utils import save_grid  # noqa: E402
 
@@ -95,12 +96,17 @@ def score(images: torch.Tensor, classifier, train: torch.Tensor) -> dict[str, An
     }
 
 
-def evaluate_run(run: Path, num_samples: int, batch_size: int, classifier, train) -> dict[str, Any]:
+def evaluate_run(
+    run: Path, num_samples: int, batch_size: int, classifier, train, ks: list[int] | None = None
+) -> dict[str, Any]:
+    """Score ``num_samples`` samples at each K of ``ks`` (default: the sampling K, the training K, 0)."""
     pipe = CDRLPipeline.from_pretrained(str(run / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
-    trained_k = int(pipe.scheduler.config.n_steps)
+    if ks is None:
+        train_k = load_config(run / "config.yaml").langevin.n_steps
+        ks = list(dict.fromkeys([int(pipe.scheduler.config.n_steps), train_k, 0]))
     result = {}
-    for k in (trained_k, 0):
+    for k in ks:
         images = sample_ebm(pipe, k, num_samples, seed=0, batch_size=batch_size)
         result[f"K{k}"] = {"K": k, **score(images, classifier, train)}
         save_grid(images[:100], run / f"samples_K{k}.png", nrow=10, upscale=4)
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--output", type=Path, default=None, help="JSON of every figure")
+    parser.add_argument("--eval_k", type=int, nargs="+", default=None,
+                        help="K values to sample at (default: the sampling K, the training K and 0)")  # fmt: skip
     args = parser.parse_args(argv)
     arms = dict(parse_arm(a) for a in args.arm)
 
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for (name, seed), run in runs.items():
         results.setdefault(name, {})[seed] = evaluate_run(
-            run, args.num_samples, args.batch_size, classifier, train
+            run, args.num_samples, args.batch_size, classifier, train, args.eval_k
         )
         print(json.dumps({name: {seed: results[name][seed]}}), flush=True)
     table = markdown(results)

@@ -20,7 +20,7 @@ from PIL import Image
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli import ArgumentParser, CLIError, atomic_path, run_cli  # noqa: E402
+from cdrl.cli import ArgumentParser, CLIError, atomic_path, check_output_folder, run_cli  # noqa: E402
 from cdrl.digits_classifier import digits_split  # noqa: E402
 from cdrl.utils import to_uint8_images  # noqa: E402
 
@@ -44,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num < 1:
         raise CLIError(f"--num must be >= 1, got {args.num}")
-    for name, images in ood_images(args.num, args.seed).items():
-        with atomic_path(args.output_dir / name) as folder:
-            folder.mkdir()
+    sets = ood_images(args.num, args.seed)
+    for name in sets:  # refuse before writing anything: a folder of the user's is never replaced
+        check_output_folder(args.output_dir / name, "--output_dir")
+    for name, images in sets.items():
+        with atomic_path(args.output_dir / name, folder=True) as folder:
             for i, image in enumerate(images):
                 Image.fromarray(image).save(folder / f"{i:04d}.png")
         print(f"wrote {len(images)} images to {args.output_dir / name}")

@@ -82,12 +82,15 @@ class Env:
         path.write_text(text)
         return path
 
-    def folder(self, name: str, *, notes: bool = False) -> Path:
-        """An empty folder, or one holding only a text file (not ours, not images)."""
+    def folder(self, name: str, *, notes: bool = False, manifest: bool = False) -> Path:
+        """An empty folder, or one holding only a text file (not ours, not images); with ``manifest``
+        also a manifest.json of the user's own, which must not make the folder look like ours."""
         path = self.tmp / name
         path.mkdir(parents=True, exist_ok=True)
         if notes:
             (path / "notes.txt").write_text("my thesis\n")
+        if manifest:
+            (path / "manifest.json").write_text('{"photos": ["holiday.jpg"]}\n')
         return path
 
     def images(self, name: str = "images", count: int = 20, *, bad: str | None = None) -> Path:
@@ -333,7 +336,11 @@ CASES = [
          "is not a readable safetensors file"),
     Case("generate-output-not-ours", "generate",
          lambda e: ["--checkpoint", e.pipeline(), "--output", e.folder("mine", notes=True)],
-         "is a folder of something else"),
+         "is a folder cdrl did not write"),
+    Case("generate-output-with-a-users-manifest", "generate",
+         lambda e: ["--checkpoint", e.pipeline(), "--output",
+                    e.folder("photos", notes=True, manifest=True)],
+         "is a folder cdrl did not write"),
     Case("generate-out-of-memory-huge-batch", "generate",
          lambda e: ["--checkpoint", e.pipeline(), "--output", e.out, "--num_samples", "262144",
                     "--batch_size", "262144", "--device", "cpu"],
@@ -377,7 +384,11 @@ CASES = [
          "which are never loaded"),
     Case("inpaint-output-not-ours", "inpaint",
          lambda e: e.inpaint("--mask_preset", "center", output=e.folder("mine", notes=True)),
-         "not an earlier cdrl-inpaint output"),
+         "is a folder cdrl did not write"),
+    Case("inpaint-output-with-a-users-manifest", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center",
+                             output=e.folder("photos", notes=True, manifest=True)),
+         "is a folder cdrl did not write"),
     Case("inpaint-out-of-memory-huge-batch", "inpaint",
          lambda e: e.inpaint("--mask_preset", "center", "--num_samples", HUGE, "--batch_size", HUGE),
          "out of memory (could not allocate 256.0 TiB)", memory_limit=2**29),

@@ -110,9 +110,10 @@ def test_folder_with_manifest_from_a_run_folder(cond_checkpoint, tmp_path, capsy
     assert [s["seed"] for s in samples] == list(range(5, 5 + 2 * NUM_CLASSES))
     assert {s["guidance_scale"] for s in samples} == {1.5}
     assert manifest["num_langevin_steps"] == 1
-    assert sorted(p.name for p in out.iterdir()) == [f"{k:06d}.png" for k in range(20)] + [
-        "manifest.json"
-    ]
+    # our ownership marker makes the folder replaceable by a later run; nothing else is in it
+    assert sorted(p.name for p in out.iterdir()) == [".cdrl-output"] + [
+        f"{k:06d}.png" for k in range(20)
+    ] + ["manifest.json"]
     image = Image.open(out / "000000.png")
     assert image.size == (8, 8) and image.mode == "L"
 

@@ -380,7 +380,7 @@ def test_cli_refuses_foreign_output_folder(tmp_path, checkpoints, capsys):
         "--checkpoint", checkpoints["uncond"], "--image", image, "--mask_preset", "center",
         "--output", folder,
     )  # fmt: skip
-    assert code == 2 and "not an earlier cdrl-inpaint output" in err
+    assert code == 2 and "is a folder cdrl did not write" in err
     assert (folder / "thesis.txt").read_text() == "keep me"
 
 
