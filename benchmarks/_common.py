@@ -254,8 +254,9 @@ def ebm_step_flops(ebm: nn.Module, y: Tensor, noise_level: Tensor) -> int:
 # Training: the real train_step, with phase marks.
 
 
-def make_accelerator(device: torch.device, mixed_precision: str = "no"):
-    """A fresh single-process Accelerator on ``device`` (a script may build one per call of ``main``)."""
+def make_accelerator(device: torch.device, mixed_precision: str | None = "no"):
+    """A fresh single-process Accelerator on ``device`` (a script may build one per call of ``main``);
+    ``mixed_precision`` None defers to the launcher, as ``cdrl.train.accelerator_precision`` says."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 

@@ -30,6 +30,7 @@ from _common import (
 
 from cdrl.cli import add_config_overrides, run_cli
 from cdrl.data import load_dataset
+from cdrl.train import accelerator_precision
 
 PHASE_NAMES = {
     "proposal": "proposal (q pair, initializer forward)",
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     iters = args.iters or (3 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
 
-    accelerator = make_accelerator(device, cfg.train.mixed_precision)
+    accelerator = make_accelerator(device, accelerator_precision(cfg))
+    cfg.train.mixed_precision = str(accelerator.mixed_precision)  # "auto" resolved, as run() does
     batches, shape = data_batches(cfg, warmup + iters, accelerator.device)
     models, emas, schedule = training_setup(cfg, shape, accelerator)
     times = timed_iterations(models, emas, schedule, cfg, accelerator, batches, warmup=warmup)

@@ -113,7 +113,9 @@ class TrainConfig:
     persistent_fraction: float = 0.5   # share of those levels' examples whose negative comes from a persistent chain
     persistent_size: int = 256         # chains per persistent level (per process), split evenly among label values
     persistent_reset: float = 0.05     # probability that a chosen chain restarts from the example's fresh chain
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # bf16 also runs the training Langevin forwards in bf16
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: accelerate launch / accelerate config
+    #   decide (no when neither says); the run's config.yaml records the precision used. bf16 also runs the
+    #   training Langevin forwards in bf16
     tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.accel.set_tf32)
     channels_last: bool = False        # NHWC conv weights (faster tensor-core convs on GPU)
     compile: bool = False              # torch.compile both networks in place (cdrl.accel.maybe_compile); slow first steps
@@ -152,6 +154,33 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 # fmt: on
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the recipes, installed with the package
+DEFAULT_RECIPE = "digits"  # what `cdrl-train` trains without --config (the README's default)
+
+
+def recipe_names() -> list[str]:
+    """The names of the packaged recipes (``configs/NAME.yaml``)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def config_path(spec: str | Path) -> Path:
+    """A config file given as a path, or a packaged recipe given by name (``digits``, ``cifar10``, ...).
+
+    A spec that names an existing file is that file, from any folder; a bare name (no folder, with or
+    without ``.yaml``) is looked up among the packaged recipes. Anything else is returned as given, for
+    ``load_config`` to report as not found.
+    """
+    path = Path(spec)
+    if path.is_file() or len(path.parts) != 1:
+        return path
+    packaged = CONFIGS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config file not found: {spec} (neither a file nor a packaged recipe: {', '.join(recipe_names())})"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -256,6 +285,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             raise ConfigError(
                 f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {value!r}"

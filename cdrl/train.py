@@ -46,7 +46,17 @@ from cdrl.cli import (
     describe_out_of_memory,
     is_out_of_memory,
 )
-from cdrl.config import Config, ConfigError, flat, load_config, save_config
+from cdrl.config import (
+    DEFAULT_RECIPE,
+    Config,
+    ConfigError,
+    config_path,
+    flat,
+    load_config,
+    recipe_names,
+    save_config,
+)
+from cdrl.curves import CURVES_FILE, plot_curves
 from cdrl.data import DataError, load_dataset
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
@@ -763,6 +773,12 @@ def save_samples(
 # The loop.
 
 
+def accelerator_precision(cfg: Config) -> str | None:
+    """``Accelerator``'s mixed_precision for ``train.mixed_precision``: "auto" is None (the launcher's
+    flag or `accelerate config` decide, as in diffusers' scripts); an explicit value wins over both."""
+    return None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+
+
 def run(cfg: Config, *, resume: str | None = None) -> Path:
     """Train with ``cfg``; returns the exported pipeline folder.
 
@@ -787,7 +803,7 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
     report_to = _tracker(cfg.log.report_to)
     try:
         accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=accelerator_precision(cfg),
             log_with=report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
@@ -804,6 +820,9 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
             f"launched as {world_size} processes, but accelerate sees {accelerator.num_processes}; on CPU use "
             "`accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
         )
+    cfg.train.mixed_precision = str(
+        accelerator.mixed_precision
+    )  # what runs, for config.yaml and the step
     set_seed(cfg.train.seed, device_specific=True)
     if accelerator.device.type == "cuda":
         accel.set_tf32(cfg.train.tf32)
@@ -986,11 +1005,17 @@ def _train(
         export_dir = output_dir / "pipeline"
         if accelerator.is_main_process:
             pipeline = ema_pipeline()
+            _say(f"step {step}: sampling the final grid into {output_dir / 'samples'}")
             save_samples(pipeline, x_grid, grid_cond, output_dir / "samples", step)
             if condition_sizes:  # the implicit classifier's offsets, for negation="posterior"
+                _say("calibrating the implicit classifier's offsets on training examples")
                 calibrate_on(pipeline, dataset, cfg)
             export_pipeline(pipeline, cfg, export_dir)
-            logger.info(f"exported the EMA pipeline to {export_dir}")
+            _say(f"exported the EMA pipeline to {export_dir}")
+            # A run too short to have logged a step has no curves yet.
+            with contextlib.suppress(ValueError):
+                curves = plot_curves(output_dir / "metrics.jsonl", output_dir / CURVES_FILE)
+                _say(f"training curves: {curves}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return export_dir
@@ -1000,6 +1025,12 @@ def _train(
         if handler is not None:
             logging.getLogger(__name__).removeHandler(handler)
             handler.close()
+
+
+def _say(message: str) -> None:
+    """A stage of the run's end on the console (above the progress bar) and in log.txt."""
+    tqdm.write(message)
+    logger.info(message)
 
 
 def _log_metrics(
@@ -1123,13 +1154,26 @@ def _summarize(sums: dict[str, Tensor], n: int) -> dict[str, float]:
     return record
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 def _tracker(report_to: str) -> str | None:
+    """The accelerate tracker for ``log.report_to``; a tracker whose package is missing is refused before
+    anything is written (it would otherwise train to the end with no logs)."""
+    import importlib.util
+
     if report_to in ("none", "", None):
         return None
-    if report_to == "tensorboard":
-        import importlib.util
-
-        return "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    package = TRACKER_PACKAGES.get(report_to)
+    if package is None:
+        raise UsageError(
+            f"log.report_to={report_to!r} is not a tracker cdrl knows; use tensorboard, wandb or none"
+        )
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(
+            f"log.report_to={report_to} needs the {package} package: pip install {package}, "
+            "or pass --report_to none (metrics.jsonl is written either way)"
+        )
     return report_to
 
 
@@ -1156,7 +1200,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         "for several processes; plain `python train.py` runs one.",
     )
     parser.add_argument(
-        "--config", help="YAML file with the settings that differ from the defaults"
+        "--config",
+        default=DEFAULT_RECIPE,
+        help="a YAML file of the settings that differ from the defaults, or a packaged recipe by name "
+        f"({', '.join(recipe_names())}); default: {DEFAULT_RECIPE}",
     )
     add_config_overrides(parser)
     parser.add_argument("--output_dir", help="run folder (log.output_dir)")
@@ -1177,7 +1224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         for flag, key in FLAG_TO_KEY.items()
         if getattr(args, flag) is not None
     ]
-    return load_config(args.config, overrides), args
+    return load_config(config_path(args.config), overrides), args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -167,7 +167,8 @@ def debug_run(tmp_path_factory) -> Path:
 def test_main_writes_the_run_and_exports_a_working_pipeline(debug_run: Path):
     out = debug_run
     cfg = load_config(out / "config.yaml")
-    assert cfg == load_config(DEBUG, [f"log.output_dir={out}"])
+    # The run records the precision it used: "auto" resolves to accelerate's default here, "no".
+    assert cfg == load_config(DEBUG, [f"log.output_dir={out}", "train.mixed_precision=no"])
     assert (out / "git.txt").read_text().strip()
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
