@@ -6,6 +6,10 @@ Every model fixture is seeded and returned in **eval mode**, so two forward pass
 
 The tiny initializers are exactly as constructed, i.e. zero-initialized: their output equals their input.
 Tests that need a non-trivial proposal mean call the ``randomize_output`` fixture on them.
+
+No test writes outside its temporary folders: the whole session (and every process it starts) uses a
+temporary ``$CDRL_CACHE_DIR``, where the default digits classifier is trained once per session
+(``digits_classifier``, ``digits_classifier_path``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,44 @@ def _randomize_output(module: nn.Module, std: float = 0.05, seed: int = 123) -> 
             if param.abs().max() == 0:
                 param.copy_(std * torch.randn(param.shape, generator=generator))
     return module
+
+
+# ------------------------------------------------------------------ the cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cdrl_cache_dir(tmp_path_factory) -> Path:
+    """A temporary $CDRL_CACHE_DIR for the whole session, so that no test writes into ~/.cache/cdrl.
+
+    Set in os.environ, so that processes the tests start (fresh_process, torchrun) inherit it; a test
+    that needs its own cache sets the variable again with ``monkeypatch``.
+    """
+    path = tmp_path_factory.mktemp("cdrl_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CDRL_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def digits_classifier_path(cdrl_cache_dir) -> Path:
+    """The default digits classifier (default settings, seed 0), trained once per session into the
+    session's temporary cache: ``$CDRL_CACHE_DIR/digits_classifier`` (about 15-30 s on 2 CPU cores)."""
+    from cdrl.digits_classifier import CACHE_SUBDIR, load_digits_classifier
+
+    path = cdrl_cache_dir / CACHE_SUBDIR
+    load_digits_classifier(path)  # trains and saves it (atomically) when missing
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(digits_classifier_path):
+    """The session's default digits classifier (eval mode), loaded from ``digits_classifier_path``.
+
+    Shared by every test that uses it: do not change its weights or mode.
+    """
+    from cdrl.digits_classifier import load_digits_classifier
+
+    return load_digits_classifier(digits_classifier_path, train_if_missing=False)
 
 
 # ------------------------------------------------------------------ models
@@ -180,7 +222,9 @@ def mlp_pipeline(mlp_ebm, mlp_initializer, tiny_scheduler) -> CDRLPipeline:
 
 def _run_main(module: str, argv: list[str], out: str, err: str, memory_margin: int | None) -> None:
     """Child side of ``fresh_process``: stdout and stderr to files, an optional address-space limit
-    (``memory_margin`` bytes above what the process already maps), then exit with ``main``'s code."""
+    (``memory_margin`` bytes above what the process already maps), then exit with ``main``'s code.
+
+    ``module`` is "package.module" (its ``main``) or "package.module:function"."""
     import importlib
     import os
     import re
@@ -190,7 +234,8 @@ def _run_main(module: str, argv: list[str], out: str, err: str, memory_margin: i
     torch.set_num_threads(1)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    main = importlib.import_module(module).main
+    module, _, function = module.partition(":")
+    main = getattr(importlib.import_module(module), function or "main")
     if memory_margin is not None:
         with open("/proc/self/status") as status:
             mapped = int(re.search(r"VmSize:\s+(\d+) kB", status.read())[1]) * 1024
@@ -312,4 +357,23 @@ def assert_close_float32(actual, expected, *, magnitude: float | None = None) ->
         magnitude = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(
         torch.as_tensor(actual), expected, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * magnitude
+    )
+
+
+def assert_uint8_close(actual, expected, *, max_fraction: float = 0.01) -> None:
+    """Compare 8-bit images (PNG pixels) whose float sources were computed two ways.
+
+    A float32 value a hair from a rounding boundary (k + 0.5) / 255 may round to the other level on
+    another batch size, thread count or build: allow a one-level difference on at most ``max_fraction``
+    of the values (at least one value), and no larger difference anywhere.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.uint8
+    diff = (actual.int() - expected.int()).abs()
+    if diff.numel() == 0:
+        return
+    assert int(diff.max()) <= 1, f"values differ by up to {int(diff.max())} levels"
+    allowed = max(1, int(max_fraction * diff.numel()))
+    assert int((diff > 0).sum()) <= allowed, (
+        f"{int((diff > 0).sum())} of {diff.numel()} values differ"
     )

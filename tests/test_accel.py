@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_ebm, build_initializer
+from conftest import assert_close_float32, build_ebm, build_initializer
 from torch.nn.utils import parametrize
 
 from cdrl import accel
@@ -252,6 +252,7 @@ def test_compiled_ebm_traces_as_one_graph_and_matches_eager(path):
         e, g = run(eager)
     assert 1 <= counter.frame_count <= 2
     assert counter.op_count > 20  # the convolutions are in the graph
-    torch.testing.assert_close(e_c, e)
-    torch.testing.assert_close(g_c, g)
+    # the compiled graph may fuse and reorder float32 sums: a tolerance scaled to the magnitude
+    assert_close_float32(e_c, e)
+    assert_close_float32(g_c, g)
     torch._dynamo.reset()

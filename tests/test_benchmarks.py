@@ -115,7 +115,6 @@ def test_train_breakdown_marks_every_phase_of_the_real_train_step(bench, capsys,
         assert math.isclose(
             sum(iteration[name] for name in phases), iteration["total"], rel_tol=1e-9
         )
-        assert iteration["langevin"] > iteration["ema_update"]
         assert iteration["refused"] == 0.0
     # The clock is uninstalled afterwards: train.py's name is the real function again.
     import cdrl.langevin

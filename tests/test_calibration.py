@@ -143,7 +143,7 @@ def test_posterior_negation_uses_the_offsets(mlp_cond_ebm):
         pipe.scheduler.register_to_config(condition_offsets=[rows])
         return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
 
-    assert torch.equal(run(0.0), run(0.0))
+    assert torch.equal(run(0.0), run(0.0))  # bit-exact: same seed, batch and process
     assert not torch.allclose(run(0.0), run(30.0))
     pipe.scheduler.register_to_config(
         condition_offsets=[[[0.0, 1.0]] * 2]

@@ -108,7 +108,7 @@ def test_diffusion_baseline_trains_saves_and_samples(tiny_diffusion_run):
         train_scheduler=scheduler,
         batch_size=3,
     )
-    assert torch.equal(again, out["ddim"])
+    assert torch.equal(again, out["ddim"])  # bit-exact: the same seed, batches and process
     assert not torch.allclose(out["ddpm"][:, :, :4], out["ddim"][:, :, :4])
     with pytest.raises(ValueError, match="scheduler_name"):
         diffusion_baseline.sample_diffusion(unet, "euler", 3, 2)
@@ -127,12 +127,13 @@ def test_diffusion_baseline_trains_saves_and_samples(tiny_diffusion_run):
 
 
 def test_diffusion_baseline_stops_on_its_time_budget(tmp_path):
-    start = time.perf_counter()
     summary = diffusion_baseline.train_diffusion(
         tmp_path, minutes=0.5 / 60, max_steps=10_000, unet_kwargs=TINY_UNET, batch_size=16
     )
     assert 1 <= summary["steps"] < 10_000
-    assert summary["loop_seconds"] >= 0.5 and time.perf_counter() - start < 30
+    assert (
+        summary["loop_seconds"] >= 0.5
+    )  # stopped by the budget (not max_steps): no wall-clock cap
     with pytest.raises(ValueError, match="budget"):
         diffusion_baseline.train_diffusion(tmp_path / "none", unet_kwargs=TINY_UNET)
 

@@ -60,10 +60,8 @@ class RealDigits:
         return out
 
 
-def test_scores_on_real_digits():
-    from cdrl.digits_classifier import load_digits_classifier
-
-    classifier = load_digits_classifier(None)
+def test_scores_on_real_digits(digits_classifier):
+    classifier = digits_classifier  # the default one, trained once per session in a temporary cache
     kwargs = {
         "per_class": 8,
         "and_weight": 2.0,

@@ -67,6 +67,7 @@ def test_digits_split_fixed_and_disjoint():
     train = load_dataset(DataConfig(name="digits", seed=0))
     test = load_dataset(DataConfig(name="digits", seed=0), split="test")
     other = load_dataset(DataConfig(name="digits", seed=123))
+    # bit-exact: the same sklearn pixels through the same elementwise scaling
     assert torch.equal(train.x, other.x) and torch.equal(train.cond, other.cond)
     train_rows = {tuple(row.tolist()) for row in train.x.flatten(1)}
     test_rows = [tuple(row.tolist()) for row in test.x.flatten(1)]
@@ -81,7 +82,7 @@ def test_digits_never_flipped():
     dataset = load_dataset(cfg)
     torch.manual_seed(0)
     for index in range(40):
-        assert torch.equal(dataset[index][0], dataset.x[index])
+        assert torch.equal(dataset[index][0], dataset.x[index])  # bit-exact: returned, not computed
 
 
 def test_unknown_name():
@@ -119,7 +120,7 @@ def test_toy_dataset_and_modes(name):
     test = load_dataset(DataConfig(name=name, toy_size=4000, seed=3), split="test")
     assert not torch.equal(test.x, points)
     again = load_dataset(DataConfig(name=name, toy_size=4000, seed=3))
-    assert torch.equal(again.x, points)
+    assert torch.equal(again.x, points)  # bit-exact: same seed and process
 
 
 @pytest.mark.parametrize("name", TOY_NAMES)
@@ -223,6 +224,7 @@ def test_folder_flip(image_folder):
     test = load_dataset(cfg, split="test")
     torch.manual_seed(0)
     views = [train[0][0] for _ in range(20)]
+    # bit-exact: a flip moves values, it does not compute them
     assert any(torch.equal(v, test[0][0].flip(-1)) for v in views)
     assert any(torch.equal(v, test[0][0]) for v in views)
     assert all(torch.equal(test[0][0], test[0][0]) for _ in range(5))
@@ -317,6 +319,7 @@ def test_cifar10_fake_folder(tmp_path, monkeypatch):
     assert x.min() >= -1.0 and x.max() <= 1.0
     assert cond.flatten().tolist() == [5, 6, 7, 8]
     raw = pickle.loads((tmp_path / "cifar-10-batches-py/test_batch").read_bytes())["data"]
+    # bit-exact: uint8 pixels through the same two correctly rounded float32 operations
     assert torch.equal(x[0], torch.from_numpy(raw[0].reshape(3, 32, 32)).float() / 127.5 - 1.0)
     assert not test.random_flip and train.random_flip
     torch.manual_seed(0)
@@ -336,6 +339,7 @@ def test_digits_thickness_attribute():
     assert train.condition_sizes == test.condition_sizes == (10, 2)
     x, cond = train[0]
     assert cond.shape == (2,) and cond.dtype == torch.long
+    # bit-exact: the same data loaded twice
     assert torch.equal(train.cond[:, :1], plain.cond) and torch.equal(train.x, plain.x)
     # Thick = ink mass above the train median: half of the train split, every class has both.
     ink = ink_mass(train.x)

@@ -300,6 +300,7 @@ def test_dequantize_spreads_each_pixel_over_its_own_bin():
     k = torch.randint(0, 256, (500, 1, 2, 2), generator=gen).float()
     x0 = k / 255 * 2 - 1
     x = dequantize(x0, 256, generator=torch.Generator().manual_seed(1))
+    # bit-exact: each value sits inside its bin (floor of an elementwise expression), not near an edge
     assert torch.equal(torch.floor((x + 1) / 2 * 256), k)
     frac = (x + 1) / 2 * 256 - k
     assert abs(frac.mean().item() - 0.5) < 0.02 and frac.min() >= 0 and frac.max() < 1
@@ -328,12 +329,40 @@ def test_bits_per_dim_on_images_reports_the_dequantized_discrete_nll(tiny_pipeli
         tiny_pipeline, x0, num_intermediate=3, num_chains=2, batch_size=2,
         generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
-    assert again["nll_per_example"] == out["nll_per_example"]
+    assert (
+        again["nll_per_example"] == out["nll_per_example"]
+    )  # bit-exact: same seed, batch, process
     proposal = bits_per_dim(
         tiny_pipeline, x0[:1], num_intermediate=2, num_chains=2, base="proposal",
         generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
     assert proposal["base"] == "proposal" and math.isfinite(proposal["nll_nats"])
+
+
+class _GaussianDataModel(nn.Module):
+    """The exact model of data x ~ N(0, v I): level t's energy is -log q(x_t) in its y-space.
+
+    Under the forward process x_{t+1} = sqrt(a_{t+1}) x_t + s_{t+1} eps, q(x_t) = N(0, v_t I) with
+    v_0 = v, v_{t+1} = a_{t+1} v_t + s_{t+1}^2. With E_t(y) = |y|^2 / (2 a_{t+1} v_t) at y = sqrt(a_{t+1})
+    x_t (untempered) each tethered conditional is the true posterior q(x_t | x_{t+1}), and the top level
+    is q(x_{T-1}): the bound telescopes to -log N(x; 0, v I) exactly, whatever the forward draws.
+    """
+
+    config: dict = {}
+
+    def __init__(self, schedule, variance: float) -> None:
+        super().__init__()
+        alphas, variances = schedule.alphas.tolist(), [variance]
+        for t in range(schedule.num_levels - 1):
+            variances.append(alphas[t + 1] * variances[-1] + 1 - alphas[t + 1])
+        widths = [alphas[t + 1] * v for t, v in enumerate(variances[:-1])] + [variances[-1]]
+        self.register_buffer("levels", schedule.noise_levels[: schedule.num_levels].float())
+        self.register_buffer("widths", torch.tensor(widths))
+        self.unused = nn.Parameter(torch.zeros(()))  # bits_per_dim reads the device and dtype
+
+    def forward(self, y, noise_level, cond=None):
+        t = (noise_level[:, None] - self.levels[None]).abs().argmin(1)
+        return y.flatten(1).pow(2).sum(1) / (2 * self.widths[t])
 
 
 def test_bits_per_dim_on_vectors_is_continuous(mlp_pipeline):
@@ -345,6 +374,30 @@ def test_bits_per_dim_on_vectors_is_continuous(mlp_pipeline):
     assert out["dequantization_nats"] == 0.0 and "continuous" in out["convention"]
     assert out["bpd"] == pytest.approx(out["nll_nats"] / (2 * math.log(2)))
     assert out["ais_acceptance"][-1] == out["ais_acceptance"][-1]  # the top level ran AIS (not NaN)
+
+    # A model whose likelihood is known in closed form: the exact Gaussian of the data's variance.
+    from types import SimpleNamespace
+
+    from cdrl.pipeline import CDRLScheduler
+
+    variance = 0.25
+    scheduler = CDRLScheduler(n_steps=3, tempered=False)
+    model = _GaussianDataModel(scheduler.schedule, variance)
+    x = 0.5 * torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    nll = x.pow(2).sum(1) / (2 * variance) + math.log(2 * math.pi * variance)  # -log N(x; 0, v I)
+    # The bound with exact (grid) normalizers is the closed form, per example.
+    grid = negative_log_likelihood(
+        model, scheduler.schedule, scheduler.langevin_settings(), x[:4], method="grid",
+        grid_points=GRID_POINTS, top_base=TOP_BOX, generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    torch.testing.assert_close(grid.nll, nll[:4].double(), rtol=0, atol=1e-3)
+    # bits_per_dim (AIS normalizers, noisy per example): the mean within 0.3 nats of the closed form
+    exact = SimpleNamespace(ebm=model, scheduler=scheduler, initializer=None)
+    out = bits_per_dim(
+        exact, x, num_intermediate=20, num_chains=16, generator=torch.Generator().manual_seed(0)
+    )
+    assert out["nll_nats"] == pytest.approx(nll.mean().item(), abs=0.3)
+    assert out["bpd"] == pytest.approx(nll.mean().item() / (2 * math.log(2)), abs=0.3 / 1.38)
 
 
 def test_unknown_method_and_missing_initializer_are_errors(mlp, schedule):

@@ -150,6 +150,7 @@ def test_torchrun_ranks_keep_identical_weights(two_ranks):
     run_dir, _, (rank0, rank1) = two_ranks
     assert rank0.keys() == rank1.keys()
     assert any(k.startswith("ebm.") for k in rank0) and any(k.startswith("init.") for k in rank0)
+    # bit-exact: DDP gives both ranks the same all-reduced gradients, so the same updates
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not different, different  # parameters and spectral-norm u/v buffers alike
     # The final checkpoint (written by the main process) holds exactly these weights, and step 3
@@ -158,7 +159,7 @@ def test_torchrun_ranks_keep_identical_weights(two_ranks):
         live = {k[len(prefix) :]: v for k, v in rank0.items() if k.startswith(prefix)}
         final = load_file(str(run_dir / "checkpoint-3" / file))
         assert final.keys() == live.keys()
-        assert all(torch.equal(final[k], live[k]) for k in live), prefix
+        assert all(torch.equal(final[k], live[k]) for k in live), prefix  # saved bits, read back
         earlier = load_file(str(run_dir / "checkpoint-2" / file))
         assert any(not torch.equal(earlier[k], live[k]) for k in live), prefix
 
@@ -179,19 +180,27 @@ def test_torchrun_ranks_shard_one_shared_data_order(two_ranks):
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="plain torchrun uses the GPUs when there are any"
 )
-def test_plain_torchrun_on_cpu_is_distributed_or_refused(tmp_path: Path):
+def test_plain_torchrun_on_cpu_is_refused(tmp_path: Path):
+    """Without ACCELERATE_USE_CPU, accelerate (the pinned 1.x) finds no accelerator backend for
+    torchrun's LOCAL_RANK and runs each CPU process alone (DistributedType.NO): two unsynchronized
+    copies of one run. main() refuses that on every rank, before training, with one line that says
+    how to launch on CPU."""
     run_dir = tmp_path / "run"
     cmd = _torchrun(str(ROOT / "train.py"), *TRAIN_ARGS, "--set", "log.sample_every=0")
     proc = _run([*cmd, "--output_dir", str(run_dir)], _env())
-    if proc.returncode == 0:  # a real 2-process run: every step logged once
-        assert _steps(run_dir) == [1, 2, 3]
-    else:  # or a clear refusal: main()'s one-line error that names the process count
-        errors = [
-            line.split("]:", 1)[-1].strip()
-            for line in proc.stderr.splitlines()
-            if line.split("]:", 1)[-1].strip().startswith("error:")
-        ]
-        assert any("process" in line for line in errors), proc.stderr[-3000:]
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [
+        line.split("]:", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.split("]:", 1)[-1].strip().startswith("error:")
+    ]
+    expected = (
+        "error: launched as 2 processes, but accelerate sees 1; on CPU use `accelerate launch "
+        "--cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
+    )
+    assert errors == [expected, expected], proc.stderr[-3000:]  # one line from each rank
+    assert not (run_dir / "metrics.jsonl").exists()  # refused before any step
+    assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "pipeline").exists()
 
 
 def test_accelerate_launch_cpu_single_process(tmp_path: Path):

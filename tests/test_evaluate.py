@@ -1,7 +1,7 @@
 """Tests of the cdrl.evaluate CLI (figures, JSON schema, bad input), its sampling, and cdrl.ood.
 
-Tiny 8x8 pipelines and a quickly trained digits classifier (4 epochs): the digits extractor stands in
-for Inception, which cannot be downloaded here. The cache root ($CDRL_CACHE_DIR) is a temporary folder.
+Tiny 8x8 pipelines and the default digits classifier (trained once per session, conftest.py): the
+digits extractor stands in for Inception, which cannot be downloaded here. The cache root ($CDRL_CACHE_DIR) is a temporary folder.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_float32
+from conftest import assert_close_float32, assert_uint8_close
 from PIL import Image
 
 import cdrl.digits_classifier as dc
 from cdrl import evaluate
-from cdrl.digits_classifier import train_digits_classifier
 from cdrl.evaluate import sample_images
 from cdrl.fidelity import to_uint8
 from cdrl.generate import generate_samples
-from cdrl.guidance import composed
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.ood import auroc, lowest_level_energy, ood_report
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
@@ -89,16 +87,16 @@ def cond_checkpoint(cond_pipe, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def classifier():
-    return train_digits_classifier(epochs=4)
+@pytest.fixture
+def classifier(digits_classifier):
+    """The default digits classifier, trained once per session (conftest.py)."""
+    return digits_classifier
 
 
-@pytest.fixture(scope="module")
-def weights(classifier, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clf") / "digits_classifier"
-    classifier.save_pretrained(path)
-    return path
+@pytest.fixture
+def weights(digits_classifier_path) -> Path:
+    """Its folder, in the session's temporary cache."""
+    return digits_classifier_path
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +181,9 @@ def test_sample_images_are_generate_samples_rounded(cond_pipe):
     labels, seeds = [3, 1, 4, 1, 5], [7, 8, 9, 10, 11]
     images = sample_images(cond_pipe, labels, seeds, guidance_scale=2.0, batch_size=2)
     expected = generate_samples(cond_pipe, labels, seeds, guidance_scale=2.0, batch_size=5)
-    assert images.dtype == torch.uint8 and torch.equal(images, to_uint8(expected))
+    # batches of 2 and of 5: float32 may round a pixel a hair from a level boundary the other way
+    assert images.dtype == torch.uint8
+    assert_uint8_close(images, to_uint8(expected))
 
 
 def test_conditional_accuracy_and_guidance(cond_checkpoint, weights, tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_conditional_accuracy_and_guidance(cond_checkpoint, weights, tmp_path, c
 
 def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weights, monkeypatch, tmp_path, capsys):  # fmt: skip
     # Swap the samples for real test digits: with the matching labels the accuracy is the classifier's.
-    from cdrl.digits_classifier import digits_split, evaluate_accuracy
+    from cdrl.digits_classifier import digits_split
 
     _, _, x_test, y_test = digits_split()
     order = torch.argsort(y_test, stable=True)
@@ -226,7 +226,10 @@ def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weigh
     argv = ["--checkpoint", cond_checkpoint, "--class_labels", 2, 7, "--num_samples", 6]
     code, _, stderr = _run([*argv, "--metrics", "accuracy", "--digits_classifier", weights, "--output", out], capsys)  # fmt: skip
     assert code == 0, stderr
-    expected = evaluate_accuracy(classifier, to_uint8(real).float() / 127.5 - 1, torch.tensor([2, 7] * 3))  # fmt: skip
+    # by hand, not through the library's accuracy code: the classifier's argmax against the labels
+    with torch.no_grad():
+        logits = classifier(to_uint8(real).float() / 127.5 - 1)
+    expected = (logits.argmax(1) == torch.tensor([2, 7] * 3)).double().mean().item()
     assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(expected)
 
 
@@ -505,7 +508,7 @@ def test_lowest_level_energy_is_the_level_0_ebm_on_scaled_data(uncond_pipe):
     with torch.no_grad():
         direct = uncond_pipe.ebm(x0 * scale, torch.full((5,), float(schedule.noise_levels[0])))
     assert energy.dtype == torch.float64 and energy.shape == (5,)
-    torch.testing.assert_close(energy, direct.double(), rtol=1e-5, atol=1e-5)
+    assert_close_float32(energy, direct.double())  # batches of 2 against one of 5
     # float32 energies held as float64: another batch size (or x0 / 2 * 2) may round differently.
     assert_close_float32(energy, lowest_level_energy(uncond_pipe, x0, batch_size=5))
     # The data scale multiplies the data before the EBM sees them.
@@ -519,7 +522,8 @@ def test_lowest_level_energy_of_a_conditional_model_uses_the_null_label(cond_pip
     levels = torch.full((3,), float(schedule.noise_levels[0]))
     null = torch.full((3, 1), NUM_CLASSES)
     with torch.no_grad():
-        expected = composed(cond_pipe.ebm, x0 * float(schedule.y_scales[0]), levels, null=null)
+        # the EBM itself on the null label (not cdrl.guidance.composed, which the code under test uses)
+        expected = cond_pipe.ebm(x0 * float(schedule.y_scales[0]), levels, null)
         labelled = cond_pipe.ebm(x0 * float(schedule.y_scales[0]), levels, torch.zeros(3, 1, dtype=torch.long))  # fmt: skip
     energy = lowest_level_energy(cond_pipe, x0)
     torch.testing.assert_close(energy, expected.double(), rtol=1e-5, atol=1e-5)
@@ -600,10 +604,31 @@ def test_two_processes_give_the_samples_and_figures_of_one(cond_pipe, cond_check
     assert proc.stdout.count("wrote ") == 1  # only the main process computes and writes
     gathered = torch.load(tmp_path / "images.pt")
     expected = sample_images(cond_pipe, [3, 1, 4, 1, 5, 9, 2], list(range(10, 17)), guidance_scale=2.0)  # fmt: skip
-    assert torch.equal(gathered, expected)  # every sample once, in order
+    # every sample once, in order (other processes and batch splits: a pixel may round one level off)
+    assert_uint8_close(gathered, expected)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["settings"]["num_processes"] == 2 and one["settings"]["num_processes"] == 1
-    assert two["metrics"] == one["metrics"] and two["details"] == one["details"]
+    # The figures of the same images, whose features were computed in another process (float32
+    # rounding); looser should a pixel have rounded one level off.
+    rel = 1e-5 if torch.equal(gathered, expected) else 1e-2
+    _assert_json_close(two["metrics"], one["metrics"], rel)
+    _assert_json_close(two["details"], one["details"], rel)
+
+
+def _assert_json_close(actual, expected, rel: float) -> None:
+    """JSON values equal, floats within ``rel``, recursively."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            _assert_json_close(actual[key], expected[key], rel)
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for a, b in zip(actual, expected, strict=True):
+            _assert_json_close(a, b, rel)
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=rel, abs=1e-9)
+    else:
+        assert actual == expected
 
 
 def test_ood_sets_script_writes_inverted_digits_and_noise(tmp_path, capsys):
@@ -620,6 +645,7 @@ def test_ood_sets_script_writes_inverted_digits_and_noise(tmp_path, capsys):
     first = np.asarray(Image.open(inverted[0]))
     digit = digits_split()[2][0, 0].numpy()
     assert first.shape == (8, 8) and first.dtype == np.uint8
+    # bit-exact: digits are k/16, so (d + 1) / 2 * 255 = k * 255 / 32 is never within 1/32 of a .5
     np.testing.assert_array_equal(first, 255 - np.rint((digit + 1) / 2 * 255).astype(np.uint8))
     pixels = np.stack([np.asarray(Image.open(p)) for p in noise])
     assert pixels.std() > 50  # uniform noise, not a constant image

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_uint8_close
 from experiment_scripts import load_experiment
 from PIL import Image
 
 from cdrl import generate
-from cdrl.digits_classifier import digits_split, train_digits_classifier
+from cdrl.digits_classifier import digits_split
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import energy_fn, level, sample
@@ -141,11 +142,14 @@ def test_samples_do_not_depend_on_batch_size(cond_checkpoint, tmp_path, capsys):
             [*argv, "--batch_size", batch_size, "--output", tmp_path / f"b{batch_size}"], capsys
         )
         assert code == 0
-    for k in range(5):
-        name = f"{k:06d}.png"
-        np.testing.assert_array_equal(
-            _pixels(tmp_path / "b1" / name), _pixels(tmp_path / "b4" / name)
-        )
+    # The same samples, computed in batches of another size: float32 may round a pixel that sits a
+    # hair from a level boundary the other way, so one level on a few pixels is allowed.
+    names = [f"{k:06d}.png" for k in range(5)]
+    b1, b4 = (
+        torch.from_numpy(np.stack([_pixels(tmp_path / b / name) for name in names]))
+        for b in ("b1", "b4")
+    )
+    assert_uint8_close(b1, b4)
     assert (tmp_path / "b1/manifest.json").read_text() == (
         tmp_path / "b4/manifest.json"
     ).read_text()
@@ -408,10 +412,10 @@ def test_failure_while_generating_leaves_nothing(cond_checkpoint, tmp_path, caps
 # ------------------------------------------------------------------ the guidance sweep
 
 
-@pytest.fixture(scope="module")
-def classifier():
-    """A quickly trained digits classifier (8 epochs, about 5 s; ~97% test accuracy)."""
-    return train_digits_classifier(epochs=8)
+@pytest.fixture
+def classifier(digits_classifier):
+    """The default digits classifier, trained once per session (conftest.py)."""
+    return digits_classifier
 
 
 def test_measure_on_real_digits(classifier):

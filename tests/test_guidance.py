@@ -44,6 +44,7 @@ def test_no_terms_is_the_null_output(cond_net):
     x, level, null, cond, _ = _inputs()
     net = Counted(cond_net)
     out = composed(net, x, level, null=null)
+    # bit-exact: no terms, one forward of the same batch of 3 (net.batches), in one process
     torch.testing.assert_close(out, cond_net(x, level, null), rtol=0, atol=0)
     assert net.batches == [3]
 
@@ -52,7 +53,7 @@ def test_weight_one_is_the_plain_conditional(cond_net):
     x, level, null, cond, _ = _inputs()
     net = Counted(cond_net)
     out = composed(net, x, level, null=null, terms=[(cond, 1.0)])
-    assert torch.equal(out, cond_net(x, level, cond))
+    assert torch.equal(out, cond_net(x, level, cond))  # bit-exact: one forward, the same batch of 3
     assert net.batches == [3]  # no null pass
 
 
@@ -93,7 +94,7 @@ def test_unconditional_model(tiny_ebm):
     x, level, null, cond, _ = _inputs()
     net = Counted(tiny_ebm)
     out = composed(net, x, level, null=None)
-    assert torch.equal(out, tiny_ebm(x, level))
+    assert torch.equal(out, tiny_ebm(x, level))  # bit-exact: one forward, the same batch of 3
     assert net.batches == [3]
     with pytest.raises(ValueError, match="unconditional"):
         composed(tiny_ebm, x, level, null=None, terms=[(cond, 2.0)])

@@ -176,7 +176,7 @@ def test_same_generator_seed_same_chain():
             n_steps=10, generator=torch.Generator().manual_seed(42),
         )  # fmt: skip
 
-    assert torch.equal(chain(), chain())
+    assert torch.equal(chain(), chain())  # bit-exact: same seed, batch and process
 
 
 def test_known_entries_are_kept_at_every_step():
@@ -190,7 +190,7 @@ def test_known_entries_are_kept_at_every_step():
     states = []
 
     def check(k, y):
-        assert torch.equal(y[keep], known[keep])
+        assert torch.equal(y[keep], known[keep])  # bit-exact: known entries are copied in
         states.append(y.clone())
 
     out = run_chain(
@@ -198,7 +198,7 @@ def test_known_entries_are_kept_at_every_step():
         known=known, known_mask=mask, generator=gen, callback=check,
     )  # fmt: skip
     assert len(states) == 6
-    assert torch.equal(out[keep], known[keep])
+    assert torch.equal(out[keep], known[keep])  # bit-exact: copied, as above
     assert not torch.equal(out[~keep], x_next[~keep])  # the free entries moved
 
 

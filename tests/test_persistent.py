@@ -150,6 +150,7 @@ def test_reset_one_always_restarts_and_fraction_zero_never_touches_the_chains():
     }
     off = PersistentChains(2, 4, fraction=0.0, reset=0.0)
     neg, continued = off.negatives(t, y, x_next, None, Recorder())
+    # bit-exact: with fraction 0 the negatives are y itself, untouched
     assert off.buffers == {} and not continued.any() and torch.equal(neg, y)
 
 
@@ -163,7 +164,7 @@ def test_state_dict_round_trip_and_a_size_mismatch_is_refused():
     assert sorted(copy.buffers) == sorted(chains.buffers)
     for key, buf in chains.buffers.items():
         for name, value in buf.items():
-            assert torch.equal(copy.buffers[key][name], value)
+            assert torch.equal(copy.buffers[key][name], value)  # bit-exact: tensors copied
     with pytest.raises(ValueError, match="do not fit this config"):
         PersistentChains(1, 5, fraction=1.0, reset=0.0).load_state_dict(chains.state_dict())
 

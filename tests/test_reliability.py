@@ -129,6 +129,7 @@ def _state(models: T.Models) -> dict:
 
 
 def _same_parameters(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    # bit-exact: a refused step must not touch a single bit of a parameter
     return all(torch.equal(before[name], p) for name, p in module.named_parameters())
 
 
@@ -318,10 +319,23 @@ def _last_step(output_dir: Path) -> int:
     return max((line.get("step", 0) for line in _lines(output_dir)), default=0)
 
 
-def _writing_checkpoint(output_dir: Path, after: int) -> bool:
-    """Whether a checkpoint beyond step ``after`` is being written (its temporary folder exists)."""
-    steps = [int(p.name.rsplit("-", 1)[1]) for p in output_dir.glob(".tmp-checkpoint-*")]
-    return any(step > after for step in steps)
+def train_pausing_in_a_checkpoint_write(argv: list[str]) -> int:
+    """A ``fresh_process`` target: cdrl.train.main(argv[1:]), except that the int(argv[0])-th file
+    flush inside a .tmp-checkpoint-N folder never returns: the process says so on stdout and waits
+    (to be killed) with that checkpoint half written."""
+    pause_at, calls = int(argv[0]), []
+    fsync = T._fsync
+
+    def pausing_fsync(path: Path) -> None:
+        if path.parent.name.startswith(".tmp-checkpoint-"):
+            calls.append(path)
+            if len(calls) == pause_at:
+                print(f"paused writing {path}", flush=True)
+                time.sleep(600)
+        fsync(path)
+
+    T._fsync = pausing_fsync
+    return T.main(argv[1:])
 
 
 def _wait(condition: Callable[[], bool], process, timeout: float = 120.0) -> None:
@@ -344,32 +358,44 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
 
     # Three kills at moments drawn from a seeded generator: a few steps in (around the first
     # checkpoint), while a checkpoint is being written, and a few steps later; each resume starts from
-    # the newest complete checkpoint.
-    out, rng, kills = tmp_path / "run", random.Random(8), []
+    # the newest complete checkpoint. A write is too quick to hit by timing alone, so the second run
+    # stops inside its first checkpoint write (at a file flush drawn from the generator) and is
+    # killed there, a half-written .tmp-checkpoint-N on disk.
+    out, rng, kills, mid_write = tmp_path / "run", random.Random(8), [], []
     for attempt, moment in enumerate(["steps", "checkpoint write", "steps"]):
         resume = ["--resume_from_checkpoint", "latest"] if attempt else []
         seen = _last_step(out)  # progress of the killed runs so far
-        process = fresh_process.start(
-            "cdrl.train", [*KILL_RUN, "--output_dir", out, *resume], tmp_path / f"io-{attempt}"
-        )
+        io = tmp_path / f"io-{attempt}"
+        argv = [*KILL_RUN, "--output_dir", out, *resume]
         if moment == "steps":
+            process = fresh_process.start("cdrl.train", argv, io)
             target = seen + rng.randint(2, 4)
             _wait(lambda target=target: _last_step(out) >= target, process)
             time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next step
-        else:  # (or, should every write be too quick to catch, six steps on)
+        else:
+            target = "test_reliability:train_pausing_in_a_checkpoint_write"
+            process = fresh_process.start(target, [rng.randint(1, 4), *argv], io)
+            out_txt = io / "out.txt"
             _wait(
-                lambda seen=seen: _writing_checkpoint(out, seen) or _last_step(out) >= seen + 6,
+                lambda out_txt=out_txt: out_txt.is_file() and "paused" in out_txt.read_text(),
                 process,
             )
         assert process.is_alive()
-        writing = _writing_checkpoint(out, seen)
         process.kill()
         process.join()
         assert process.exitcode == -signal.SIGKILL
-        kills.append(f"{moment}: killed at step {_last_step(out)}" + " (mid-write)" * writing)
+        # A temporary folder left behind: this kill landed while a checkpoint was being written (each
+        # run writes a checkpoint before it is killed, and every write first deletes old leftovers).
+        leftovers = list(out.glob(".tmp-checkpoint-*"))
+        mid_write.append(bool(leftovers))
+        kills.append(f"{moment}: killed at step {_last_step(out)}" + " (mid-write)" * mid_write[-1])
+        if moment == "checkpoint write":
+            assert leftovers, "the paused write left no temporary folder"
+            assert all(not (p / "checkpoint.json").exists() for p in leftovers)  # unfinished
         # Whatever the moment, every checkpoint-N folder is complete (the previous ones intact).
         for folder in out.glob("checkpoint-*"):
             assert checkpoint_problem(folder) is None, (attempt, folder, checkpoint_problem(folder))
+    assert any(mid_write), kills
     assert _last_step(out) < 20
 
     code, _, err = fresh_process.run(
@@ -378,7 +404,9 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     )  # fmt: skip
     assert code == 0, err[-3000:]
 
-    # The same step count, and the same losses at every step as the uninterrupted run (fixed seed).
+    # The same step count, and the same losses at every step as the uninterrupted run. Bit-exact: the
+    # same seed, one thread, on the same machine; a resume restores the weights, optimizer and RNG
+    # states bit for bit (safetensors and pickled tensors), so every step repeats the same operations.
     resumed, uninterrupted = _records(out), _records(reference)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == list(range(1, 21))
     for a, b in zip(uninterrupted, resumed, strict=True):
@@ -389,7 +417,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     for part in ("ebm", "initializer"):
         file = f"pipeline/{part}/diffusion_pytorch_model.safetensors"
         a, b = load_file(str(reference / file)), load_file(str(out / file))
-        assert all(torch.equal(a[k], b[k]) for k in a), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part  # bit-exact, as the losses above
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,6 +447,7 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(run_0_to_4, tmp_pa
         f"warning: skipping {out / 'checkpoint-4'}: its file model.safetensors is missing or truncated"
         in err
     )
+    # bit-exact: resuming is exact (README), same seed and process; checkpoints restore every bit
     assert _losses(out) == _losses(run_0_to_4)  # resumed at 2, trained 3 and 4 again, identically
     assert checkpoint_problem(out / "checkpoint-4") is None
 
@@ -441,7 +470,7 @@ def test_a_checkpoint_from_before_checkpoint_json_resumes_exactly(run_0_to_4, tm
     _make_legacy(out / "checkpoint-2")
     assert checkpoint_problem(out / "checkpoint-2") is None
     assert train_debug(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
-    assert _losses(out) == _losses(run_0_to_4)
+    assert _losses(out) == _losses(run_0_to_4)  # bit-exact: an exact resume (README), same process
 
 
 class _Payload:
@@ -511,7 +540,7 @@ def test_same_seed_same_losses_weights_and_samples(run_0_to_4, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
     assert train_debug(again, "--set", NO_GRIDS) == 0
     assert train_debug(other, "--seed", "1", "--set", NO_GRIDS) == 0
-    assert _losses(again) == _losses(run_0_to_4)
+    assert _losses(again) == _losses(run_0_to_4)  # bit-exact: same seed, same process and threads
     assert _losses(other) != _losses(run_0_to_4)  # the seed matters: the comparison can fail
     samples = []
     for run in (run_0_to_4, again):
@@ -519,6 +548,7 @@ def test_same_seed_same_losses_weights_and_samples(run_0_to_4, tmp_path):
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(5)
         samples.append(pipe(batch_size=4, generator=generator, output_type="pt").images)
+    # bit-exact: bitwise-equal weights, the same seed and batch, in one process
     assert torch.equal(samples[0], samples[1])
     assert not torch.equal(samples[0][0], samples[0][1])
 
@@ -532,5 +562,6 @@ def test_generate_cli_is_deterministic(tiny_pipeline, tmp_path, capsys):
         assert generate.main([*argv, "--output", str(tmp_path / name), "--device", "cpu"]) == 0
         outputs.append([p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))])
     capsys.readouterr()
+    # bit-exact PNG bytes: the same checkpoint, seeds, batch and process
     assert len(outputs[0]) == 4 and outputs[0] == outputs[1]
     assert len(set(outputs[0])) == 4  # four different samples (seeds 3, 4, 5, 6)

@@ -34,7 +34,7 @@ def test_same_seed_same_samples(tiny_pipeline):
     a = pt(tiny_pipeline, batch_size=3, generator=torch.Generator().manual_seed(0))
     b = pt(tiny_pipeline, batch_size=3, generator=torch.Generator().manual_seed(0))
     c = pt(tiny_pipeline, batch_size=3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # bit-exact: same seed, batch and process
     assert not torch.equal(a, c)
 
 
@@ -85,7 +85,9 @@ def test_output_types(tiny_pipeline):
 def test_np_and_pt_agree(tiny_pipeline):
     a = pt(tiny_pipeline, batch_size=2, generator=torch.Generator().manual_seed(5))
     b = tiny_pipeline(batch_size=2, generator=torch.Generator().manual_seed(5), output_type="np")
-    np.testing.assert_array_equal(b.images, a.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(
+        b.images, a.permute(0, 2, 3, 1).numpy()
+    )  # bit-exact: one run, two views
 
 
 def test_vector_pipeline(mlp_pipeline):
@@ -94,7 +96,9 @@ def test_vector_pipeline(mlp_pipeline):
     out = pt(mlp_pipeline, batch_size=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (5, 2) and torch.isfinite(out).all()
     array = mlp_pipeline(batch_size=5, generator=torch.Generator().manual_seed(0), output_type="np")
-    np.testing.assert_array_equal(array.images, out.numpy())  # raw samples, not rescaled
+    np.testing.assert_array_equal(
+        array.images, out.numpy()
+    )  # raw samples, not rescaled (bit-exact: same seed, batch and process)
     with pytest.raises(ValueError, match="vectors"):
         mlp_pipeline(batch_size=2, output_type="pil")
 
@@ -279,7 +283,7 @@ def test_inpainting_keeps_known_pixels_exactly(
         LangevinConfig(n_steps=3, tweedie=tweedie), known=known, known_mask=mask, generator=gen,
     )  # fmt: skip
     keep = mask.bool()
-    assert torch.equal(x[keep], known[keep])
+    assert torch.equal(x[keep], known[keep])  # bit-exact: known pixels are copied in
     assert torch.isfinite(x).all()
     assert not torch.allclose(x[~keep], known[~keep], atol=1e-2)
 
@@ -299,7 +303,9 @@ def test_inpainting_constrains_every_langevin_step(tiny_ebm, tiny_initializer):
     assert sorted(states) == list(range(6))
     for per_step in states.values():
         assert len(per_step) == 4
-        assert all(torch.equal(s, per_step[0]) for s in per_step)
+        assert all(
+            torch.equal(s, per_step[0]) for s in per_step
+        )  # bit-exact: copied, never computed
 
 
 # ------------------------------------------------------------------ frozen
@@ -340,7 +346,9 @@ def test_sampling_leaves_training_state_alone(tiny_pipeline):
     assert tiny_pipeline.ebm.training
     assert all(p.requires_grad and p.grad is None for p in tiny_pipeline.ebm.parameters())
     state = tiny_pipeline.ebm.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in buffers.items())  # no power iterations
+    assert all(
+        torch.equal(state[k], v) for k, v in buffers.items()
+    )  # no power iterations (bit-exact: untouched buffers)
 
 
 # ------------------------------------------------------------------ Tweedie

@@ -200,6 +200,7 @@ def test_q_pair_reproducible_with_generator(schedule):
         b = schedule.q_pair(
             x0, t, variance_reduction=vr, generator=torch.Generator().manual_seed(7)
         )
+        # bit-exact: the same seed, shapes and process
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
         assert a[0].dtype == x0.dtype and a[0].shape == x0.shape
 
@@ -254,5 +255,7 @@ def test_shared_noise_pairs_regress_onto_the_ddim_mean_not_the_posterior_mean(sc
     ab = schedule.alphas_cumprod
     ddim = ((1 - ab[t_level]) / (1 - ab[t_level + 1])).sqrt()
     torch.testing.assert_close(slope, ddim.expand(2), rtol=1e-6, atol=0)
-    posterior = schedule.posterior_mean(torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([t_level]))
+    posterior = schedule.posterior_mean(
+        torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([t_level])
+    )
     assert (slope - float(posterior)).abs().min() > 0.05
