@@ -108,7 +108,7 @@ class TrainConfig:
     init_data_weight: float = 0.0      # extra initializer regression of its mean onto a data target (0 = paper); see README
     init_data_target: Literal["paired", "posterior_mean"] = "paired"  # that target in y-space: sqrt(alpha_{t+1}) times
     #   paired: the x_t drawn with x_{t+1} (under shared noise, its mean given x_{t+1} is DDIM's, not the recovery mean)
-    #   posterior_mean: the DDPM posterior mean mu~(x_0, x_{t+1}), right under any coupling (METHOD.md 13)
+    #   posterior_mean: the DDPM posterior mean mu~(x_0, x_{t+1}), right under any coupling (docs/method.md §13)
     persistent_levels: int = 0         # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
     persistent_fraction: float = 0.5   # share of those levels' examples whose negative comes from a persistent chain
     persistent_size: int = 256         # chains per persistent level (per process), split evenly among label values

@@ -1,4 +1,4 @@
-"""Normalized densities (METHOD.md Sec. 9): each recovery conditional's normalizer by annealed importance
+"""Normalized densities (docs/method.md §9): each recovery conditional's normalizer by annealed importance
 sampling (or exactly, on a grid, for 2-D models), the variational bound on -log p(x), and bits per dimension.
 
 Sign convention as everywhere in the package: an energy is E, p ∝ exp(-E). Log-normalizers and likelihoods
@@ -316,7 +316,7 @@ def log_normalizer_grid(
 
     A Riemann sum of gamma(y) over num_points^D nodes of the box center ± half_width (the trapezoid rule
     when gamma vanishes at the edges; O(h^2) for a ReLU network's piecewise-linear energy). Meant for the
-    2-D models, where it is the test of the AIS estimator (METHOD.md Sec. 9).
+    2-D models, where it is the test of the AIS estimator (docs/method.md §9).
 
     Args:
         energy_fn: as for ``log_normalizer_ais``; called on chunks of nodes, rows [i n, (i + 1) n) for
@@ -486,7 +486,7 @@ def negative_log_likelihood(
     grid_points: int = 801,
     generator: torch.Generator | None = None,
 ) -> NLLResult:
-    """The variational bound on -log p(x) for continuous x (b, ...), per example and level (METHOD.md Sec. 9).
+    """The variational bound on -log p(x) for continuous x (b, ...), per example and level (docs/method.md §9).
 
     The model is the chain p(x_{T-1}) prod_t p(x_t | x_{t+1}) over x_0 = data_scale * x: at the top the
     marginal EBM p(x_{T-1}) = exp(-E(x_{T-1}, T-1) / T_{T-1}) / Z_{T-1}, below it the recovery conditionals
@@ -519,7 +519,7 @@ def negative_log_likelihood(
         cond: (b, K) labels for a conditional EBM; None for an unconditional one. Pass the null label for
             the unconditional density of a conditional model.
         method: "ais" or "grid".
-        base: AIS base of the tethered levels: "tether", N(x_{t+1}, sigma^2 I) (METHOD.md Sec. 9), or
+        base: AIS base of the tethered levels: "tether", N(x_{t+1}, sigma^2 I) (docs/method.md §9), or
             "proposal", the initializer's Gaussian proposal N(mu(x_{t+1}), proposal_std^2 I), which is
             closer to a trained conditional (needs ``initializer``).
         initializer: the initializer network, for ``base="proposal"``.
@@ -632,7 +632,7 @@ def bits_per_dim(
     top_num_chains: int | None = None,
     num_mcmc_steps: int = 1,
 ) -> dict:
-    """Negative log-likelihood and bits per dimension of data under a trained pipeline (METHOD.md Sec. 9).
+    """Negative log-likelihood and bits per dimension of data under a trained pipeline (docs/method.md §9).
 
     Images (x0 (n, c, h, w)) are discrete with ``num_bins`` levels per pixel (256: 8-bit): uniform
     dequantization x' = (k + u) / num_bins * 2 - 1 (``dequantize``), and the reported NLL is the discrete

@@ -3,7 +3,7 @@
 For s = T (pure noise, ordinary sampling) down to 1, draw x_s ~ q(x_s | x_0) for real test digits x_0, run
 the model's recovery steps s-1, ..., 0 and the Tweedie step, and judge the result with the independent
 digits classifier: the fraction classified with confidence >= 0.9, and how often the class of the original
-digit survives. A drop between start levels s+1 and s is the quality lost by level s (METHOD.md, Sec. 11).
+digit survives. A drop between start levels s+1 and s is the quality lost by level s (docs/method.md, Sec. 11).
 
     python experiments/level_probe.py --checkpoint runs/digits/pipeline --num_images 300
 """

@@ -65,7 +65,7 @@ def test_drl_config_is_drl_with_the_digits_ebm():
         p.numel() for p in default_ebm.parameters()
     )
 
-    # The exported scheduler samples with DRL's K = 30, no Tweedie step, on DRL's one-step sigmas (METHOD.md 2).
+    # The exported scheduler samples with DRL's K = 30, no Tweedie step, on DRL's one-step sigmas (docs/method.md §2).
     scheduler = CDRLScheduler.from_training_config(cfg)
     settings = scheduler.langevin_settings()
     assert settings.n_steps == 30 and not settings.tweedie

@@ -102,7 +102,7 @@ def test_unconditional_model(tiny_ebm):
 
 @pytest.mark.parametrize("w", [0.7, 2.0])
 def test_guided_energy_gradient(tiny_cond_ebm, w):
-    """guidance_scale = 1 + w gives grad E_w = (1 + w) grad E(c) - w grad E(null) (METHOD.md section 7)."""
+    """guidance_scale = 1 + w gives grad E_w = (1 + w) grad E(c) - w grad E(null) (docs/method.md §7)."""
     x, level, null, cond, _ = _inputs()
 
     def grad_of(fn):

@@ -2,7 +2,7 @@
 
 Classifier-free guidance with guidance_scale g = 1 + w acts on the initializer's proposal mean,
 mu_w = (1 + w) mu(x, c) - w mu(x, null), and on the energy of the Langevin chain and of the Tweedie step,
-E_w = (1 + w) E(c) - w E(null) (METHOD.md 7). ``cdrl.guidance.composed`` is tested on its own in
+E_w = (1 + w) E(c) - w E(null) (docs/method.md §7). ``cdrl.guidance.composed`` is tested on its own in
 tests/test_guidance.py; here the sampler's use of it. ``langevin_noise_scale`` multiplies the Langevin
 noise: with a quadratic energy the chain's stationary variance scales with its square, and 0 makes the
 chain deterministic given its start.
@@ -106,7 +106,7 @@ def test_sample_guides_every_levels_proposal_mean():
 
 
 def _guided_tweedie(ebm, schedule, x, null, cond, tweedie_b2):
-    """x0_hat = (x - (1 - alphabar_0) grad_x E_w(scale_0 x) / s~_0^2) / sqrt(alphabar_0), from METHOD.md."""
+    """x0_hat = (x - (1 - alphabar_0) grad_x E_w(scale_0 x) / s~_0^2) / sqrt(alphabar_0), from docs/method.md."""
     ab = schedule.alphas_cumprod
     alpha_1 = float(ab[1] / ab[0])
     s2 = tweedie_b2 * (1 - alpha_1)  # s~_0^2 = b^2 c_0^2 sigma_1^2, c_0 = 1

@@ -1,6 +1,6 @@
 """The values inpainting writes into the known pixels (cdrl.sampling.reverse_step, CDRLPipeline).
 
-METHOD.md 8: at every level the known pixels are the observation diffused forward to that level, in
+docs/method.md §8: at every level the known pixels are the observation diffused forward to that level, in
 y-space: y = scale_t x_t with x_t = sqrt(alphabar_t) x_obs + sqrt(1 - alphabar_t) eps (scale_t =
 sqrt(alpha_{t+1}), 1 at the top level); at the end they are exactly the observation. The pipeline's
 mask follows diffusers: 1 = repaint, 0 = keep. tests/test_sampling.py checks that the known pixels do

@@ -3,7 +3,7 @@
 For data x_0 ~ N(m, s^2 I) every level is Gaussian, x_t ~ N(sqrt(alphabar_t) m, v_t I) with
 v_t = alphabar_t s^2 + 1 - alphabar_t, and so is y = scale_t x_t (scale_t = sqrt(alpha_{t+1}), 1 at the
 top level). The exact EBM of level t is then the negative log density of y, times the tempering the
-sampler divides by (s_t^2, METHOD.md 3): E_t(y) = s_t^2 ||y - a_t||^2 / (2 c_t), a_t = scale_t
+sampler divides by (s_t^2, docs/method.md §3): E_t(y) = s_t^2 ||y - a_t||^2 / (2 c_t), a_t = scale_t
 sqrt(alphabar_t) m, c_t = scale_t^2 v_t. Given x_{t+1} = y + sigma_{t+1} eps, the recovery conditional
 is Gaussian with mean a_t + c_t / (c_t + sigma_{t+1}^2) (x_{t+1} - a_t), which the stand-in initializer
 returns. With these networks, sample() must reproduce every level's marginal, and its Tweedie step
@@ -53,7 +53,7 @@ def _schedule() -> NoiseSchedule:
 
 
 class _Exact:
-    """The closed-form quantities of each level t = 0..T-1, from METHOD.md's formulas (float64)."""
+    """The closed-form quantities of each level t = 0..T-1, from docs/method.md's formulas (float64)."""
 
     def __init__(self, schedule: NoiseSchedule, b2: float) -> None:
         ab = schedule.alphas_cumprod

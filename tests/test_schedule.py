@@ -1,4 +1,4 @@
-"""Tests of cdrl.schedule against METHOD.md section 2 (CDRL) and DRL's sub-sampled linear betas."""
+"""Tests of cdrl.schedule against docs/method.md §2 (CDRL) and DRL's sub-sampled linear betas."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cdrl.schedule import (
     make_schedule,
 )
 
-# METHOD.md section 2: i, lambda_i, alphabar_i, one-step sigma_i
+# docs/method.md §2: i, lambda_i, alphabar_i, one-step sigma_i
 TABLE = [
     (0, 9.800, 0.999945, None),
     (1, 2.689, 0.93636, 0.2522),
@@ -65,7 +65,7 @@ def test_one_step_alphas_compose_to_cumprod(schedule):
 
 
 def test_langevin_step_sizes(schedule):
-    # METHOD.md section 3 gives s_t to four decimals; the formula meets them to the rounding, 5e-5
+    # docs/method.md §3 gives s_t to four decimals; the formula meets them to the rounding, 5e-5
     expected = torch.tensor([0.0050, 0.0494, 0.0886, 0.1285, 0.1716, 0.2188], dtype=torch.float64)
     steps = schedule.langevin_step_sizes(4e-4)
     assert steps.shape == (6,)
@@ -248,7 +248,7 @@ def test_posterior_mean_is_the_mean_of_x_t_given_x_next_and_x0(schedule, t_level
 
 @pytest.mark.parametrize("t_level", [1, 2, 3])
 def test_shared_noise_pairs_regress_onto_the_ddim_mean_not_the_posterior_mean(schedule, t_level):
-    # Why train.init_data_target exists (METHOD.md 13): under shared noise x_t is a deterministic
+    # Why train.init_data_target exists (docs/method.md §13): under shared noise x_t is a deterministic
     # function of (x_0, x_{t+1}) with slope sqrt((1 - ab_t) / (1 - ab_{t+1})), not the posterior's.
     x0, x_t, x_next = _pair_moments(schedule, t_level, True)
     slope, _ = _regress(x_t, x_next)

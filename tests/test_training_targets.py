@@ -125,7 +125,7 @@ def test_train_step_feeds_the_ebm_its_positives_and_weights_and_the_initializer_
     assert len(set(t.tolist())) > 1  # several levels in the batch, so a per-level mix-up shows
 
     # From the alphas alone: y = sqrt(alpha_{t+1}) x_t, scale 1 at the top level (a marginal EBM,
-    # METHOD.md 3); w_t = sigma_1 / sigma_{t+1} with sigma_i = sqrt(1 - alpha_i) (METHOD.md 5.4).
+    # docs/method.md §3); w_t = sigma_1 / sigma_{t+1} with sigma_i = sqrt(1 - alpha_i) (docs/method.md §5.4).
     ab = schedule.alphas_cumprod
     alpha = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     scale = torch.where(t == T - 1, torch.ones_like(alpha[t + 1]), alpha[t + 1].sqrt())
