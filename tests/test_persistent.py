@@ -205,3 +205,22 @@ def test_training_with_persistent_chains_checkpoints_them_and_resumes_exactly(
     for a, b in zip(records[2:], _metrics(split)[2:], strict=True):
         for key in ("ebm/loss", "ebm/energy_gap", "persistent/share"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_resume_with_persistent_chains_across_an_epoch_boundary(tmp_path: Path):
+    """48 toy points at batch 16 make an epoch of 3 steps: 0 -> 6 in one go against 0 -> 2 -> 6 resumed
+    mid-epoch, so the resumed run must restore the chains and the data order past the epoch's end."""
+    toy = ["data.name=checkerboard", "data.toy_size=48", "ebm.arch=mlp", "initializer.arch=mlp",
+           "ebm.hidden=16", "initializer.hidden=16", "log.sample_every=0"]  # fmt: skip
+    pcd = [*PCD, *toy]
+    one_go, split = tmp_path / "one_go", tmp_path / "split"
+    assert train_debug(one_go, "--max_train_steps", "6", *pcd) == 0
+    assert train_debug(split, "--max_train_steps", "2", *pcd) == 0
+    resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", "6"]
+    assert train_debug(split, *resumed, *pcd) == 0
+    a, b = _metrics(one_go), _metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert max(r["persistent/share"] for r in a[2:]) > 0  # the chains fed the EBM after the resume
+    for x, y in zip(a[2:], b[2:], strict=True):
+        for key in ("ebm/loss", "ebm/energy_gap", "persistent/share", "persistent/max_abs"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
