@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output
+from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output, one_line, short_path
 
 EXIT_BAD_INPUT = 2
 
@@ -74,6 +74,14 @@ def describe_out_of_memory(err: BaseException) -> str:
         return f"out of memory (could not allocate {format_bytes(int(match[1]))})"
     match = re.search(r"allocate ([\d.]+ [KMGTPE]?i?B)", str(err))  # NumPy, CUDA
     return f"out of memory (could not allocate {match[1]})" if match else "out of memory"
+
+
+def describe_os_error(err: OSError) -> str:
+    """'cannot use PATH: File name too long' from an OSError (the path cut to a sane length)."""
+    reason = err.strerror or type(err).__name__
+    if err.filename is None:
+        return f"{reason} ({one_line(str(err), 200)})"
+    return f"cannot use {short_path(err.filename)}: {reason}"
 
 
 def format_bytes(n: float) -> str:
@@ -227,10 +235,12 @@ def run_cli(
     try:
         return main(argv)
     except (CLIError, ValueError) as err:
-        message = " ".join(str(err).split())
+        message = str(err)
+    except OSError as err:  # a path the system refuses: too long, a symlink loop, no permission
+        message = describe_os_error(err)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
         message = f"{describe_out_of_memory(err)}; {memory_hint}"
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT

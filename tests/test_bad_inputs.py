@@ -38,6 +38,16 @@ SCRIPTS = {
 }
 TOY = ["data.name=checkerboard", "ebm.arch=mlp", "initializer.arch=mlp"]
 HUGE = str(2**40)  # samples: 2**40 8x8 images need 256 TiB
+LONG = "n" * 300  # a file name longer than any file system allows (ENAMETOOLONG)
+# "billion laughs": nine aliases deep, 9**9 list entries once expanded (and in any repr of the value)
+ALIAS_BOMB = (
+    "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "ebm: {channel_mult: *i}\n"
+)
 
 
 class _Payload:
@@ -245,6 +255,40 @@ CASES = [
          lambda e: e.train(config=e.write("c.yaml", "train: [unclosed\n")), "is not valid YAML"),
     Case("train-config-not-mapping", "train",
          lambda e: e.train(config=e.write("c.yaml", "- 1\n- 2\n")), "must hold a mapping"),
+    # ---- train: config files the YAML loader must refuse early (class B: refused late or never; class C:
+    # tracebacks), and numbers that must be finite (class A)
+    Case("train-config-alias-bomb", "train", lambda e: e.train(config=e.write("c.yaml", ALIAS_BOMB)),
+         "aliases (*a) are not allowed in a config"),
+    Case("train-set-alias", "train", lambda e: e.train("--set", "ebm.channel_mult=[&x [1, 2], *x]"),
+         "aliases (*x) are not allowed in a config"),
+    Case("train-config-python-tag", "train",
+         lambda e: e.train(config=e.write("c.yaml", "train: {seed: !!python/name:os.system }\n")),
+         "tags ('tag:yaml.org,2002:python/name:os.system') are not allowed"),
+    Case("train-set-python-tag", "train",
+         lambda e: e.train("--set", "log.report_to=!!python/object/apply:os.system [ls]"),
+         "is not valid YAML: tags"),
+    Case("train-set-binary-tag", "train", lambda e: e.train("--set", "log.report_to=!!binary aGk="),
+         "tags ('tag:yaml.org,2002:binary') are not allowed"),
+    Case("train-set-not-yaml", "train", lambda e: e.train("--set", "ebm.channel_mult=[1, 2"),
+         "override 'ebm.channel_mult=[1, 2' is not valid YAML"),
+    Case("train-config-not-utf8", "train",
+         lambda e: e.train(config=_write_bytes(e, "c.yaml", "train: {seed: 1}\n".encode("utf-16"))),
+         "is not UTF-8 text"),
+    Case("train-config-name-too-long", "train", lambda e: e.train(config=e.tmp / f"{LONG}.yaml"),
+         "cannot be read: File name too long"),
+    Case("train-config-symlink-loop", "train", lambda e: e.train(config=_symlink_loop(e)),
+         "cannot be read: Too many levels of symbolic links"),
+    Case("train-huge-value-in-message", "train",
+         lambda e: e.train("--set", f"ebm.channel_mult=[{'9' * 5000}x]"),
+         "'ebm.channel_mult' must be an integer, got '99999"),
+    Case("train-lr-inf", "train", lambda e: e.train("--set", "train.ebm_lr=inf"),
+         "train.ebm_lr must be a finite number, got inf"),
+    Case("train-init-lr-inf", "train", lambda e: e.train("--set", "train.init_lr=.inf"),
+         "train.init_lr must be a finite number, got inf"),
+    Case("train-data-scale-inf", "train", lambda e: e.train("--set", "data.scale=.inf"),
+         "data.scale must be a finite number"),
+    Case("train-logsnr-inf", "train", lambda e: e.train("--set", "schedule.logsnr_max=.inf"),
+         "schedule.logsnr_max must be a finite number"),
     # ---- train: data
     Case("train-unknown-dataset", "train", lambda e: e.train("--set", "data.name=imagenet"),
          "unknown data set data.name='imagenet'"),
@@ -404,6 +448,19 @@ CASES = [
 ]  # fmt: skip
 
 
+def _write_bytes(env: Env, name: str, data: bytes) -> Path:
+    path = env.tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _symlink_loop(env: Env) -> Path:
+    """A symlink that points at itself through another (ELOOP on open)."""
+    (env.tmp / "loop_a").symlink_to(env.tmp / "loop_b")
+    (env.tmp / "loop_b").symlink_to(env.tmp / "loop_a")
+    return env.tmp / "loop_a"
+
+
 def _without_marker(env: Env) -> Path:
     run = env.copy("finished_run")
     (run / "checkpoint-2" / "checkpoint.json").unlink()
@@ -474,6 +531,7 @@ def test_bad_input(case: Case, sources, tmp_path, tmp_path_factory, capsys, requ
         code, out, err = runner.run(SCRIPTS[case.script], argv, io, memory_margin=case.memory_limit)
     lines = err.strip().splitlines()
     assert code == 2, err[-3000:]
+    assert len(err) <= len("error: \n") + 300, f"an error line of {len(err)} characters"
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     assert case.says in lines[0], lines[0]
     assert out == ""
