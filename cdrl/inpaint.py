@@ -22,11 +22,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from cdrl.checks import MAX_RESAMPLE, MAX_SAMPLES
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_device,
+    check_finite,
     check_output_folder,
+    check_upper_bounds,
     check_writable,
     load_pipeline,
     run_cli,
@@ -311,6 +315,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     # Check the arguments and the output folder before any work.
+    check_finite(args, "guidance_scale")
+    check_upper_bounds(args, num_samples=MAX_SAMPLES, batch_size=MAX_SAMPLES, resample=MAX_RESAMPLE)
+    check_device(args.device)
     for flag in ("num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
