@@ -375,6 +375,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config key {key!r} has an unsupported type {hint}")
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, APFS, NTFS)
 INFINITE_OK = {"guard.max_energy_gap"}  # .inf turns the energy-gap guard off
 
 
@@ -476,6 +477,13 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key, path in (("log.output_dir", cfg.log.output_dir), ("data.data_dir", cfg.data.data_dir)):
+        too_long = [part for part in Path(path or ".").parts if len(part.encode()) > NAME_MAX]
+        if too_long:
+            raise ConfigError(
+                f"{key} holds a name of {len(too_long[0].encode())} bytes ({short_path(too_long[0], 40)}); "
+                f"file systems allow {NAME_MAX}"
+            )
     for section in dataclasses.fields(cfg):
         for item in dataclasses.fields(getattr(cfg, section.name)):
             key, value = (
