@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from cdrl.cli import ArgumentParser, CLIError
+    from cdrl.checks import MAX_SAMPLES
+    from cdrl.cli import ArgumentParser, CLIError, check_device, check_upper_bounds
 
     parser = ArgumentParser(
         prog="cdrl-calibrate",
@@ -216,6 +217,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         raise CLIError(f"--num_samples must be >= 1, got {args.num_samples}")
+    check_upper_bounds(args, num_samples=MAX_SAMPLES)
+    check_device(args.device)
     folder = calibrate_checkpoint(
         args.checkpoint, num_samples=args.num_samples, seed=args.seed, device=args.device
     )

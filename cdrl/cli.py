@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import math
 import os
 import re
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output
+from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output, one_line, short_path
 
 EXIT_BAD_INPUT = 2
 
@@ -76,6 +77,14 @@ def describe_out_of_memory(err: BaseException) -> str:
     return f"out of memory (could not allocate {match[1]})" if match else "out of memory"
 
 
+def describe_os_error(err: OSError) -> str:
+    """'cannot use PATH: File name too long' from an OSError (the path cut to a sane length)."""
+    reason = err.strerror or type(err).__name__
+    if err.filename is None:
+        return f"{reason} ({one_line(str(err), 200)})"
+    return f"cannot use {short_path(err.filename)}: {reason}"
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -116,6 +125,47 @@ def requested_classes(
     return classes
 
 
+def check_upper_bounds(args: argparse.Namespace, **limits: int) -> None:
+    """Refuse a count flag above its limit (``cdrl.checks.MAX_SAMPLES`` ...): such a value would exhaust
+    memory or run for days, and is far more likely a typo than a plan."""
+    for name, limit in limits.items():
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            raise CLIError(f"--{name} must be at most {limit:,}, got {value:,}")
+
+
+def check_finite(args: argparse.Namespace, *names: str) -> None:
+    """Refuse nan and infinite values of float flags (argparse's float() accepts 'nan' and 'inf')."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"--{name} must be a finite number, got {value}")
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a --device that is not a torch device, or that this machine does not have, before any work."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CLIError(
+            f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CLIError(
+                f"--device {device}: this machine has no usable CUDA GPU; use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise CLIError(f"--device {device}: this machine has {count} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise CLIError(f"--device {device}: cdrl runs on cpu, cuda or mps")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A pipeline folder (with model_index.json), or a run folder holding one in ``pipeline/``."""
     path = Path(path)
@@ -143,6 +193,7 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     from cdrl.pipeline import CDRLPipeline
 
     folder = resolve_checkpoint(path)
+    check_device(device)
     diffusers_logging.disable_progress_bar()  # keep stderr to notices and one-line errors
     try:
         pipeline = CDRLPipeline.from_pretrained(folder)
@@ -227,10 +278,12 @@ def run_cli(
     try:
         return main(argv)
     except (CLIError, ValueError) as err:
-        message = " ".join(str(err).split())
+        message = str(err)
+    except OSError as err:  # a path the system refuses: too long, a symlink loop, no permission
+        message = describe_os_error(err)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
         message = f"{describe_out_of_memory(err)}; {memory_hint}"
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT

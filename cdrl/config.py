@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -18,11 +19,60 @@ from typing import Any, Literal
 
 import yaml
 
-from cdrl.utils import atomic_write
+from cdrl.utils import atomic_write, one_line, short_path
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and the fix."""
+    """A config file or override that cannot be used; the message names the key and the fix (one line,
+    cut to a sane length: a value or a path may be huge)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``: a few lines can expand to gigabytes, the
+    "billion laughs") and without explicit tags (``!!python/...``, ``!!binary``, ``!custom``): a config
+    holds plain scalars, lists and mappings only."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed in a config",
+                event.start_mark,
+            )
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag != "!":
+            raise yaml.composer.ComposerError(
+                None, None, f"tags ({_short(tag)}) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    """Plain YAML (``_PlainLoader``); yaml.YAMLError when it is not."""
+    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader without aliases or tags
+
+
+_REPR = reprlib.Repr()  # Python 3.11's takes no arguments
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A repr cut to a sane length (a value may be huge or deeply nested)."""
+    return _REPR.repr(value)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The first line of a YAML error, with its position: 'aliases ... (line 3, column 8)'."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"[:200]
 
 
 # fmt: off
@@ -188,20 +238,40 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
         try:
-            delta = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ConfigError(f"config file not found: {short_path(path)}") from None
+        except OSError as err:
+            raise ConfigError(
+                f"config file {short_path(path)} cannot be read: {err.strerror or err}"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {short_path(path)} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML"
+            ) from None
+        try:
+            delta = _yaml(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(
+                f"{short_path(path)} is not valid YAML: {_yaml_problem(err)}"
+            ) from None
         if not isinstance(delta, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(delta).__name__}")
         _merge(cfg, delta, prefix="")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"override {item!r} is not key=value (example: train.batch_size=64)")
-        _set(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+            raise ConfigError(
+                f"override {_short(item)} is not key=value (example: train.batch_size=64)"
+            )
+        try:
+            parsed = _yaml(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {_short(item)} is not valid YAML: {_yaml_problem(err)}"
+            ) from None
+        _set(cfg, key.strip(), parsed)
     validate(cfg)
     return cfg
 
@@ -289,18 +359,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = "no"
         if value not in args:
             raise ConfigError(
-                f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {value!r}"
+                f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {_short(value)}"
             )
         return value
     if origin is list:
         if isinstance(value, str):
             value = (
-                yaml.safe_load(value)
+                _yaml(value)
                 if value.strip().startswith("[")
                 else [v for v in value.split(",") if v]
             )
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a list, got {_short(value)}")
         return [_coerce(v, args[0], key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -309,33 +379,40 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        raise ConfigError(f"config key {key!r} must be true or false, got {_short(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be an integer, got {_short(value)}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}") from None
+            raise ConfigError(
+                f"config key {key!r} must be an integer, got {_short(value)}"
+            ) from None
         if not math.isfinite(number) or number != int(number):
-            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be an integer, got {_short(value)}")
         return int(number)
     if hint is float:
         if isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a number, got {_short(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+            raise ConfigError(f"config key {key!r} must be a number, got {_short(value)}") from None
     if hint is str:
         if not isinstance(value, str | int | float):
-            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a string, got {_short(value)}")
         return str(value)
     raise ConfigError(f"config key {key!r} has an unsupported type {hint}")
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, APFS, NTFS)
+INFINITE_OK = {"guard.max_energy_gap"}  # .inf turns the energy-gap guard off
+
+
 def validate(cfg: Config) -> None:
-    """Reject impossible values with a message that names the key."""
+    """Reject impossible values with a message that names the key; every number must be finite (except
+    ``INFINITE_OK``)."""
     checks = [
         (cfg.schedule.num_levels >= 1, "schedule.num_levels must be >= 1"),
         (
@@ -431,3 +508,18 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key, path in (("log.output_dir", cfg.log.output_dir), ("data.data_dir", cfg.data.data_dir)):
+        too_long = [part for part in Path(path or ".").parts if len(part.encode()) > NAME_MAX]
+        if too_long:
+            raise ConfigError(
+                f"{key} holds a name of {len(too_long[0].encode())} bytes ({short_path(too_long[0], 40)}); "
+                f"file systems allow {NAME_MAX}"
+            )
+    for section in dataclasses.fields(cfg):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            key, value = (
+                f"{section.name}.{item.name}",
+                getattr(getattr(cfg, section.name), item.name),
+            )
+            if isinstance(value, float) and not math.isfinite(value) and key not in INFINITE_OK:
+                raise ConfigError(f"{key} must be a finite number, got {value}")

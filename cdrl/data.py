@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cdrl.config import DataConfig
+from cdrl.images import HIGH_DEPTH_MODES, grey_array
 
 
 class DataError(ValueError):
@@ -323,12 +324,20 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
+                image.load()
+                if image.mode in HIGH_DEPTH_MODES:  # 16-bit, 32-bit or float: one float channel
+                    image = Image.fromarray(grey_array(image))
+                else:  # alpha dropped, palette looked up, colour to luma for 1 channel
+                    image = image.convert("L" if self.channels == 1 else "RGB")
         except (OSError, ValueError, SyntaxError) as err:
             raise DataError(f"cannot read image {path} ({_one_line(err)}); remove it") from None
         if self.image_size is not None:
             image = _resize_center_crop(image, self.image_size)
-        array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1)
+        if image.mode == "F":  # values in [0, 1]
+            array = np.asarray(image, dtype=np.float32).clip(0, 1)[..., None] * 255.0
+            array = np.repeat(array, self.channels, axis=-1)
+        else:
+            array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1)
         x = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)

@@ -31,10 +31,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_device,
+    check_finite,
+    check_upper_bounds,
     check_writable,
     load_pipeline,
     requested_classes,
@@ -250,6 +254,13 @@ def _check_values(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name} must be at least 1, got {value}")
     if args.num_langevin_steps is not None and args.num_langevin_steps < 0:
         raise CLIError(f"--num_langevin_steps must be >= 0, got {args.num_langevin_steps}")
+    check_upper_bounds(
+        args, num_samples=MAX_SAMPLES, batch_size=MAX_SAMPLES, num_examples=MAX_SAMPLES,
+        num_langevin_steps=MAX_LANGEVIN_STEPS, bpd_num_intermediate=MAX_LANGEVIN_STEPS,
+        bpd_num_chains=MAX_SAMPLES,
+    )  # fmt: skip
+    check_finite(args, "guidance_scale")
+    check_device(args.device)
     if args.guidance_scale < 0:
         raise CLIError(
             f"--guidance_scale must be >= 0 (1 = no guidance), got {args.guidance_scale:g}"

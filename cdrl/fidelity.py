@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 import torch_fidelity
+import torch_fidelity.metric_fid
+import torch_fidelity.utils
 from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase
@@ -34,6 +36,7 @@ from cdrl.digits_classifier import (
     load_digits_classifier,
     predict_probabilities,
 )
+from cdrl.fidelity_cache import safe_fidelity_cache
 from cdrl.utils import to_uint8_images
 
 DIGITS_EXTRACTOR = "digits-classifier"
@@ -487,7 +490,8 @@ def compute_fidelity(
         settings["isc_splits"] = kwargs["isc_splits"]
     if cache_root is not None:
         os.makedirs(cache_root, exist_ok=True)
-    raw = torch_fidelity.calculate_metrics(**kwargs)
+    with safe_fidelity_cache():
+        raw = torch_fidelity.calculate_metrics(**kwargs)
     figures = {ours: float(raw[key]) for key, ours in FIDELITY_KEYS.items() if key in raw}
     return figures, settings
 

@@ -23,11 +23,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, network_problem
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_device,
+    check_finite,
     check_output_folder,
+    check_upper_bounds,
     check_writable,
     load_pipeline,
     requested_classes,
@@ -94,13 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_model_config(checkpoint: Path) -> dict[str, Any]:
     """The EBM's config.json of a checkpoint, read without loading any weights (to fail early)."""
+    from cdrl.models import EnergyMLP, EnergyResNet
+
     path = checkpoint / "ebm" / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError):
         raise CLIError(
             f"checkpoint {checkpoint} is incomplete: {path} is missing or unreadable"
         ) from None
+    model_class = (
+        EnergyMLP if isinstance(config, dict) and "in_features" in config else EnergyResNet
+    )
+    problem = network_problem(config, model_class)
+    if problem is not None:
+        raise CLIError(f"{path}: {problem}")
+    return config
 
 
 def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> list[int] | None:
@@ -109,10 +122,16 @@ def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> lis
     Raises:
         CLIError: a flag combination or value that does not fit the flags or the checkpoint.
     """
+    check_finite(args, "guidance_scale")
     if args.guidance_scale < 0:
         raise CLIError(
             f"--guidance_scale must be >= 0 (1 = no guidance), got {args.guidance_scale:g}"
         )
+    check_upper_bounds(
+        args, num_samples_per_class=MAX_SAMPLES, num_samples=MAX_SAMPLES, batch_size=MAX_SAMPLES,
+        num_langevin_steps=MAX_LANGEVIN_STEPS,
+    )  # fmt: skip
+    check_device(args.device)
     for name in ("num_samples_per_class", "num_samples", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -136,6 +155,11 @@ def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> lis
             f"--num_samples is for unconditional sampling; with {flag} use --num_samples_per_class"
         )
     per_class = args.num_samples_per_class or 1
+    if per_class * len(classes) > MAX_SAMPLES:
+        raise CLIError(
+            f"{len(classes)} classes x --num_samples_per_class {per_class:,} is more than "
+            f"{MAX_SAMPLES:,} samples"
+        )
     return [label for label in classes for _ in range(per_class)]
 
 

@@ -22,15 +22,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from cdrl.checks import MAX_RESAMPLE, MAX_SAMPLES
 from cdrl.cli import (
     ArgumentParser,
     CLIError,
     atomic_path,
+    check_device,
+    check_finite,
     check_output_folder,
+    check_upper_bounds,
     check_writable,
     load_pipeline,
     run_cli,
 )
+from cdrl.images import GREY_MODES, grey_array, image_array, is_grey_palette
 
 MASK_CONVENTION = "mask 1 / white = repaint, 0 / black = keep"
 MaskPreset = Literal["center", "left_half", "right_half", "top_half", "bottom_half", "random_boxes"]
@@ -42,8 +47,6 @@ PANEL_TILE = 64  # panel tiles are upscaled (nearest) to at least this many pixe
 HOLE_VALUE = 128  # the repainted region in the "masked input" tile (uint8 grey)
 SEPARATOR_VALUE = 64  # the lines between panel tiles
 SEPARATOR_WIDTH = 2
-
-_GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def preset_mask(
@@ -127,17 +130,6 @@ def read_image(path: str | Path, channels: int) -> tuple[np.ndarray, bool]:
     return image_array(_open(path, "image"), channels)
 
 
-def image_array(image: Image.Image, channels: int) -> tuple[np.ndarray, bool]:
-    """A loaded PIL image as (channels, h, w) float32 in [0, 1], and whether colour was dropped."""
-    if image.mode in _GREY_MODES:
-        grey = _grey_array(image)
-        return np.repeat(grey[None], channels, axis=0), False
-    converted = image.convert("L" if channels == 1 else "RGB")
-    array = np.asarray(converted, dtype=np.float32).reshape(image.height, image.width, -1) / 255.0
-    grey = image.mode in ("LA", "La") or (image.mode == "P" and _is_grey_palette(image))
-    return np.ascontiguousarray(array.transpose(2, 0, 1)), channels == 1 and not grey
-
-
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask file as (h, w) float32 of 0 / 1 (1 / white = repaint, 0 / black = keep).
 
@@ -149,9 +141,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         CLIError: the file cannot be read, has several channels, or is not binary-like.
     """
     image = _open(path, "mask")
-    if image.mode in _GREY_MODES:
-        values = _grey_array(image)
-    elif image.mode == "P" and _is_grey_palette(image):
+    if image.mode in GREY_MODES:
+        values = grey_array(image)
+    elif image.mode == "P" and is_grey_palette(image):
         values = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     else:
         bands = len(image.getbands()) if image.mode != "P" else "colour palette"
@@ -177,22 +169,6 @@ def _open(path: str | Path, what: str) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise CLIError(f"cannot read {what} {path}: {reason}") from None
-
-
-def _grey_array(image: Image.Image) -> np.ndarray:
-    """(h, w) float32 in [0, 1] of a single-channel image (8-bit, 16-bit, 1-bit or float)."""
-    array = np.asarray(image, dtype=np.float32)
-    if image.mode == "L":
-        array = array / 255.0
-    elif image.mode.startswith("I"):
-        array = array / 65535.0  # PNG's 16-bit greyscale opens as I or I;16
-    return np.clip(array, 0.0, 1.0)
-
-
-def _is_grey_palette(image: Image.Image) -> bool:
-    """Whether a palette image shows only opaque greys."""
-    rgba = np.asarray(image.convert("RGBA"))
-    return bool((rgba[..., 3] == 255).all() and (rgba[..., :3] == rgba[..., :1]).all())
 
 
 def resize(array: np.ndarray, size: int, *, binary: bool = False) -> np.ndarray:
@@ -311,6 +287,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     # Check the arguments and the output folder before any work.
+    check_finite(args, "guidance_scale")
+    check_upper_bounds(args, num_samples=MAX_SAMPLES, batch_size=MAX_SAMPLES, resample=MAX_RESAMPLE)
+    check_device(args.device)
     for flag in ("num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag} must be at least 1, got {getattr(args, flag)}")

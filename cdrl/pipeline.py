@@ -7,8 +7,7 @@ unpickled), and each network's weights must match the ``config.json`` beside the
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,31 @@ from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from cdrl import accel
+from cdrl.checks import (
+    MAX_LANGEVIN_STEPS,
+    MAX_RESAMPLE,
+    MAX_SAMPLES,
+    check_generator,
+    check_image,
+    check_int,
+    check_labels,
+    check_number,
+    finite_weights_problem,
+    scheduler_problem,
+)
 from cdrl.config import Config, LangevinConfig
 from cdrl.guidance import NEGATIONS
+from cdrl.safe_loading import (
+    WEIGHTS_NAME,
+    check_configs,
+    check_pipeline_weights,
+    check_weights,
+    networks,
+    weights_mismatch,
+)
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
@@ -60,6 +78,10 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         data_scale: float = 1.0,
         condition_offsets: list[list[list[float]]] | None = None,
     ) -> None:
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        problem = scheduler_problem(settings)
+        if problem is not None:
+            raise ValueError(f"CDRLScheduler: {problem}")
         self.schedule: NoiseSchedule = make_schedule(
             kind,
             num_levels=num_levels,
@@ -119,6 +141,12 @@ class CDRLPipeline(DiffusionPipeline):
             raise ValueError(
                 "CDRLPipeline loads safetensors weights only; use_safetensors=False is refused"
             )
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        if dtype not in (None, torch.float32):
+            raise ValueError(
+                f"torch_dtype={dtype} is not supported: CDRLPipeline keeps its networks "
+                "and the Langevin chains in float32 (pass precision='bf16' to the call for autocast)"
+            )
         kwargs["use_safetensors"] = True
         # Spectral-norm networks built on the meta device run their power iteration very slowly (30 s
         # against 2 s for the paper-size EBM), so build them on the CPU unless the caller says otherwise.
@@ -126,8 +154,7 @@ class CDRLPipeline(DiffusionPipeline):
         folder = Path(pretrained_model_name_or_path)
         local = folder.is_dir()
         if local:
-            for _, part, _ in _networks(folder):
-                _require_safetensors(part)
+            check_configs(folder)
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # unused weights are an error below, not a warning
         try:
@@ -139,10 +166,16 @@ class CDRLPipeline(DiffusionPipeline):
         finally:
             diffusers_logging.set_verbosity(verbosity)
         if local:
-            for name, part, _ in _networks(folder):
+            for name, part, _ in networks(folder):
                 network = getattr(pipeline, name, None)
                 if network is not None:
-                    _check_weights(network.state_dict(), part)
+                    check_weights(network.state_dict(), part)
+                    problem = finite_weights_problem(network.state_dict())
+                    if problem is not None:
+                        raise ValueError(
+                            f"{part / WEIGHTS_NAME}: {problem}; the model diverged in training or "
+                            "the file is damaged, so it was not loaded"
+                        )
         return pipeline
 
     @property
@@ -179,9 +212,11 @@ class CDRLPipeline(DiffusionPipeline):
         """Generate ``batch_size`` samples.
 
         Args:
-            batch_size: number of samples (ignored if ``class_labels`` is given: one sample per label).
+            batch_size: number of samples (at most ``cdrl.checks.MAX_SAMPLES``); with ``class_labels`` or
+                ``image`` leave it out (one sample per label / per image and completion): a different
+                value is an error, not ignored.
             generator: a generator, or one per sample (then sample i does not depend on the batch).
-            num_langevin_steps: K per level (default: the trained value).
+            num_langevin_steps: K per level (default: the trained value; at most 100,000).
             langevin_noise_scale: multiplies the Langevin noise (default: the stored ``noise_scale``; 0 gives
                 gradient descent on the energy, as some EBM samplers do at test time).
             class_labels: one class id per sample for a class-conditional model; None samples the
@@ -210,11 +245,21 @@ class CDRLPipeline(DiffusionPipeline):
                 state and its gradient stay float32 either way.
         """
         device = self.device
+        self._check_arguments(
+            batch_size, num_langevin_steps, langevin_noise_scale, guidance_scale, image, mask_image,
+            num_samples_per_image, resample, class_labels, compose, output_type,
+        )  # fmt: skip
+        guidance_scale, resample = float(guidance_scale), int(resample)
         known = known_mask = None
         if image is not None:
             known, known_mask = self._inpainting_inputs(
                 image, mask_image, num_samples_per_image, device
             )
+            if batch_size != 1 and batch_size != known.shape[0]:
+                raise ValueError(
+                    f"batch_size={batch_size}, but inpainting makes one sample per image and "
+                    f"num_samples_per_image: {known.shape[0]}; leave batch_size out"
+                )
             batch_size = known.shape[0]
             if class_labels is not None and len(class_labels) != batch_size:
                 class_labels = torch.as_tensor(class_labels).repeat_interleave(
@@ -223,27 +268,28 @@ class CDRLPipeline(DiffusionPipeline):
         null, terms = None, ()
         if class_labels is not None:
             labels = self._check_labels(class_labels, device)
+            if batch_size != 1 and batch_size != labels.shape[0] and image is None:
+                raise ValueError(
+                    f"batch_size={batch_size}, but {labels.shape[0]} class_labels were given (one "
+                    "sample per label); leave batch_size out or give one label per sample"
+                )
             batch_size = labels.shape[0]
             null = self._null(batch_size, device)
             cond = null.clone()
             cond[:, 0] = labels
-            terms = ((cond, float(guidance_scale)),)
+            terms = ((cond, guidance_scale),)
         elif compose is not None:
             null = self._null(batch_size, device)
-            terms = tuple(
-                (self._condition(labels, batch_size, device), float(weight))
-                for labels, weight in compose
-            )
+            terms = self._compose_terms(compose, batch_size, device)
         elif self.condition_sizes:
             null = self._null(batch_size, device)
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(
                 "guidance_scale needs class_labels (it scales the class condition against the null label)"
             )
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if negation not in NEGATIONS:
             raise ValueError(f"negation must be one of {', '.join(NEGATIONS)}, got {negation!r}")
+        check_generator(generator, batch_size)
         settings = self.scheduler.langevin_settings(
             n_steps=num_langevin_steps, noise_scale=langevin_noise_scale
         )
@@ -257,7 +303,7 @@ class CDRLPipeline(DiffusionPipeline):
             initializer = None if initializer is None else accel.AutocastModule(initializer, dtype)
         x = sample(
             ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
-            generator=generator, known=known, known_mask=known_mask, resample=int(resample),
+            generator=generator, known=known, known_mask=known_mask, resample=resample,
             negation=negation,
             condition_offsets=self._condition_offsets(device) if negation == "posterior" else None,
             callback=lambda t, k, y: bar.update(1),
@@ -267,6 +313,67 @@ class CDRLPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _check_arguments(
+        self, batch_size, num_langevin_steps, langevin_noise_scale, guidance_scale, image, mask_image,
+        num_samples_per_image, resample, class_labels, compose, output_type,
+    ) -> None:  # fmt: skip
+        """Refuse bad values and combinations in which one argument would be silently ignored."""
+        check_int("batch_size", batch_size, minimum=1, maximum=MAX_SAMPLES)
+        check_int("num_samples_per_image", num_samples_per_image, minimum=1, maximum=MAX_SAMPLES)
+        check_int("resample", resample, minimum=0, maximum=MAX_RESAMPLE)
+        if num_langevin_steps is not None:
+            check_int(
+                "num_langevin_steps", num_langevin_steps, minimum=0, maximum=MAX_LANGEVIN_STEPS
+            )
+        if langevin_noise_scale is not None:
+            check_number("langevin_noise_scale", langevin_noise_scale, minimum=0)
+        check_number("guidance_scale", guidance_scale, minimum=0)
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type == "pil" and len(self.sample_shape) == 1:
+            raise ValueError(
+                "output_type='pil': this model makes vectors, not images; use output_type='pt' or 'np'"
+            )
+        if image is None and mask_image is not None:
+            raise ValueError("mask_image needs image (the images to complete)")
+        if image is None and num_samples_per_image != 1:
+            raise ValueError(
+                "num_samples_per_image is for inpainting and needs image; use batch_size otherwise"
+            )
+        if class_labels is not None and compose is not None:
+            raise ValueError(
+                "class_labels and compose were both given; give one (a compose term "
+                "((label,), 1.0) conditions on a class)"
+            )
+        check_image("image", image)
+        check_image("mask_image", mask_image)
+        dtype = next(self.ebm.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(
+                f"the networks are {dtype} (torch_dtype / .to(dtype)); CDRLPipeline runs them in "
+                "float32: reload in float32 and pass precision='bf16' for autocast"
+            )
+
+    def _compose_terms(self, compose, batch_size: int, device: torch.device) -> tuple:
+        """The (labels (b, K), weight) terms of ``compose``, each checked for its shape and values."""
+        if isinstance(compose, str | bytes | Tensor) or not isinstance(compose, Sequence):
+            raise TypeError(
+                f"compose must be a list of (labels, weight) pairs, got {type(compose).__name__}"
+            )
+        terms = []
+        for i, term in enumerate(compose):
+            if isinstance(term, str | bytes) or not isinstance(term, Sequence) or len(term) != 2:
+                raise TypeError(f"compose[{i}] must be a (labels, weight) pair, got {term!r}")
+            labels, weight = term
+            if isinstance(labels, str | bytes) or not isinstance(labels, Sequence):
+                raise TypeError(
+                    f"compose[{i}] labels must be a list with one value (or None) per condition, "
+                    f"got {labels!r}"
+                )
+            weight = check_number(f"compose[{i}] weight", weight)
+            terms.append((self._condition(labels, batch_size, device, f"compose[{i}]"), weight))
+        return tuple(terms)
 
     def calibrate(
         self, x0: Tensor, cond: Tensor, *, generator: torch.Generator | None = None
@@ -339,7 +446,11 @@ class CDRLPipeline(DiffusionPipeline):
         return torch.tensor(self.condition_sizes, device=device).expand(batch_size, -1).clone()
 
     def _condition(
-        self, labels: Sequence[int | None], batch_size: int, device: torch.device
+        self,
+        labels: Sequence[int | None],
+        batch_size: int,
+        device: torch.device,
+        name: str = "compose",
     ) -> Tensor:
         """One composition term's (b, K) labels; None entries stay null."""
         sizes = self.condition_sizes
@@ -347,14 +458,17 @@ class CDRLPipeline(DiffusionPipeline):
             raise ValueError("compose needs a conditional model; this model is unconditional")
         if len(labels) != len(sizes):
             raise ValueError(
-                f"each compose term needs {len(sizes)} labels (one per condition), got {list(labels)}"
+                f"{name}: each compose term needs {len(sizes)} labels (one per condition), got "
+                f"{list(labels)}"
             )
         values = []
         for k, (value, size) in enumerate(zip(labels, sizes, strict=True)):
-            if value is not None and not 0 <= int(value) < size:
-                raise ValueError(
-                    f"condition {k} value {value} is outside [0, {size}) for this model"
-                )
+            if value is not None:
+                check_int(f"{name} labels[{k}]", value, minimum=0)
+                if not 0 <= int(value) < size:
+                    raise ValueError(
+                        f"{name}: condition {k} value {value} is outside [0, {size}) for this model"
+                    )
             values.append(size if value is None else int(value))
         return torch.tensor(values, device=device).expand(batch_size, -1).clone()
 
@@ -363,7 +477,7 @@ class CDRLPipeline(DiffusionPipeline):
             raise ValueError(
                 "class_labels were given, but this model is unconditional (trained without labels)"
             )
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
+        labels = check_labels("class_labels", class_labels).to(device)
         num_classes = self.condition_sizes[0]
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.numel():
@@ -408,106 +522,6 @@ def _to_tensor(images, channels: int) -> Tensor:
     arrays = [np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in images]
     x = torch.from_numpy(np.stack(arrays))
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Safe loading: safetensors only, checked against the configs before anything is loaded.
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def check_pipeline_weights(folder: Path) -> None:
-    """Check every network folder of a saved pipeline: safetensors weights that match its config.json.
-
-    Each network is built from its ``config.json`` and compared with the safetensors header (names and
-    shapes only; no tensor is read). ``from_pretrained`` calls this when loading failed, for a message
-    that names the file.
-
-    Raises:
-        ValueError: a problem, in one line that names the file.
-    """
-    for _, part, model_class in _networks(folder):
-        _require_safetensors(part)
-        try:
-            network = model_class.from_config(model_class.load_config(part))
-        except (OSError, ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(
-                f"{part / 'config.json'} does not describe a {model_class.__name__}: "
-                f"{_first_line(err)}"
-            ) from None
-        _check_weights(network.state_dict(), part)
-
-
-def _networks(folder: Path) -> list[tuple[str, Path, type]]:
-    """(name, folder, class) of each cdrl network listed in a pipeline's model_index.json."""
-    from cdrl import models
-
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return []  # diffusers reports a missing or unreadable model_index.json
-    found = []
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[-1] is None:
-            continue
-        model_class = getattr(models, str(entry[-1]), None)
-        if isinstance(model_class, type):  # not the scheduler, which diffusers reads from JSON
-            found.append((name, folder / name, model_class))
-    return found
-
-
-def _require_safetensors(part: Path) -> None:
-    if (part / WEIGHTS_NAME).is_file():
-        return
-    pickles = sorted(p.name for p in part.glob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"{part} holds pickle weights ({pickles[0]}), which are never loaded: cdrl loads "
-            "safetensors only; export the model again with save_pretrained"
-        )
-    raise ValueError(f"{part} has no weights file {WEIGHTS_NAME}")
-
-
-def _check_weights(expected: Mapping[str, Tensor], part: Path) -> None:
-    problem = weights_mismatch(expected, part / WEIGHTS_NAME)
-    if problem is not None:
-        raise ValueError(
-            f"{part / 'config.json'} does not match its weights {WEIGHTS_NAME}: {problem}; the "
-            "config was edited or the folder mixes two models"
-        )
-
-
-def weights_mismatch(expected: Mapping[str, Tensor], path: str | Path) -> str | None:
-    """How a safetensors file differs from a state dict (first missing, extra or reshaped tensor), or None.
-
-    Reads the file's header only.
-
-    Raises:
-        ValueError: the file is not a readable safetensors file.
-    """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {_first_line(err)}") from None
-    for key, tensor in expected.items():
-        if key not in shapes:
-            return f"{key} is missing from the weights"
-        if shapes[key] != tuple(tensor.shape):
-            return (
-                f"{key} has shape {list(shapes[key])} in the weights but {list(tensor.shape)} in the "
-                "network the config builds"
-            )
-    extra = sorted(set(shapes) - set(expected))
-    if extra:
-        return f"the weights hold {extra[0]}, which the network the config builds does not have"
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 __all__ = ["CDRLPipeline", "CDRLScheduler", "check_pipeline_weights", "weights_mismatch"]

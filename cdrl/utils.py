@@ -18,6 +18,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+MAX_MESSAGE = 300  # characters of a one-line error message
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters with '...'."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_path(path: str | Path, limit: int = 100) -> str:
+    """A path for a message: its middle cut out when it is longer than ``limit`` characters."""
+    text = str(path)
+    half = (limit - 3) // 2
+    return text if len(text) <= limit else f"{text[:half]}...{text[-half:]}"
+
 
 def expand_as(values: Tensor, like: Tensor) -> Tensor:
     """(b,) -> (b, 1, ..., 1) so it broadcasts against ``like`` (b, ...)."""

@@ -35,9 +35,22 @@ SCRIPTS = {
     "generate": "cdrl.generate",
     "inpaint": "cdrl.inpaint",
     "calibrate": "cdrl.calibration",
+    "evaluate": "cdrl.evaluate",
 }
 TOY = ["data.name=checkerboard", "ebm.arch=mlp", "initializer.arch=mlp"]
 HUGE = str(2**40)  # samples: 2**40 8x8 images need 256 TiB
+T12 = str(10**12)
+SCHEDULER = "scheduler/scheduler_config.json"
+LONG = "n" * 300  # a file name longer than any file system allows (ENAMETOOLONG)
+# "billion laughs": nine aliases deep, 9**9 list entries once expanded (and in any repr of the value)
+ALIAS_BOMB = (
+    "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "ebm: {channel_mult: *i}\n"
+)
 
 
 class _Payload:
@@ -245,6 +258,45 @@ CASES = [
          lambda e: e.train(config=e.write("c.yaml", "train: [unclosed\n")), "is not valid YAML"),
     Case("train-config-not-mapping", "train",
          lambda e: e.train(config=e.write("c.yaml", "- 1\n- 2\n")), "must hold a mapping"),
+    # ---- train: config files the YAML loader must refuse early (class B: refused late or never; class C:
+    # tracebacks), and numbers that must be finite (class A)
+    Case("train-config-alias-bomb", "train", lambda e: e.train(config=e.write("c.yaml", ALIAS_BOMB)),
+         "aliases (*a) are not allowed in a config"),
+    Case("train-set-alias", "train", lambda e: e.train("--set", "ebm.channel_mult=[&x [1, 2], *x]"),
+         "aliases (*x) are not allowed in a config"),
+    Case("train-config-python-tag", "train",
+         lambda e: e.train(config=e.write("c.yaml", "train: {seed: !!python/name:os.system }\n")),
+         "tags ('tag:yaml.org,2002:python/name:os.system') are not allowed"),
+    Case("train-set-python-tag", "train",
+         lambda e: e.train("--set", "log.report_to=!!python/object/apply:os.system [ls]"),
+         "is not valid YAML: tags"),
+    Case("train-set-binary-tag", "train", lambda e: e.train("--set", "log.report_to=!!binary aGk="),
+         "tags ('tag:yaml.org,2002:binary') are not allowed"),
+    Case("train-set-not-yaml", "train", lambda e: e.train("--set", "ebm.channel_mult=[1, 2"),
+         "override 'ebm.channel_mult=[1, 2' is not valid YAML"),
+    Case("train-config-not-utf8", "train",
+         lambda e: e.train(config=_write_bytes(e, "c.yaml", "train: {seed: 1}\n".encode("utf-16"))),
+         "is not UTF-8 text"),
+    Case("train-config-name-too-long", "train", lambda e: e.train(config=e.tmp / f"{LONG}.yaml"),
+         "cannot be read: File name too long"),
+    Case("train-config-symlink-loop", "train", lambda e: e.train(config=_symlink_loop(e)),
+         "cannot be read: Too many levels of symbolic links"),
+    Case("train-huge-value-in-message", "train",
+         lambda e: e.train("--set", f"ebm.channel_mult=[{'9' * 5000}x]"),
+         "'ebm.channel_mult' must be an integer, got '99999"),
+    Case("train-output-name-too-long", "train", lambda e: e.train(out=e.tmp / LONG / "run"),
+         "log.output_dir holds a name of 300 bytes"),
+    Case("train-data-dir-name-too-long", "train",
+         lambda e: e.train("--set", "data.name=folder", f"data.data_dir={e.tmp / LONG}"),
+         "data.data_dir holds a name of 300 bytes"),
+    Case("train-lr-inf", "train", lambda e: e.train("--set", "train.ebm_lr=inf"),
+         "train.ebm_lr must be a finite number, got inf"),
+    Case("train-init-lr-inf", "train", lambda e: e.train("--set", "train.init_lr=.inf"),
+         "train.init_lr must be a finite number, got inf"),
+    Case("train-data-scale-inf", "train", lambda e: e.train("--set", "data.scale=.inf"),
+         "data.scale must be a finite number"),
+    Case("train-logsnr-inf", "train", lambda e: e.train("--set", "schedule.logsnr_max=.inf"),
+         "schedule.logsnr_max must be a finite number"),
     # ---- train: data
     Case("train-unknown-dataset", "train", lambda e: e.train("--set", "data.name=imagenet"),
          "unknown data set data.name='imagenet'"),
@@ -345,6 +397,66 @@ CASES = [
          lambda e: ["--checkpoint", e.pipeline(), "--output", e.out, "--num_samples", "262144",
                     "--batch_size", "262144", "--device", "cpu"],
          "out of memory", memory_limit=2**29),
+    # ---- generate: silent nan before (class A), refused late or never (class B), tracebacks (class C)
+    Case("generate-guidance-nan", "generate",
+         lambda e: _gen(e, "cond", "--class_labels", "1", "--guidance_scale", "nan"),
+         "--guidance_scale must be a finite number, got nan"),
+    Case("generate-guidance-inf", "generate",
+         lambda e: _gen(e, "cond", "--class_labels", "1", "--guidance_scale", "inf"),
+         "--guidance_scale must be a finite number, got inf"),
+    Case("generate-10-to-12-samples", "generate", lambda e: _gen(e, "uncond", "--num_samples", T12),
+         "--num_samples must be at most 10,000,000, got 1,000,000,000,000"),
+    Case("generate-10-to-12-per-class", "generate",
+         lambda e: _gen(e, "cond", "--all_classes", "--num_samples_per_class", T12),
+         "--num_samples_per_class must be at most 10,000,000"),
+    Case("generate-too-many-in-all", "generate",
+         lambda e: _gen(e, "cond", "--all_classes", "--num_samples_per_class", "2000000"),
+         "10 classes x --num_samples_per_class 2,000,000 is more than 10,000,000 samples"),
+    Case("generate-10-to-12-langevin-steps", "generate",
+         lambda e: _gen(e, "uncond", "--num_langevin_steps", T12),
+         "--num_langevin_steps must be at most 100,000"),
+    Case("generate-device-without-gpu", "generate", lambda e: _gen(e, "uncond", "--device", "cuda:99"),
+         "--device cuda:99: this machine has"),
+    Case("generate-device-nonsense", "generate", lambda e: _gen(e, "uncond", "--device", "nonsense"),
+         "--device 'nonsense' is not a torch device"),
+    Case("generate-checkpoint-name-too-long", "generate",
+         lambda e: ["--checkpoint", e.tmp / LONG, "--output", e.out], "File name too long"),
+    Case("generate-output-name-too-long", "generate",
+         lambda e: ["--checkpoint", e.pipeline(), "--output", e.tmp / f"{LONG}.png"],
+         "File name too long"),
+    Case("generate-output-folder-name-too-long", "generate",
+         lambda e: ["--checkpoint", e.pipeline(), "--output", e.tmp / LONG / "x"], "File name too long"),
+    Case("generate-checkpoint-symlink-loop", "generate",
+         lambda e: ["--checkpoint", _symlink_loop(e), "--output", e.out], "does not exist"),
+    Case("generate-config-json-is-a-list", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, "ebm/config.json", lambda c: [c]), "--output", e.out],
+         "ebm/config.json: it must hold a JSON object, got list"),
+    Case("generate-config-json-lacks-a-key", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, "ebm/config.json", lambda c: _drop(c, "sample_size")),
+                    "--output", e.out],
+         "ebm/config.json: key 'sample_size' is missing"),
+    Case("generate-initializer-config-lacks-a-key", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, "initializer/config.json",
+                                               lambda c: _drop(c, "sample_size")), "--output", e.out],
+         "initializer/config.json: key 'sample_size' is missing"),
+    Case("generate-model-index-is-a-list", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, "model_index.json", lambda c: [c]), "--output", e.out],
+         "model_index.json must hold a JSON object"),
+    Case("generate-scheduler-zero-scale", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, SCHEDULER, lambda c: {**c, "data_scale": 0}),
+                    "--output", e.out],
+         "scheduler_config.json: data_scale must be > 0, got 0"),
+    Case("generate-scheduler-negative-step-scale", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, SCHEDULER, lambda c: {**c, "step_scale": -1.0}),
+                    "--output", e.out],
+         "scheduler_config.json: step_scale must be > 0"),
+    Case("generate-scheduler-steps-not-integer", "generate",
+         lambda e: ["--checkpoint", _json_edit(e, SCHEDULER, lambda c: {**c, "n_steps": "15"}),
+                    "--output", e.out],
+         "scheduler_config.json: n_steps must be an integer"),
+    Case("generate-nan-weights", "generate",
+         lambda e: ["--checkpoint", _nan_weights(e), "--output", e.out],
+         "ebm/diffusion_pytorch_model.safetensors: tensor"),
     # ---- inpaint
     Case("inpaint-unknown-flag", "inpaint",
          lambda e: e.inpaint("--mask_preset", "center", "--num_sample", "2"),
@@ -390,8 +502,30 @@ CASES = [
                              output=e.folder("photos", notes=True, manifest=True)),
          "is a folder cdrl did not write"),
     Case("inpaint-out-of-memory-huge-batch", "inpaint",
-         lambda e: e.inpaint("--mask_preset", "center", "--num_samples", HUGE, "--batch_size", HUGE),
-         "out of memory (could not allocate 256.0 TiB)", memory_limit=2**29),
+         lambda e: e.inpaint("--mask_preset", "center", "--num_samples", "10000000", "--batch_size",
+                             "10000000"),
+         "out of memory (could not allocate", memory_limit=2**29),
+    # ---- inpaint: class A, B, C
+    Case("inpaint-10-to-12-samples", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center", "--num_samples", T12),
+         "--num_samples must be at most 10,000,000"),
+    Case("inpaint-huge-resample", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center", "--resample", "1000000000"),
+         "--resample must be at most 1,000"),
+    Case("inpaint-guidance-inf", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center", "--class_label", "1", "--guidance_scale",
+                             "inf", checkpoint=e.pipeline("cond")),
+         "--guidance_scale must be a finite number"),
+    Case("inpaint-device-nonsense", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center", "--device", "nonsense"),
+         "--device 'nonsense' is not a torch device"),
+    Case("inpaint-image-name-too-long", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center", image=e.tmp / f"{LONG}.png"),
+         "File name too long"),
+    Case("inpaint-scheduler-zero-scale", "inpaint",
+         lambda e: e.inpaint("--mask_preset", "center",
+                             checkpoint=_json_edit(e, SCHEDULER, lambda c: {**c, "data_scale": 0})),
+         "scheduler_config.json: data_scale must be > 0"),
     # ---- cdrl-calibrate
     Case("calibrate-unconditional", "calibrate",
          lambda e: ["--checkpoint", e.pipeline("uncond")], "is an unconditional model"),
@@ -399,9 +533,69 @@ CASES = [
          lambda e: ["--checkpoint", e.pipeline("cond")], "training_config.yaml not found"),
     Case("calibrate-missing-checkpoint", "calibrate",
          lambda e: ["--checkpoint", e.tmp / "nowhere"], "does not exist"),
+    Case("calibrate-device-nonsense", "calibrate",
+         lambda e: ["--checkpoint", e.pipeline("cond"), "--device", "nonsense"],
+         "--device 'nonsense' is not a torch device"),
+    Case("calibrate-10-to-12-samples", "calibrate",
+         lambda e: ["--checkpoint", e.pipeline("cond"), "--num_samples", T12],
+         "--num_samples must be at most 10,000,000"),
+    # ---- evaluate
+    Case("evaluate-device-nonsense", "evaluate",
+         lambda e: ["--checkpoint", e.pipeline(), "--metrics", "bpd", "--device", "nonsense",
+                    "--output", e.tmp / "m.json"],
+         "--device 'nonsense' is not a torch device"),
+    Case("evaluate-10-to-12-examples", "evaluate",
+         lambda e: ["--checkpoint", e.pipeline(), "--metrics", "bpd", "--num_examples", T12,
+                    "--output", e.tmp / "m.json"],
+         "--num_examples must be at most 10,000,000"),
+    Case("evaluate-guidance-nan", "evaluate",
+         lambda e: ["--checkpoint", e.pipeline("cond"), "--metrics", "accuracy", "--all_classes",
+                    "--guidance_scale", "nan", "--output", e.tmp / "m.json"],
+         "--guidance_scale must be a finite number"),
     Case("calibrate-zero-samples", "calibrate",
          lambda e: ["--checkpoint", e.pipeline("cond"), "--num_samples", "0"], "--num_samples must be >= 1"),
 ]  # fmt: skip
+
+
+def _gen(env: Env, kind: str, *args: str) -> list:
+    return ["--checkpoint", env.pipeline(kind), "--output", env.out, *args]
+
+
+def _json_edit(env: Env, file: str, edit: Callable, kind: str = "uncond") -> Path:
+    """A pipeline copy whose JSON ``file`` was replaced by ``edit(its value)``."""
+    folder = env.pipeline(kind)
+    path = folder / file
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return folder
+
+
+def _drop(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def _nan_weights(env: Env) -> Path:
+    """A pipeline copy whose EBM weights hold a nan (a diverged run's export)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = env.pipeline()
+    path = folder / "ebm" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    next(v for v in weights.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    save_file(weights, path)
+    return folder
+
+
+def _write_bytes(env: Env, name: str, data: bytes) -> Path:
+    path = env.tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _symlink_loop(env: Env) -> Path:
+    """A symlink that points at itself through another (ELOOP on open)."""
+    (env.tmp / "loop_a").symlink_to(env.tmp / "loop_b")
+    (env.tmp / "loop_b").symlink_to(env.tmp / "loop_a")
+    return env.tmp / "loop_a"
 
 
 def _without_marker(env: Env) -> Path:
@@ -474,6 +668,7 @@ def test_bad_input(case: Case, sources, tmp_path, tmp_path_factory, capsys, requ
         code, out, err = runner.run(SCRIPTS[case.script], argv, io, memory_margin=case.memory_limit)
     lines = err.strip().splitlines()
     assert code == 2, err[-3000:]
+    assert len(err) <= len("error: \n") + 300, f"an error line of {len(err)} characters"
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     assert case.says in lines[0], lines[0]
     assert out == ""

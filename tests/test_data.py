@@ -23,6 +23,7 @@ from cdrl.data import (
     BAND_SPLITS,
     TOY_NAMES,
     DataError,
+    ImageFolderDataset,
     TensorDataset,
     attribute_values,
     ink_mass,
@@ -509,3 +510,79 @@ def test_compose_2d_main(tmp_path):
     (folder / "training_config.yaml").write_text("data: {name: checkerboard}\n")
     with pytest.raises(SystemExit, match="not conditioned on"):
         compose_2d.main(["--checkpoint", str(folder), "--output_dir", str(out)])
+
+
+# ---------------------------------------------------------------- bit depths and modes (class D)
+
+
+def _png_rgb16(path, array) -> None:
+    """Write a 16-bit RGB PNG by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    height, width, _ = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def _modes(folder):
+    """One 8x8 file per mode, and the values (h, w, 3) in [0, 1] each should be read as."""
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (8, 8)).astype(np.uint16)
+    grey8 = rng.integers(0, 256, (8, 8)).astype(np.uint8)
+    rgb8 = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    rgb16 = rng.integers(0, 65536, (8, 8, 3)).astype(np.uint16)
+    alpha = rng.integers(0, 256, (8, 8, 1)).astype(np.uint8)
+    files = {
+        "grey16": (Image.fromarray(grey16), np.repeat(grey16[..., None] / 65535, 3, -1)),
+        "grey8": (Image.fromarray(grey8), np.repeat(grey8[..., None] / 255, 3, -1)),
+        "rgb8": (Image.fromarray(rgb8), rgb8 / 255),
+        "rgba8": (Image.fromarray(np.concatenate([rgb8, alpha], -1)), rgb8 / 255),
+        "la8": (Image.fromarray(np.stack([grey8, alpha[..., 0]], -1), "LA"),
+                np.repeat(grey8[..., None] / 255, 3, -1)),
+        "palette": (Image.fromarray(rgb8).quantize(16), None),
+    }  # fmt: skip
+    expected = {}
+    for name, (image, values) in files.items():
+        sub = folder / name
+        sub.mkdir()
+        image.save(sub / "a.png")
+        expected[name] = values if values is not None else np.asarray(image.convert("RGB")) / 255
+    (folder / "rgb16").mkdir()
+    _png_rgb16(folder / "rgb16" / "a.png", rgb16)
+    expected["rgb16"] = rgb16 / 65535
+    return expected
+
+
+def test_folder_reads_every_bit_depth_and_mode(tmp_path):
+    expected = _modes(tmp_path)
+    assert Image.open(tmp_path / "grey16" / "a.png").mode.startswith("I")  # a real 16-bit file
+    for name, values in expected.items():
+        rgb = ImageFolderDataset(tmp_path / name, channels=3)[0][0]
+        want = torch.from_numpy(values).permute(2, 0, 1).float() * 2 - 1
+        tolerance = 2.5 / 255 if name in ("rgb16",) else 1e-5  # Pillow reads 16-bit RGB as 8-bit
+        assert (rgb - want).abs().max() <= tolerance, name
+        grey = ImageFolderDataset(tmp_path / name, channels=1)[0][0]
+        assert grey.shape == (1, 8, 8)
+        luma = (want[0] * 0.299 + want[1] * 0.587 + want[2] * 0.114)[None]
+        assert (grey - luma).abs().max() <= 3 / 255, name
+    # 16-bit greys: not clipped to white (the bug), and resized as floats
+    grey16 = ImageFolderDataset(tmp_path / "grey16", channels=1, image_size=4)[0][0]
+    assert grey16.shape == (1, 4, 4) and grey16.min() > -1 and grey16.max() < 1
+
+
+def test_inpaint_reads_every_bit_depth_and_mode(tmp_path):
+    from cdrl.inpaint import read_image
+
+    for name, values in _modes(tmp_path).items():
+        rgb, _ = read_image(tmp_path / name / "a.png", 3)
+        tolerance = 2.5 / 255 if name == "rgb16" else 1e-5
+        assert np.abs(rgb - values.transpose(2, 0, 1)).max() <= tolerance, name

@@ -298,3 +298,36 @@ def test_floor_experiment_halves_and_rows(weights, monkeypatch):
         ("test vs train", 360, 1437, 1),
     ]
     assert rows[0]["fid"] == 180.0 and rows[0]["fid_spread"] == 0.0
+
+
+def test_a_pickle_planted_in_the_cache_never_runs(weights, split, tmp_path):
+    """Class F: torch-fidelity reads ``<name>.pt`` cache files with torch.load(weights_only=False); cdrl's
+    cache is safetensors only, so a planted pickle under any name torch-fidelity would read is ignored."""
+    train, test = split[0], split[2]
+    reference = Reference.from_images("test", test)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    marker = tmp_path / "executed"
+    name = reference.cache_name(extractor_fingerprint(DIGITS_EXTRACTOR, weights))
+    for suffix in ("-features-features", "-features-logits", "-stat-fid-features"):
+        torch.save(_Payload(marker), cache / f"{name}-{DIGITS_EXTRACTOR}{suffix}.pt")
+    kwargs = dict(extractor=DIGITS_EXTRACTOR, weights_path=weights, cache_root=cache)
+    for _ in range(2):  # the second run reads the cache cdrl wrote
+        try:
+            figures, _ = compute_fidelity(train[:50], reference, metrics={"fid", "kid"}, **kwargs)
+        finally:
+            assert not marker.exists(), "a pickle in the cache folder was unpickled"
+    assert all(np.isfinite(v) for v in figures.values())
+    assert any(p.suffix == ".safetensors" for p in cache.iterdir())
+    for path in cache.glob("*.safetensors"):
+        path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        compute_fidelity(train[:50], reference, metrics={"fid"}, **kwargs)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

@@ -125,8 +125,12 @@ def test_argument_errors(tiny_pipeline, tiny_cond_pipeline):
 
 
 def test_class_labels_set_the_batch_and_matter(tiny_cond_pipeline):
-    out = pt(tiny_cond_pipeline, batch_size=7, class_labels=torch.tensor([1, 2]))
+    out = pt(tiny_cond_pipeline, class_labels=torch.tensor([1, 2]))
     assert out.shape == (2, 1, 8, 8)
+    with pytest.raises(
+        ValueError, match="batch_size=7, but 2 class_labels"
+    ):  # not silently ignored
+        pt(tiny_cond_pipeline, batch_size=7, class_labels=torch.tensor([1, 2]))
     a = pt(tiny_cond_pipeline, class_labels=[1], generator=generators([0]), guidance_scale=3.0)
     b = pt(tiny_cond_pipeline, class_labels=[8], generator=generators([0]), guidance_scale=3.0)
     assert not torch.allclose(a, b, atol=1e-4)
