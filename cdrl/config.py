@@ -223,7 +223,10 @@ def config_path(spec: str | Path) -> Path:
     ``load_config`` to report as not found.
     """
     path = Path(spec)
-    if path.is_file() or len(path.parts) != 1:
+    try:
+        if path.is_file() or len(path.parts) != 1:
+            return path
+    except OSError:  # a name too long or a symlink loop: load_config reports it in one line
         return path
     packaged = CONFIGS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if packaged.is_file():
