@@ -97,9 +97,16 @@ def score(images: torch.Tensor, classifier, train: torch.Tensor) -> dict[str, An
 
 
 def evaluate_run(
-    run: Path, num_samples: int, batch_size: int, classifier, train, ks: list[int] | None = None
+    run: Path,
+    num_samples: int,
+    batch_size: int,
+    classifier,
+    train,
+    ks: list[int] | None = None,
+    noise_scales: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Score ``num_samples`` samples at each K of ``ks`` (default: the sampling K, the training K, 0)."""
+    """Score ``num_samples`` samples at each K of ``ks`` (default: the sampling K, the training K, 0),
+    and each Langevin noise scale of ``noise_scales`` (default: the exported one)."""
     pipe = CDRLPipeline.from_pretrained(str(run / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
     if ks is None:
@@ -107,9 +114,13 @@ def evaluate_run(
         ks = list(dict.fromkeys([int(pipe.scheduler.config.n_steps), train_k, 0]))
     result = {}
     for k in ks:
-        images = sample_ebm(pipe, k, num_samples, seed=0, batch_size=batch_size)
-        result[f"K{k}"] = {"K": k, **score(images, classifier, train)}
-        save_grid(images[:100], run / f"samples_K{k}.png", nrow=10, upscale=4)
+        for noise in noise_scales or [None]:
+            if noise is not None:
+                pipe.scheduler.register_to_config(noise_scale=noise)
+            name = f"K{k}" if noise is None else f"K{k}_noise{noise:g}"
+            images = sample_ebm(pipe, k, num_samples, seed=0, batch_size=batch_size)
+            result[name] = {"K": k, "noise_scale": noise, **score(images, classifier, train)}
+            save_grid(images[:100], run / f"samples_{name}.png", nrow=10, upscale=4)
     return result
 
 
@@ -119,7 +130,12 @@ def markdown(results: dict[str, Any]) -> str:
     for name, seeds in results.items():
         for seed, by_k in seeds.items():
             for r in by_k.values():
-                rows.append(f"| {name} | {seed} | {r['K']} | {r['confident_fraction']:.3f} | "
+                k = (
+                    r["K"]
+                    if r.get("noise_scale") is None
+                    else f"{r['K']} (noise {r['noise_scale']:g})"
+                )
+                rows.append(f"| {name} | {seed} | {k} | {r['confident_fraction']:.3f} | "
                             f"{r['classes_present']} | {r['max_class_fraction']:.3f} | "
                             f"{r['fid_train']:.2f} | {r['copy_fraction']:.3f} |")  # fmt: skip
     return "\n".join(rows)
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--output", type=Path, default=None, help="JSON of every figure")
+    parser.add_argument("--noise_scale", type=float, nargs="+", default=None,
+                        help="Langevin noise scales to sample at (default: the exported one)")  # fmt: skip
     parser.add_argument("--eval_k", type=int, nargs="+", default=None,
                         help="K values to sample at (default: the sampling K, the training K and 0)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for (name, seed), run in runs.items():
         results.setdefault(name, {})[seed] = evaluate_run(
-            run, args.num_samples, args.batch_size, classifier, train, args.eval_k
+            run, args.num_samples, args.batch_size, classifier, train, args.eval_k, args.noise_scale
         )
         print(json.dumps({name: {seed: results[name][seed]}}), flush=True)
     table = markdown(results)
