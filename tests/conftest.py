@@ -354,7 +354,7 @@ def assert_close_float32(actual, expected, *, magnitude: float | None = None) ->
     """
     expected = torch.as_tensor(expected)
     if magnitude is None:
-        magnitude = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+        magnitude = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(
         torch.as_tensor(actual), expected, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * magnitude
     )
