@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdrl.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 CPU = ["--device", "cpu", "--quick"]
@@ -96,7 +98,9 @@ def test_sampling_memory_one_fresh_process_per_k(bench, capsys, tmp_path):
     assert "peak growth MiB" in out and "flat" in out
     runs = payload["results"]["runs"]
     assert [run["n_steps"] for run in runs] == [5, 15, 60]
-    assert [run["grad_evals"] for run in runs] == [31, 91, 361]  # T = 6, plus the Tweedie step
+    # T * K, plus the Tweedie step, at the digits recipe's T
+    num_levels = load_config(ROOT / "configs/digits.yaml").schedule.num_levels
+    assert [run["grad_evals"] for run in runs] == [num_levels * k + 1 for k in (5, 15, 60)]
     assert all(run["peak_growth_mib"] >= 0 for run in runs)
     assert isinstance(payload["results"]["flat"], bool)
 
@@ -160,7 +164,8 @@ def test_throughput(bench, capsys, tmp_path):
     out, payload = run_main(bench, capsys, tmp_path, "throughput", args)
     assert "samples/s" in out and "50k samples would take" in out
     digits, cifar = payload["results"]
-    assert digits["ebm_grads_per_sample"] == 91  # 6 levels x K = 15 (sample_steps) + Tweedie
+    # T x K (the sampling K) + Tweedie: 12 x 3 + 1 for the digits recipe, 6 x 15 + 1 for CIFAR-10
+    assert digits["ebm_grads_per_sample"] == 37
     assert cifar["ebm_grads_per_sample"] == 91
     assert digits["samples"] == 4 and cifar["samples"] == 1
     assert math.isclose(digits["projected_s_for_50k"], 50_000 / digits["samples_per_s"])
