@@ -346,13 +346,21 @@ def _wait(condition: Callable[[], bool], process, timeout: float = 120.0) -> Non
         time.sleep(0.001)
 
 
+# Persistent chains at the two lowest levels, every negative there from a chain that never restarts:
+# the chains are state a resume must restore from the checkpoint, or the losses differ.
+PERSISTENT = ["train.persistent_levels=2", "train.persistent_fraction=1.0",
+              "train.persistent_size=2", "train.persistent_reset=0.0"]  # fmt: skip
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True], ids=["plain", "persistent-chains"])
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
-    fresh_process, tmp_path
+    fresh_process, tmp_path, persistent
 ):
+    kill_run = [*KILL_RUN, *(PERSISTENT if persistent else [])]  # more --set values
     reference = tmp_path / "reference"
     code, _, err = fresh_process.run(
-        "cdrl.train", [*KILL_RUN, "--output_dir", reference], tmp_path / "io-reference"
+        "cdrl.train", [*kill_run, "--output_dir", reference], tmp_path / "io-reference"
     )
     assert code == 0, err[-3000:]
 
@@ -366,7 +374,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
         resume = ["--resume_from_checkpoint", "latest"] if attempt else []
         seen = _last_step(out)  # progress of the killed runs so far
         io = tmp_path / f"io-{attempt}"
-        argv = [*KILL_RUN, "--output_dir", out, *resume]
+        argv = [*kill_run, "--output_dir", out, *resume]
         if moment == "steps":
             process = fresh_process.start("cdrl.train", argv, io)
             target = seen + rng.randint(2, 4)
@@ -399,7 +407,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     assert _last_step(out) < 20
 
     code, _, err = fresh_process.run(
-        "cdrl.train", [*KILL_RUN, "--output_dir", out, "--resume_from_checkpoint", "latest"],
+        "cdrl.train", [*kill_run, "--output_dir", out, "--resume_from_checkpoint", "latest"],
         tmp_path / "io-final",
     )  # fmt: skip
     assert code == 0, err[-3000:]
@@ -412,6 +420,9 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     for a, b in zip(uninterrupted, resumed, strict=True):
         assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}, a["step"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-18", "checkpoint-20"]
+    if persistent:  # the chains fed the EBM and were in every checkpoint the resumes read
+        assert max(r["persistent/share"] for r in resumed) > 0
+        assert (out / "checkpoint-20" / "persistent_chains_0.safetensors").is_file()
     assert not list(out.glob(".*-checkpoint-*"))  # the killed runs' temporaries were cleaned up
     print("; ".join(kills))  # pytest -rP shows where the kills landed
     for part in ("ebm", "initializer"):
