@@ -108,8 +108,11 @@ def _torchrun(*args: str) -> list[str]:
     ]
 
 
+# Persistent chains at level 0, every level-0 negative from a chain that never restarts: the chains are
+# per-rank state a resume must restore.
 TRAIN_ARGS = ["--config", str(DEBUG), "--report_to", "none", "--set", "train.max_steps=3",
-              "train.persistent_levels=1", "train.persistent_size=4"]  # fmt: skip
+              "train.persistent_levels=1", "train.persistent_size=4", "train.persistent_fraction=1.0",
+              "train.persistent_reset=0.0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,26 @@ def test_torchrun_two_cpu_processes_train_and_export(two_ranks):
         assert f"persistent_chains_{rank}.safetensors" in listed
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_torchrun_resume_restores_each_ranks_persistent_chains(two_ranks, tmp_path):
+    """0 -> 2, then resumed 2 -> 3, with two processes: step 3 repeats the one-go run's step 3 only if
+    each rank gets back its own chains (and RNG state) from checkpoint-2."""
+    run_dir, _, _ = two_ranks
+    split = tmp_path / "split"
+    env = _env(ACCELERATE_USE_CPU="true")
+    for extra in (["--max_train_steps", "2"], ["--resume_from_checkpoint", "latest"]):
+        cmd = _torchrun(str(ROOT / "train.py"), *TRAIN_ARGS, "--output_dir", str(split), *extra)
+        proc = _run(cmd, env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _steps(split) == [1, 2, 3]
+    one_go, resumed = (
+        [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (run_dir, split)
+    )
+    assert resumed[2]["persistent/share"] > 0  # continued chains fed the EBM at step 3
+    for key in ("ebm/loss", "ebm/energy_gap", "init/mse", "persistent/share"):
+        assert resumed[2][key] == pytest.approx(one_go[2][key], rel=1e-5, abs=1e-7), key
 
 
 def test_torchrun_ranks_keep_identical_weights(two_ranks):
