@@ -127,6 +127,18 @@ def digits_classifier(digits_classifier_path):
     return load_digits_classifier(digits_classifier_path, train_if_missing=False)
 
 
+@pytest.fixture
+def classifier(digits_classifier):
+    """The default digits classifier, trained once per session (a module may define its own)."""
+    return digits_classifier
+
+
+@pytest.fixture
+def weights(digits_classifier_path) -> Path:
+    """Its folder, in the session's temporary cache."""
+    return digits_classifier_path
+
+
 # ------------------------------------------------------------------ models
 
 

@@ -29,12 +29,6 @@ def split():
     return digits_split()
 
 
-@pytest.fixture
-def classifier(digits_classifier):
-    """The classifier with the default settings, trained once per session (conftest.py)."""
-    return digits_classifier
-
-
 def test_split_shapes_and_range(split):
     x_train, y_train, x_test, y_test = split
     assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)

@@ -87,18 +87,6 @@ def cond_checkpoint(cond_pipe, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def classifier(digits_classifier):
-    """The default digits classifier, trained once per session (conftest.py)."""
-    return digits_classifier
-
-
-@pytest.fixture
-def weights(digits_classifier_path) -> Path:
-    """Its folder, in the session's temporary cache."""
-    return digits_classifier_path
-
-
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch) -> Path:
     """Every test gets its own $CDRL_CACHE_DIR (the fidelity cache and a first-use classifier)."""

@@ -42,18 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = (1, 8, 8)
 
 
-@pytest.fixture
-def classifier(digits_classifier):
-    """The default digits classifier, trained once per session (conftest.py)."""
-    return digits_classifier
-
-
-@pytest.fixture
-def weights(digits_classifier_path) -> Path:
-    """Its folder, in the session's temporary cache."""
-    return digits_classifier_path
-
-
 @pytest.fixture(scope="module")
 def split():
     x_train, y_train, x_test, y_test = digits_split()

@@ -412,12 +412,6 @@ def test_failure_while_generating_leaves_nothing(cond_checkpoint, tmp_path, caps
 # ------------------------------------------------------------------ the guidance sweep
 
 
-@pytest.fixture
-def classifier(digits_classifier):
-    """The default digits classifier, trained once per session (conftest.py)."""
-    return digits_classifier
-
-
 def test_measure_on_real_digits(classifier):
     sweep = load_experiment("guidance_sweep")
     _, _, x_test, y_test = digits_split()
