@@ -996,6 +996,19 @@ def _train(
         if bar is None:  # nothing to train (resumed at max_steps)
             handler, bar = start()
 
+        # Never publish a diverging state: a run that ends inside a streak of bad steps, or with non-finite
+        # EMA weights, writes no final checkpoint and leaves pipeline/ as it was.
+        final_problem = _final_state_problem(guard, ema, step)
+        if final_problem is not None:
+            good = list_checkpoints(output_dir)
+            where = (
+                f"the last good checkpoint is {good[-1][1]}" if good else "there is no checkpoint"
+            )
+            raise DivergenceError(
+                f"training ended with {final_problem}: nothing was exported ({output_dir / 'pipeline'} is "
+                f"as it was); {where}: resume from it with a lower --learning_rate"
+            )
+
         # Final checkpoint, grid and export of the EMA pipeline.
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints or checkpoints[-1][0] != step:
@@ -1025,6 +1038,17 @@ def _train(
         if handler is not None:
             logging.getLogger(__name__).removeHandler(handler)
             handler.close()
+
+
+def _final_state_problem(guard: GuardState, ema: dict[str, Any], step: int) -> str | None:
+    """Why the run's final state must not be exported (None when it may): it ends inside a streak of
+    bad steps, or an EMA weight is not finite. The same answer on every process (their states agree)."""
+    if guard.streak:
+        return f"{guard.streak} bad step{'s' * (guard.streak > 1)} in a row up to step {step}"
+    for name, model in ema.items():
+        if any(not torch.isfinite(p).all() for p in model.shadow_params):
+            return f"non-finite weights in the {name} EMA at step {step}"
+    return None
 
 
 def _say(message: str) -> None:

@@ -284,6 +284,24 @@ def test_training_stops_with_one_line_when_rollbacks_do_not_help(tmp_path, poiso
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_a_run_ending_in_a_bad_streak_exports_nothing_and_exits_2(tmp_path, poison, capsys):
+    # A good export first (0 -> 4); then a resume whose last two steps (7, 8) are bad: below
+    # guard.max_bad_steps, so no rollback, and the run would otherwise end "done" and export.
+    out = tmp_path / "run"
+    args = ["--set", NO_GRIDS, "guard.max_bad_steps=5"]
+    assert train_debug(out, "--max_train_steps", "4", *args) == 0
+    exported = {p: p.read_bytes() for p in sorted((out / "pipeline").rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    poison(lambda call: call >= 3)  # calls 1-4 of the resume are steps 5-8
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "8"]
+    assert train_debug(out, *resume, *args) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: training ended with 2 bad steps in a row up to step 8")
+    assert f"the last good checkpoint is {out / 'checkpoint-6'}" in message
+    assert {p: p.read_bytes() for p in exported} == exported  # the good export is untouched
+    assert not (out / "checkpoint-8").exists()  # no checkpoint of the diverging state
+
+
 def test_a_streak_before_the_first_checkpoint_stops_with_one_line(tmp_path, poison, capsys):
     out = tmp_path / "run"
     poison(lambda call: True)
