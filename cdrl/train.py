@@ -65,7 +65,16 @@ from cdrl.persistent import PersistentChains
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler, weights_mismatch
 from cdrl.sampling import energy_fn, frozen, level, sample
 from cdrl.schedule import NoiseSchedule
-from cdrl.utils import atomic_write, expand_as, git_sha, save_grid, save_scatter
+from cdrl.utils import (
+    RUN_LOCK,
+    RunLockedError,
+    atomic_write,
+    expand_as,
+    git_sha,
+    lock_run_folder,
+    save_grid,
+    save_scatter,
+)
 
 logger = get_logger(__name__)
 # Warnings reach stderr through _warn only (no logging.lastResort duplicates).
@@ -380,8 +389,12 @@ def prepare_output_dir(output_dir: Path, resume: str | None) -> None:
 
 
 def _entries(folder: Path) -> list[Path]:
-    """The folder's entries, leaving out our own temporaries (a killed run can leave them)."""
-    return [p for p in folder.iterdir() if not p.name.startswith(LEFTOVER_PREFIXES)]
+    """The folder's entries, leaving out our own temporaries (a killed run can leave them) and lock."""
+    return [
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(LEFTOVER_PREFIXES) and p.name != RUN_LOCK
+    ]
 
 
 def start_run_files(
@@ -396,6 +409,8 @@ def start_run_files(
     if not accelerator.is_main_process:
         return None
     output_dir.mkdir(parents=True, exist_ok=True)
+    _hold_run_lock(output_dir)  # a new folder: taken now, before anything is written into it
+    _STARTED.add(output_dir.resolve())
     save_config(cfg, output_dir / RUN_MARKER)
     (output_dir / "git.txt").write_text(git_sha() + "\n")
     if resume_step is not None:
@@ -779,7 +794,48 @@ def accelerator_precision(cfg: Config) -> str | None:
     return None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
 
 
+_STARTED: set[Path] = set()  # run folders this process has begun writing into
+# run folder -> (the open lock file, the lock file's text and times before, or None if this run made it)
+_RUN_LOCKS: dict[Path, tuple[Any, tuple[str, int, int] | None]] = {}
+
+
+def _hold_run_lock(output_dir: Path) -> None:
+    """Take ``output_dir``'s lock for this process (once; ``run`` releases it)."""
+    key, path = output_dir.resolve(), output_dir / RUN_LOCK
+    if key not in _RUN_LOCKS:
+        before = None
+        if path.is_file():
+            before = (path.read_text(), path.stat().st_atime_ns, path.stat().st_mtime_ns)
+        try:
+            _RUN_LOCKS[key] = (lock_run_folder(output_dir), before)
+        except RunLockedError as err:
+            raise UsageError(str(err)) from None
+
+
+def _release_run_lock(output_dir: Path) -> None:
+    """Release the lock; a run refused before it wrote anything leaves the lock file as it found it."""
+    key, path = output_dir.resolve(), output_dir / RUN_LOCK
+    handle, before = _RUN_LOCKS.pop(key, (None, None))
+    if handle is not None and key not in _STARTED:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before[0])
+            os.utime(path, ns=before[1:])
+    _STARTED.discard(key)
+    if handle is not None:
+        handle.close()
+
+
 def run(cfg: Config, *, resume: str | None = None) -> Path:
+    """Train with ``cfg``, holding the run folder's lock; returns the exported pipeline folder."""
+    try:
+        return _run(cfg, resume)
+    finally:
+        _release_run_lock(Path(cfg.log.output_dir))
+
+
+def _run(cfg: Config, resume: str | None) -> Path:
     """Train with ``cfg``; returns the exported pipeline folder.
 
     Everything that can be checked is checked before the first step, and the run's files appear only
@@ -788,6 +844,10 @@ def run(cfg: Config, *, resume: str | None = None) -> Path:
     output_dir = Path(cfg.log.output_dir)
     prepare_output_dir(output_dir, resume)
     resolve_resume(output_dir, resume)  # fail fast on a bad --resume_from_checkpoint
+    if (
+        output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0
+    ):  # one process trains into a run
+        _hold_run_lock(output_dir)
     dataset = load_dataset(cfg.data, split="train")
     if len(dataset) < cfg.train.batch_size:
         raise DataError(

@@ -250,3 +250,44 @@ def atomic_write(
             for parent in made:  # innermost first
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+
+
+# ------------------------------------------------------------------------------------------------------
+# One process at a time in a run folder.
+
+RUN_LOCK = ".cdrl-run.lock"  # in a run folder while a process trains into it
+
+
+class RunLockedError(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+def lock_run_folder(folder: str | Path):
+    """Take the run folder's exclusive lock for this process, or raise ``RunLockedError`` naming the holder.
+
+    The lock is an OS file lock (flock) on ``RUN_LOCK`` in the folder, so it goes away with the process
+    however it ends (a kill included); the file itself stays and is ours. Returns the open lock file:
+    keep it open while training, close it to release. Where the OS has no flock (Windows), returns None.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    import socket
+
+    handle = open(Path(folder) / RUN_LOCK, "a+")  # noqa: SIM115 (held open as the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(
+            f"{folder} is in use: {holder} is training into it; wait for it to end or choose another "
+            "--output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle

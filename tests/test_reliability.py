@@ -29,6 +29,7 @@ from cdrl import generate
 from cdrl.config import load_config
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.train import checkpoint_problem
+from cdrl.utils import RUN_LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
@@ -594,3 +595,31 @@ def test_generate_cli_is_deterministic(tiny_pipeline, tmp_path, capsys):
     # bit-exact PNG bytes: the same checkpoint, seeds, batch and process
     assert len(outputs[0]) == 4 and outputs[0] == outputs[1]
     assert len(set(outputs[0])) == 4  # four different samples (seeds 3, 4, 5, 6)
+
+
+@pytest.mark.slow
+def test_a_second_process_training_into_a_locked_run_is_refused(fresh_process, tmp_path):
+    """Two processes: one trains into the folder (holding its lock); a second one, resuming into the
+    same folder, is refused in one line naming the holder, and changes nothing there."""
+    out = tmp_path / "run"
+    argv = [*KILL_RUN, "--output_dir", out]
+    first = fresh_process.start("cdrl.train", argv, tmp_path / "io-first")
+    try:
+        _wait(lambda: _last_step(out) >= 1, first)
+        lock = out / RUN_LOCK
+        assert f"process {first.pid} on " in lock.read_text()
+        code, _, err = fresh_process.run(
+            "cdrl.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-second"
+        )
+        assert first.is_alive()  # refused while the first one still trains
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, err[-3000:]
+        assert errors[0].startswith(f"error: {out} is in use: process {first.pid} on ")
+    finally:
+        first.kill()
+        first.join()
+    # Killed, its lock is gone with it: the run resumes.
+    code, _, err = fresh_process.run(
+        "cdrl.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-third"
+    )
+    assert code == 0, err[-3000:]
