@@ -70,6 +70,7 @@ from cdrl.utils import (
     RunLockedError,
     atomic_write,
     expand_as,
+    fsync_path,
     git_sha,
     lock_run_folder,
     save_grid,
@@ -560,14 +561,14 @@ def save_checkpoint(
         save_file(tensors, str(tmp / EMA_WEIGHTS))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         for name in files:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         marker = {"step": step, "guard": dataclasses.asdict(guard), "ema": ema_info, "files": files}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        _fsync(tmp / CHECKPOINT_MARKER)
+        fsync_path(tmp / CHECKPOINT_MARKER)
         if final.exists():
             final.rename(output_dir / f".old-{final.name}")
         tmp.rename(final)
-        _fsync(output_dir)
+        fsync_path(output_dir)
         _remove_leftovers(output_dir)
         if limit is not None:
             for _, old in list_checkpoints(output_dir)[:-limit]:
@@ -588,17 +589,6 @@ def _remove_leftovers(output_dir: Path) -> None:
     for path in output_dir.glob(".*-checkpoint-*"):
         if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync folders
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(

@@ -148,14 +148,15 @@ OWNER_MARKER = (
 _TMP, _OLD = "cdrl-tmp-", "cdrl-old-"
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entry to disk (best effort where the OS has no folder fsync)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (some file systems cannot fsync folders: skipped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -231,7 +232,7 @@ def atomic_write(
         if durable:
             for file in tmp.rglob("*") if folder else [tmp]:
                 if file.is_file():
-                    _fsync(file)
+                    fsync_path(file)
         if folder and path.is_dir() and not path.is_symlink():
             if not _exchange(tmp, path):  # fallback: move the old aside, then rename the new in
                 aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_OLD}", dir=path.parent))
@@ -241,7 +242,7 @@ def atomic_write(
         else:
             os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            fsync_path(path.parent)
         done = True
     finally:
         if os.path.lexists(tmp) and tmp != path:
