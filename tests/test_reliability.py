@@ -343,7 +343,7 @@ def train_pausing_in_a_checkpoint_write(argv: list[str]) -> int:
     flush inside a .tmp-checkpoint-N folder never returns: the process says so on stdout and waits
     (to be killed) with that checkpoint half written."""
     pause_at, calls = int(argv[0]), []
-    fsync = T._fsync
+    fsync = T.fsync_path
 
     def pausing_fsync(path: Path) -> None:
         if path.parent.name.startswith(".tmp-checkpoint-"):
@@ -353,7 +353,7 @@ def train_pausing_in_a_checkpoint_write(argv: list[str]) -> int:
                 time.sleep(600)
         fsync(path)
 
-    T._fsync = pausing_fsync
+    T.fsync_path = pausing_fsync
     return T.main(argv[1:])
 
 
