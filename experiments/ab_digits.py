@@ -27,14 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import digits_fid, sample_ebm  # noqa: E402
+from compare import measure, sample_ebm  # noqa: E402
 
 from cdrl import CDRLPipeline  # noqa: E402
 from cdrl.config import load_config  # noqa: E402
-from cdrl.digits_classifier import digits_split, judge_digits, load_digits_classifier, novelty  # noqa: E402
+from cdrl.digits_classifier import digits_split, load_digits_classifier  # noqa: E402
 from cdrl.utils import save_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,23 +83,13 @@ def train_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> dict[str, fl
     return seconds
 
 
-def score(images: torch.Tensor, classifier, train: torch.Tensor) -> dict[str, Any]:
-    judged = judge_digits(images, classifier)
-    return {
-        "confident_fraction": judged["confident_fraction"],
-        "classes_present": judged["classes_present"],
-        "max_class_fraction": judged["max_class_fraction"],
-        "fid_train": digits_fid(images, train),
-        "copy_fraction": novelty(images, train)["copy_fraction"],
-    }
-
-
 def evaluate_run(
     run: Path,
     num_samples: int,
     batch_size: int,
     classifier,
     train,
+    test,
     ks: list[int] | None = None,
     noise_scales: list[float] | None = None,
 ) -> dict[str, Any]:
@@ -119,7 +107,11 @@ def evaluate_run(
                 pipe.scheduler.register_to_config(noise_scale=noise)
             name = f"K{k}" if noise is None else f"K{k}_noise{noise:g}"
             images = sample_ebm(pipe, k, num_samples, seed=0, batch_size=batch_size)
-            result[name] = {"K": k, "noise_scale": noise, **score(images, classifier, train)}
+            result[name] = {
+                "K": k,
+                "noise_scale": noise,
+                **measure(images, classifier, train, test),
+            }
             save_grid(images[:100], run / f"samples_{name}.png", nrow=10, upscale=4)
     return result
 
@@ -137,7 +129,7 @@ def markdown(results: dict[str, Any]) -> str:
                 )
                 rows.append(f"| {name} | {seed} | {k} | {r['confident_fraction']:.3f} | "
                             f"{r['classes_present']} | {r['max_class_fraction']:.3f} | "
-                            f"{r['fid_train']:.2f} | {r['copy_fraction']:.3f} |")  # fmt: skip
+                            f"{r['fid']:.2f} | {r['copy_fraction']:.3f} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -164,11 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     seconds = train_all(jobs, args.parallel)
 
     classifier = load_digits_classifier(None)
-    train, _, _, _ = digits_split()
+    train, _, test, _ = digits_split()
     results: dict[str, Any] = {}
     for (name, seed), run in runs.items():
         results.setdefault(name, {})[seed] = evaluate_run(
-            run, args.num_samples, args.batch_size, classifier, train, args.eval_k, args.noise_scale
+            run,
+            args.num_samples,
+            args.batch_size,
+            classifier,
+            train,
+            test,
+            args.eval_k,
+            args.noise_scale,
         )
         print(json.dumps({name: {seed: results[name][seed]}}), flush=True)
     table = markdown(results)
