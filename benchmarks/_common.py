@@ -409,10 +409,10 @@ def langevin_autocast(dtype: torch.dtype | None) -> Iterator[None]:
     accelerate's mixed precision autocasts the prepared networks' ``forward`` only; since the EBM's
     context / energy split, ``cdrl.sampling.energy_fn`` calls ``energy`` directly, so without this the
     Langevin chain inside train_step runs float32 even under ``mixed_precision=bf16``. Wraps
-    ``cdrl.train.energy_fn`` (the name train_step calls) with ``cdrl.accel.autocast_energy_fn``.
+    ``cdrl.train.energy_fn`` (the name train_step calls) with ``cdrl.precision.autocast_energy_fn``.
     """
     import cdrl.train as train_module
-    from cdrl import accel
+    from cdrl import precision as prec
 
     if dtype is None:
         yield
@@ -420,7 +420,7 @@ def langevin_autocast(dtype: torch.dtype | None) -> Iterator[None]:
     original = train_module.energy_fn
 
     def autocast_energy_fn(*args: Any, **kwargs: Any) -> Callable[[Tensor], Tensor]:
-        return accel.autocast_energy_fn(original(*args, **kwargs), dtype)
+        return prec.autocast_energy_fn(original(*args, **kwargs), dtype)
 
     train_module.energy_fn = autocast_energy_fn
     try:
@@ -505,23 +505,23 @@ def sampling_networks(
     compile_model: bool = False,
     compile_backend: str = "inductor",
 ) -> tuple[nn.Module, nn.Module | None]:
-    """Apply ``cdrl.accel`` to networks built for sampling only (they are changed in place).
+    """Apply ``cdrl.precision`` to networks built for sampling only (they are changed in place).
 
     Folded spectral norm (exact in eval mode), channels-last weights, torch.compile of the network, and
     bf16 autocast around it with float32 outputs (the Langevin state stays float32).
     """
-    from cdrl import accel
+    from cdrl import precision as prec
 
-    dtype = accel.autocast_dtype(precision)
+    dtype = prec.autocast_dtype(precision)
 
     def prepare(net: nn.Module | None) -> nn.Module | None:
         if net is None:
             return None
-        net = accel.fold_spectral_norm(net)
+        net = prec.fold_spectral_norm(net)
         if use_channels_last:
-            net = accel.to_channels_last(net)
-        net = accel.maybe_compile(net, compile_model, backend=compile_backend)
-        return accel.AutocastModule(net, dtype) if dtype is not None else net
+            net = prec.to_channels_last(net)
+        net = prec.maybe_compile(net, compile_model, backend=compile_backend)
+        return prec.AutocastModule(net, dtype) if dtype is not None else net
 
     return prepare(ebm), prepare(init)
 

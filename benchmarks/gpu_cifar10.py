@@ -13,7 +13,7 @@ energy autocast too (``--no-bf16_langevin`` leaves it as train.py has it; see be
 the Langevin state and grad_y stay float32. Networks, optimizers and EMAs are built as ``cdrl.train``
 builds them; random data.
 Sampling: ``cdrl.sampling.sample`` (90 EBM gradient evaluations + Tweedie per sample) on networks
-prepared by ``cdrl.accel`` (spectral norm folded, channels-last, compile, ``AutocastModule``).
+prepared by ``cdrl.precision`` (spectral norm folded, channels-last, compile, ``AutocastModule``).
 FLOPs: FlopCounterMode counts of one EBM gradient evaluation, one EBM update (forward on [y+; y-] and
 full backward) and the initializer's forward (+ backward in training) at batch 2, scaled linearly
 (exact for these networks). Achieved TFLOP/s = FLOPs / time; share = achieved / --peak_tflops (dense
@@ -55,7 +55,7 @@ from _common import (
     training_setup,
 )
 
-from cdrl import accel
+from cdrl import precision as prec
 from cdrl.cli import add_config_overrides, run_cli
 from cdrl.config import Config
 from cdrl.pipeline import CDRLScheduler
@@ -115,8 +115,8 @@ def train_rates(
 
     def prepare(net: torch.nn.Module) -> torch.nn.Module:
         if use_channels_last:
-            net = accel.to_channels_last(net)
-        return accel.maybe_compile(net, compile_model, backend=compile_backend)
+            net = prec.to_channels_last(net)
+        return prec.maybe_compile(net, compile_model, backend=compile_backend)
 
     models, emas, schedule = training_setup(cfg, SHAPE, accelerator, prepare_model=prepare)
     batches = random_batches(warmup + iters, cfg.train.batch_size, SHAPE, accelerator.device)
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = args.precision or ("bf16" if cuda else "fp32")
     use_cl = args.channels_last if args.channels_last is not None else cuda
     if cuda:
-        accel.set_tf32(args.tf32)
+        precision.set_tf32(args.tf32)
     small = args.quick or not cuda
     batch_sizes = args.batch_sizes or ([2, 4] if args.quick else ([32, 128] if cuda else [2]))
     iters = args.train_iters or (2 if small else 10)

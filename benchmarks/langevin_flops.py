@@ -36,7 +36,7 @@ from _common import (
     sampling_networks,
 )
 
-from cdrl import accel
+from cdrl import precision as prec
 from cdrl.cli import run_cli
 from cdrl.langevin import langevin_refine
 from cdrl.sampling import energy_fn, frozen
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = device_of(args.device)
     cuda = device.type == "cuda"
     if cuda:
-        accel.set_tf32(args.tf32)
+        prec.set_tf32(args.tf32)
     digits = args.digits_batch or (16 if args.quick else (1024 if cuda else 256))
     cifar = args.cifar10_batch or (2 if args.quick else (256 if cuda else 4))
     size = args.matmul_size or (512 if args.quick else (8192 if cuda else 2048))

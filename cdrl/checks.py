@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdrl.utils import error_line
+
 MAX_SAMPLES = 10_000_000  # samples per call or command (CIFAR-10 FID uses 50,000)
 MAX_LANGEVIN_STEPS = 100_000  # Langevin steps per level (the papers use 15 to 30)
 MAX_RESAMPLE = 1_000  # RePaint passes per level
@@ -92,7 +94,7 @@ def check_labels(name: str, labels: Any) -> Tensor:
     try:
         values = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be integers, got {_first_line(err)}") from None
+        raise TypeError(f"{name} must be integers, got {error_line(err)}") from None
     values = values.flatten()
     if values.dtype == torch.bool or not (values.is_floating_point() or _is_integer(values)):
         raise TypeError(f"{name} must be integers, got {values.dtype}")
@@ -255,10 +257,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def read_json(path: Path) -> Any:
     """A JSON file's value; ValueError naming the file when it cannot be read or parsed."""
@@ -267,4 +265,4 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not readable JSON: {_first_line(err)}") from None
+        raise ValueError(f"{path} is not readable JSON: {error_line(err)}") from None

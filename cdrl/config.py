@@ -19,15 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cdrl.utils import atomic_write, one_line, short_path
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and the fix (one line,
-    cut to a sane length: a value or a path may be huge)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
+from cdrl.utils import ConfigError, atomic_write, short_path
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -166,9 +158,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: accelerate launch / accelerate config
     #   decide (no when neither says); the run's config.yaml records the precision used. bf16 also runs the
     #   training Langevin forwards in bf16
-    tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.accel.set_tf32)
+    tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.precision.set_tf32)
     channels_last: bool = False        # NHWC conv weights (faster tensor-core convs on GPU)
-    compile: bool = False              # torch.compile both networks in place (cdrl.accel.maybe_compile); slow first steps
+    compile: bool = False              # torch.compile both networks in place (cdrl.precision.maybe_compile); slow first steps
     seed: int = 0
 
 

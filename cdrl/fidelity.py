@@ -37,7 +37,8 @@ from cdrl.digits_classifier import (
     predict_probabilities,
 )
 from cdrl.fidelity_cache import safe_fidelity_cache
-from cdrl.utils import to_uint8_images
+from cdrl.images import to_uint8
+from cdrl.utils import error_line
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's standard (TF-compatible) InceptionV3
@@ -62,10 +63,6 @@ FIDELITY_KEYS = {  # torch-fidelity's result keys -> ours
     torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
 }
 
-
-def to_uint8(x: Tensor) -> Tensor:
-    """(b, c, h, w) in [-1, 1] -> (b, c, h, w) uint8, rounded exactly as the PNG writers round."""
-    return torch.from_numpy(to_uint8_images(x)).permute(0, 3, 1, 2).contiguous()
 
 
 class UInt8Images(Dataset):
@@ -210,7 +207,7 @@ def check_extractor(extractor: str, weights_path: str | Path | None) -> None:
         where = "downloaded" if weights_path is None else f"loaded from {weights_path}"
         hint = "; pass --inception_weights PATH (a local copy)" if weights_path is None else ""
         raise DataError(
-            f"the {extractor} weights could not be {where} ({_one_line(err)}){hint}"
+            f"the {extractor} weights could not be {where} ({error_line(err, named=True)}){hint}"
         ) from None
 
 
@@ -335,7 +332,7 @@ def load_reference(
                 else "check the network, or pass --data_dir with a local copy"
             )  # fmt: skip
             raise DataError(
-                f"reference {spec!r} could not be loaded ({_one_line(err)}); {hint}"
+                f"reference {spec!r} could not be loaded ({error_line(err, named=True)}); {hint}"
             ) from None
         reference = Reference(spec, "registered", dataset, (), f"registered:{spec}")
     elif config_path is not None:
@@ -404,10 +401,6 @@ def _shape(shape: tuple[int, ...]) -> str:
         return f"{shape[0]}x{shape[1]}x{shape[2]} (channels x height x width)"
     return f"{shape[0]}-d"
 
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------- metrics

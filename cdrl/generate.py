@@ -38,7 +38,7 @@ from cdrl.cli import (
     resolve_checkpoint,
     run_cli,
 )
-from cdrl.utils import save_grid, to_uint8_images
+from cdrl.images import save_grid, to_uint8_images
 
 if TYPE_CHECKING:
     from cdrl.pipeline import CDRLPipeline

@@ -19,7 +19,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from cdrl import accel
+from cdrl import precision as prec
 from cdrl.checks import (
     MAX_LANGEVIN_STEPS,
     MAX_RESAMPLE,
@@ -34,7 +34,10 @@ from cdrl.checks import (
 )
 from cdrl.config import Config, LangevinConfig
 from cdrl.guidance import NEGATIONS
-from cdrl.safe_loading import (
+from cdrl.sampling import sample
+from cdrl.schedule import NoiseSchedule, make_schedule
+from cdrl.utils import randn_like
+from cdrl.weights import (
     WEIGHTS_NAME,
     check_configs,
     check_pipeline_weights,
@@ -42,9 +45,6 @@ from cdrl.safe_loading import (
     networks,
     weights_mismatch,
 )
-from cdrl.sampling import sample
-from cdrl.schedule import NoiseSchedule, make_schedule
-from cdrl.utils import randn_like
 
 
 class CDRLScheduler(SchedulerMixin, ConfigMixin):
@@ -296,11 +296,11 @@ class CDRLPipeline(DiffusionPipeline):
         schedule = self.scheduler.schedule
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
         bar = self.progress_bar(total=schedule.num_levels * settings.n_steps * (1 + int(resample)))
-        dtype = accel.autocast_dtype(precision)
+        dtype = prec.autocast_dtype(precision)
         ebm, initializer = self.ebm, self.initializer
         if dtype is not None:
-            ebm = accel.AutocastModule(ebm, dtype)
-            initializer = None if initializer is None else accel.AutocastModule(initializer, dtype)
+            ebm = prec.AutocastModule(ebm, dtype)
+            initializer = None if initializer is None else prec.AutocastModule(initializer, dtype)
         x = sample(
             ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
             generator=generator, known=known, known_mask=known_mask, resample=resample,

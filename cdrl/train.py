@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cdrl import accel
+from cdrl import precision as prec
 from cdrl.calibration import calibrate_on_dataset
 from cdrl.cli import (
     ArgumentParser,
@@ -58,6 +58,7 @@ from cdrl.config import (
 )
 from cdrl.curves import CURVES_FILE, plot_curves
 from cdrl.data import DataError, load_dataset
+from cdrl.images import save_grid, save_scatter
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
 from cdrl.models import EnergyMLP, EnergyResNet, InitializerMLP, InitializerUNet
@@ -69,12 +70,11 @@ from cdrl.utils import (
     RUN_LOCK,
     RunLockedError,
     atomic_write,
+    error_line,
     expand_as,
     fsync_path,
     git_sha,
     lock_run_folder,
-    save_grid,
-    save_scatter,
 )
 
 logger = get_logger(__name__)
@@ -235,7 +235,7 @@ def train_step(
         """K Langevin steps from y of the recovery conditionals at levels t_chain, tethered to x_tether."""
         lv = lvl if t_chain is t else level(schedule, t_chain, cfg.langevin)  # the batch: lvl as is
         with frozen(ebm_raw):
-            fn = accel.autocast_energy_fn(energy_fn(ebm_raw, lv, null=c), langevin_dtype)
+            fn = prec.autocast_energy_fn(energy_fn(ebm_raw, lv, null=c), langevin_dtype)
             return langevin_refine(fn, y, x_tether, sigma=lv.sigma, tether=lv.tether,
                                    step_size=lv.step_size, n_steps=cfg.langevin.n_steps,
                                    noise=cfg.langevin.noise)  # fmt: skip
@@ -629,7 +629,7 @@ def load_checkpoint(
             reason = re.search(
                 r"WeightsUnpickler error: ([^\n]*?)( was not an allowed|\n|$)", str(err)
             )
-            detail = reason[1] if reason else _first_line(err)
+            detail = reason[1] if reason else error_line(err)
             raise UsageError(
                 f"checkpoint file {file} was refused: it holds more than tensors and plain numbers "
                 f"(torch.load(weights_only=True): {detail}); it was not loaded"
@@ -863,7 +863,7 @@ def _run(cfg: Config, resume: str | None) -> Path:
             ),
         )
     except (ValueError, ImportError) as err:
-        raise UsageError(f"accelerate cannot start with this setup: {_first_line(err)}") from None
+        raise UsageError(f"accelerate cannot start with this setup: {error_line(err)}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != accelerator.num_processes:
         raise UsageError(
@@ -875,7 +875,7 @@ def _run(cfg: Config, resume: str | None) -> Path:
     )  # what runs, for config.yaml and the step
     set_seed(cfg.train.seed, device_specific=True)
     if accelerator.device.type == "cuda":
-        accel.set_tf32(cfg.train.tf32)
+        prec.set_tf32(cfg.train.tf32)
     return _train(cfg, accelerator, dataset, condition_sizes, output_dir, resume)
 
 
@@ -896,8 +896,8 @@ def _train(
     for network in (ebm, init):  # after the EMA copies, which stay plain for export
         if network is not None:
             if cfg.train.channels_last:
-                accel.to_channels_last(network)
-            accel.maybe_compile(network, cfg.train.compile)
+                prec.to_channels_last(network)
+            prec.maybe_compile(network, cfg.train.compile)
     ema = {
         "ebm": EMAModel(
             ebm.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup
@@ -1131,7 +1131,7 @@ def _build_checked(cfg: Config, sample_shape: tuple[int, ...], condition_sizes: 
         if is_out_of_memory(err):
             raise
         raise ConfigError(
-            f"the networks cannot be built from this config: {_first_line(err)}"
+            f"the networks cannot be built from this config: {error_line(err)}"
         ) from None
 
 
@@ -1205,10 +1205,6 @@ def _log_event(accelerator: Accelerator, output_dir: Path, event: dict[str, Any]
         _append_jsonl(output_dir / "metrics.jsonl", event)
     logger.info(json.dumps(event))
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _summarize(sums: dict[str, Tensor], n: int) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 import random
 import re
@@ -25,6 +24,33 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters with '...'."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_line(err: BaseException, *, named: bool = False) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors;
+    ``named`` puts the type's name in front ("OSError: ...")."""
+    text = str(err).strip()
+    line = " ".join(text.splitlines()[0].split()) if text else ""
+    if not line:
+        return type(err).__name__
+    return f"{type(err).__name__}: {line}" if named else line
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix (one line,
+    cut to a sane length: a value or a path may be huge)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; a one-line message naming the path/name and the fix."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, run or exported pipeline folder that cannot be used; the message names the folder and
+    the fix."""
 
 
 def short_path(path: str | Path, limit: int = 100) -> str:
@@ -74,54 +100,6 @@ def parse_int_list(text: str) -> list[int]:
         match = re.fullmatch(r"(\d+)-(\d+)", part)
         out.extend(range(int(match[1]), int(match[2]) + 1) if match else [int(part)])
     return out
-
-
-def to_uint8_images(x: Tensor) -> np.ndarray:
-    """(b, c, h, w) in [-1, 1] -> (b, h, w, c) uint8."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1) -> np.ndarray:
-    """(b, h, w, c) uint8 -> one (H, W, c) uint8 grid, ``nrow`` images per row (default isqrt(b))."""
-    b, h, w, c = images.shape
-    nrow = nrow or max(1, math.isqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = np.zeros(
-        (rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8
-    )
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y0 : y0 + h, x0 : x0 + w] = images[i]
-    return grid
-
-
-def save_grid(x: Tensor, path: str | Path, *, nrow: int | None = None, upscale: int = 1) -> None:
-    """Save (b, c, h, w) images in [-1, 1] as a PNG grid, atomically (write a temp file, then rename)."""
-    from PIL import Image
-
-    grid = make_grid(to_uint8_images(x), nrow=nrow)
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def save_scatter(points: Tensor, path: str | Path, *, size: int = 256, extent: float = 1.5) -> None:
-    """Save (n, 2) points as a PNG scatter on [-extent, extent]^2, atomically (no plotting library needed)."""
-    from PIL import Image
-
-    pixels = (
-        ((points.detach().cpu().float().clamp(-extent, extent) / extent + 1) / 2 * (size - 1))
-        .round()
-        .long()
-    )
-    canvas = np.full((size, size), 255, dtype=np.uint8)
-    canvas[(size - 1 - pixels[:, 1]).numpy(), pixels[:, 0].numpy()] = 0
-    with atomic_write(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 def git_sha(cwd: str | Path | None = None) -> str:

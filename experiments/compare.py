@@ -47,9 +47,10 @@ from cdrl.digits_classifier import (  # noqa: E402
     novelty,
 )
 from cdrl.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity, to_uint8  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
 from cdrl.pipeline import CDRLPipeline  # noqa: E402
 from cdrl.train import run  # noqa: E402
-from cdrl.utils import git_sha, parse_int_list, save_grid  # noqa: E402
+from cdrl.utils import git_sha, parse_int_list  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("cdrl", "drl", "diffusion")

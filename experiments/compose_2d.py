@@ -34,7 +34,8 @@ from diffusers.utils import logging as diffusers_logging
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.cli import CLIError, load_pipeline, resolve_checkpoint  # noqa: E402
-from cdrl.data import BAND_SPLITS, TOY_NAMES, attribute_values, sample_toy, toy_modes  # noqa: E402
+from cdrl.data import BAND_SPLITS, attribute_values  # noqa: E402
+from cdrl.toys import TOY_NAMES, sample_toy, toy_modes  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402
 
 MIN_FRACTION = 0.90  # pass: at least this fraction of samples in the target region

@@ -34,7 +34,8 @@ if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip
 from cdrl.cli import CLIError, load_pipeline  # noqa: E402
 from cdrl.data import attribute_values  # noqa: E402
 from cdrl.digits_classifier import load_digits_classifier, predict_probabilities  # noqa: E402
-from cdrl.utils import git_sha, save_grid  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
+from cdrl.utils import git_sha  # noqa: E402
 
 EXPERIMENTS = ("class", "thick", "thin", "not_thick")
 FIGURE_PER_CELL = 6  # samples per class shown for each of thick, thin, not thick

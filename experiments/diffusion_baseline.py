@@ -34,7 +34,8 @@ if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.config import DataConfig  # noqa: E402
 from cdrl.data import load_dataset  # noqa: E402
-from cdrl.utils import git_sha, save_grid  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
+from cdrl.utils import git_sha  # noqa: E402
 
 # The default UNet: two resolutions (8, 4), 32/56 channels, one ResNet block per level, no attention. About
 # 0.53M parameters, against 0.51M for the CDRL digits default's EBM (0.24M) and initializer (0.27M) together.

@@ -34,7 +34,8 @@ from cdrl.digits_classifier import (  # noqa: E402
     load_digits_classifier,
     novelty,
 )
-from cdrl.utils import git_sha, save_grid  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
+from cdrl.utils import git_sha  # noqa: E402
 
 MAX_COPY_FRACTION = 0.05  # pass: at most this fraction of samples closer to a training digit than
 # the 1st percentile of real test digits are

@@ -35,7 +35,8 @@ from cdrl.digits_classifier import (  # noqa: E402
     predict_probabilities,
 )
 from cdrl.generate import generate_samples  # noqa: E402
-from cdrl.utils import git_sha, save_grid  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
+from cdrl.utils import git_sha  # noqa: E402
 
 CONFIDENCE = 0.9  # a confident classification: max probability >= this (as judge_digits)
 GRID_SAMPLES_PER_CLASS = 10

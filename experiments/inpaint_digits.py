@@ -34,8 +34,9 @@ from cdrl.digits_classifier import (  # noqa: E402
     load_digits_classifier,
     predict_probabilities,
 )
+from cdrl.images import save_grid  # noqa: E402
 from cdrl.inpaint import complete, preset_mask  # noqa: E402
-from cdrl.utils import git_sha, save_grid  # noqa: E402
+from cdrl.utils import git_sha  # noqa: E402
 
 HALVES = ("left_half", "right_half", "top_half", "bottom_half")
 MIN_Z = 2.0  # 'clearly more often': the paired z-score over images must reach this

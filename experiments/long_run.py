@@ -30,9 +30,10 @@ if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.config import load_config  # noqa: E402
 from cdrl.data import load_dataset  # noqa: E402
+from cdrl.images import save_grid  # noqa: E402
 from cdrl.langevin import langevin_refine, recovery_energy  # noqa: E402
 from cdrl.sampling import energy_fn, frozen, level, propose, tweedie_denoise  # noqa: E402
-from cdrl.utils import expand_as, git_sha, parse_int_list, save_grid  # noqa: E402
+from cdrl.utils import expand_as, git_sha, parse_int_list  # noqa: E402
 
 CHECKPOINTS = (0, 15, 50, 100, 300, 1000, 1500)  # steps at which the chain is measured
 

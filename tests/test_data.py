@@ -21,16 +21,14 @@ from cdrl.config import DataConfig, load_config
 from cdrl.data import (
     ATTRIBUTES,
     BAND_SPLITS,
-    TOY_NAMES,
     DataError,
     ImageFolderDataset,
     TensorDataset,
     attribute_values,
     ink_mass,
     load_dataset,
-    sample_toy,
-    toy_modes,
 )
+from cdrl.toys import TOY_NAMES, sample_toy, toy_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 

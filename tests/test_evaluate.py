@@ -24,8 +24,8 @@ from PIL import Image
 import cdrl.digits_classifier as dc
 from cdrl import evaluate
 from cdrl.evaluate import sample_images
-from cdrl.fidelity import to_uint8
 from cdrl.generate import generate_samples
+from cdrl.images import to_uint8
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.ood import auroc, lowest_level_energy, ood_report
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler

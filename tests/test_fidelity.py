@@ -34,9 +34,8 @@ from cdrl.fidelity import (
     digits_classifier_path,
     extractor_fingerprint,
     load_reference,
-    to_uint8,
 )
-from cdrl.utils import to_uint8_images
+from cdrl.images import to_uint8, to_uint8_images
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = (1, 8, 8)

@@ -1,4 +1,4 @@
-"""The GPU path's settings (cdrl.accel), checked against float32 on CPU.
+"""The GPU path's settings (cdrl.precision), checked against float32 on CPU.
 
 Tolerances (bf16 keeps 8 bits of mantissa, a relative rounding of 2^-9 = 0.2% per op, which accumulates
 over the network's depth):
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from conftest import assert_close_float32, build_ebm, build_initializer
 from torch.nn.utils import parametrize
 
-from cdrl import accel
+from cdrl import precision
 from cdrl.langevin import langevin_refine
 from cdrl.models import EnergyResNet
 from cdrl.pipeline import CDRLScheduler
@@ -58,21 +58,21 @@ def energy_and_grad(fn, y):
 
 
 def test_autocast_dtype_names():
-    assert accel.autocast_dtype("no") is None
-    assert accel.autocast_dtype("fp32") is None
-    assert accel.autocast_dtype("bf16") is torch.bfloat16
-    assert accel.autocast_dtype("fp16") is torch.float16
+    assert precision.autocast_dtype("no") is None
+    assert precision.autocast_dtype("fp32") is None
+    assert precision.autocast_dtype("bf16") is torch.bfloat16
+    assert precision.autocast_dtype("fp16") is torch.float16
     with pytest.raises(ValueError, match="bf16"):
-        accel.autocast_dtype("int8")
+        precision.autocast_dtype("int8")
 
 
 def test_autocast_context_engages_only_for_low_precision():
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     for dtype in (None, torch.float32):
-        with accel.autocast_context("cpu", dtype):
+        with precision.autocast_context("cpu", dtype):
             assert not torch.is_autocast_enabled("cpu")
             assert (a @ b).dtype == torch.float32
-    with accel.autocast_context(torch.device("cpu"), BF16):
+    with precision.autocast_context(torch.device("cpu"), BF16):
         assert torch.is_autocast_enabled("cpu")
         assert (a @ b).dtype == BF16
     assert not torch.is_autocast_enabled("cpu")
@@ -88,7 +88,7 @@ def test_bf16_energy_and_gradient_match_float32(t):
     with frozen(ebm):
         fn = energy_fn(ebm, lvl)
         e32, g32 = energy_and_grad(fn, x_next)
-        e16, g16 = energy_and_grad(accel.autocast_energy_fn(fn, BF16), x_next)
+        e16, g16 = energy_and_grad(precision.autocast_energy_fn(fn, BF16), x_next)
     assert e16.dtype == g16.dtype == torch.float32
     assert not torch.equal(e16, e32), "autocast did not engage: bf16 energies equal fp32 bitwise"
     assert (e16 - e32).abs().max() <= 3e-2 * e32.abs().max()
@@ -98,8 +98,8 @@ def test_bf16_energy_and_gradient_match_float32(t):
 
 def test_autocast_energy_fn_is_identity_for_float32():
     fn = energy_fn(build_ebm(), chain_setup(2)[0])
-    assert accel.autocast_energy_fn(fn, None) is fn
-    assert accel.autocast_energy_fn(fn, torch.float32) is fn
+    assert precision.autocast_energy_fn(fn, None) is fn
+    assert precision.autocast_energy_fn(fn, torch.float32) is fn
 
 
 @pytest.mark.parametrize("t", [0, 5])  # the lowest level (tethered) and the top (no tether)
@@ -109,7 +109,7 @@ def test_bf16_langevin_matches_float32_and_keeps_the_state_float32(t):
     chains = {}
     with frozen(ebm):
         fn = energy_fn(ebm, lvl)
-        for name, f in (("fp32", fn), ("bf16", accel.autocast_energy_fn(fn, BF16))):
+        for name, f in (("fp32", fn), ("bf16", precision.autocast_energy_fn(fn, BF16))):
             seen = []
             chains[name] = langevin_refine(
                 f, x_next, x_next, sigma=lvl.sigma, tether=lvl.tether, step_size=lvl.step_size,
@@ -128,7 +128,7 @@ def test_autocast_module_returns_float32_and_samples_match_float32(randomize_out
     ebm, init = build_ebm(), randomize_output(build_initializer())
     scheduler = CDRLScheduler(n_steps=3)
     x_top = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    wrapped_ebm, wrapped_init = accel.AutocastModule(ebm, BF16), accel.AutocastModule(init, BF16)
+    wrapped_ebm, wrapped_init = precision.AutocastModule(ebm, BF16), precision.AutocastModule(init, BF16)
     noise_level = torch.full((8,), 0.5)
     assert wrapped_ebm(x_top, noise_level).dtype == torch.float32
     assert wrapped_init(x_top, noise_level).dtype == torch.float32
@@ -157,14 +157,14 @@ def test_autocast_module_returns_float32_and_samples_match_float32(randomize_out
 
 def test_channels_last_gives_the_same_energies_and_gradients():
     ebm = rgb_ebm()
-    nhwc = accel.to_channels_last(copy.deepcopy(ebm))
+    nhwc = precision.to_channels_last(copy.deepcopy(ebm))
     conv = nhwc.conv_in.parametrizations.weight.original
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert not conv.is_contiguous()
     lvl, x_next = chain_setup(2, shape=(3, 8, 8))
-    x_nhwc = accel.channels_last(x_next)
+    x_nhwc = precision.channels_last(x_next)
     assert x_nhwc.is_contiguous(memory_format=torch.channels_last)
-    assert accel.channels_last(torch.zeros(2, 3)).shape == (2, 3)
+    assert precision.channels_last(torch.zeros(2, 3)).shape == (2, 3)
     with frozen(ebm), frozen(nhwc):
         e, g = energy_and_grad(energy_fn(ebm, lvl), x_next)
         e_cl, g_cl = energy_and_grad(energy_fn(nhwc, lvl), x_nhwc)
@@ -175,7 +175,7 @@ def test_channels_last_gives_the_same_energies_and_gradients():
 
 def test_fold_spectral_norm_is_exact_in_eval_mode():
     ebm = rgb_ebm()
-    folded = accel.fold_spectral_norm(copy.deepcopy(ebm))
+    folded = precision.fold_spectral_norm(copy.deepcopy(ebm))
     assert not any(parametrize.is_parametrized(m) for m in folded.modules())
     assert any(parametrize.is_parametrized(m) for m in ebm.modules())  # the original is untouched
     assert not folded.training
@@ -189,7 +189,7 @@ def test_fold_spectral_norm_is_exact_in_eval_mode():
 
 def test_fold_spectral_norm_keeps_train_mode():
     ebm = rgb_ebm().train()
-    assert accel.fold_spectral_norm(ebm).training
+    assert precision.fold_spectral_norm(ebm).training
 
 
 @pytest.fixture
@@ -201,12 +201,12 @@ def restore_tf32():
 
 
 def test_set_tf32_toggles_matmul_and_cudnn(restore_tf32):
-    accel.set_tf32(True)
-    assert accel.tf32_enabled()
+    precision.set_tf32(True)
+    assert precision.tf32_enabled()
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert torch.get_float32_matmul_precision() == "high"
-    accel.set_tf32(False)
-    assert not accel.tf32_enabled()
+    precision.set_tf32(False)
+    assert not precision.tf32_enabled()
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert torch.get_float32_matmul_precision() == "highest"
 
@@ -214,14 +214,14 @@ def test_set_tf32_toggles_matmul_and_cudnn(restore_tf32):
 def test_maybe_compile_flag():
     ebm, init = build_ebm(), build_initializer()
     names = [name for name, _ in ebm.named_parameters()]
-    assert accel.maybe_compile(ebm, False) is ebm
+    assert precision.maybe_compile(ebm, False) is ebm
     assert ebm._compiled_call_impl is None and "energy" not in vars(ebm)
     # Lazy: nothing compiles until the first call.
-    assert accel.maybe_compile(ebm, True, mode="max-autotune") is ebm
+    assert precision.maybe_compile(ebm, True, mode="max-autotune") is ebm
     assert ebm._compiled_call_impl is not None
     assert "energy" in vars(ebm)  # the Langevin path (energy_fn) calls energy directly
     assert [name for name, _ in ebm.named_parameters()] == names  # in place: no _orig_mod prefix
-    assert accel.maybe_compile(init, True) is init
+    assert precision.maybe_compile(init, True) is init
     assert init._compiled_call_impl is not None and "energy" not in vars(init)
 
 
@@ -234,9 +234,9 @@ def test_compiled_ebm_traces_as_one_graph_and_matches_eager(path):
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    eager = accel.fold_spectral_norm(build_ebm())
-    compiled = accel.fold_spectral_norm(build_ebm())
-    accel.maybe_compile(compiled, True, backend=counter, fullgraph=True)
+    eager = precision.fold_spectral_norm(build_ebm())
+    compiled = precision.fold_spectral_norm(build_ebm())
+    precision.maybe_compile(compiled, True, backend=counter, fullgraph=True)
     lvl, x_next = chain_setup(3, b=4)
 
     def run(net):

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from cdrl.checks import network_problem, read_json, scheduler_problem
+from cdrl.utils import error_line
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
@@ -37,7 +38,7 @@ def check_pipeline_weights(folder: Path) -> None:
         except (OSError, ValueError, TypeError, RuntimeError) as err:
             raise ValueError(
                 f"{part / 'config.json'} does not describe a {model_class.__name__}: "
-                f"{_first_line(err)}"
+                f"{error_line(err)}"
             ) from None
         check_weights(network.state_dict(), part)
 
@@ -117,7 +118,7 @@ def weights_mismatch(expected: Mapping[str, Tensor], path: str | Path) -> str | 
         with safe_open(str(path), framework="pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {_first_line(err)}") from None
+        raise ValueError(f"{path} is not a readable safetensors file: {error_line(err)}") from None
     for key, tensor in expected.items():
         if key not in shapes:
             return f"{key} is missing from the weights"
@@ -131,7 +132,3 @@ def weights_mismatch(expected: Mapping[str, Tensor], path: str | Path) -> str | 
         return f"the weights hold {extra[0]}, which the network the config builds does not have"
     return None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
