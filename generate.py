@@ -2,7 +2,7 @@
 
 import sys
 
-from cdrl.generate import main
+from cdrl.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

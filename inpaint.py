@@ -6,7 +6,7 @@ Mask convention (diffusers): 1 / white = repaint, 0 / black = keep. See `cdrl-in
 
 import sys
 
-from cdrl.inpaint import main
+from cdrl.cli.inpaint import main
 
 if __name__ == "__main__":
     sys.exit(main())

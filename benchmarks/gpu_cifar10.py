@@ -56,7 +56,7 @@ from _common import (
 )
 
 from cdrl import precision as prec
-from cdrl.cli import add_config_overrides, run_cli
+from cdrl.cli.common import add_config_overrides, run_cli
 from cdrl.config import Config
 from cdrl.pipeline import CDRLScheduler
 from cdrl.sampling import sample

@@ -37,7 +37,7 @@ from _common import (
 )
 
 from cdrl import precision as prec
-from cdrl.cli import run_cli
+from cdrl.cli.common import run_cli
 from cdrl.langevin import langevin_refine
 from cdrl.sampling import energy_fn, frozen
 

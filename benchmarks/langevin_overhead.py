@@ -32,7 +32,7 @@ from _common import (
     report,
 )
 
-from cdrl.cli import run_cli
+from cdrl.cli.common import run_cli
 from cdrl.langevin import langevin_refine
 from cdrl.sampling import energy_fn, frozen
 

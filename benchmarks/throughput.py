@@ -34,7 +34,7 @@ from _common import (
     synchronize,
 )
 
-from cdrl.cli import run_cli
+from cdrl.cli.common import run_cli
 from cdrl.pipeline import CDRLScheduler
 from cdrl.sampling import sample
 

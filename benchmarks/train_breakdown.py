@@ -28,7 +28,7 @@ from _common import (
     training_setup,
 )
 
-from cdrl.cli import add_config_overrides, run_cli
+from cdrl.cli.common import add_config_overrides, run_cli
 from cdrl.data import load_dataset
 from cdrl.train import accelerator_precision
 

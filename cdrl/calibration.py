@@ -16,10 +16,7 @@ adds them to a checkpoint exported before they existed.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +25,9 @@ from torch import Tensor, nn
 from cdrl.config import LangevinConfig
 from cdrl.sampling import frozen, level, linear_energy_fn
 from cdrl.schedule import NoiseSchedule
-from cdrl.utils import atomic_write, expand_as
+from cdrl.utils import expand_as
 
-__all__ = ["calibrate_checkpoint", "calibrate_on_dataset", "fit_condition_offsets", "main"]
+__all__ = ["calibrate_on_dataset", "fit_condition_offsets"]
 
 
 def fit_condition_offsets(
@@ -147,84 +144,3 @@ def calibrate_on_dataset(
     device = next(pipeline.ebm.parameters()).device
     pipeline.calibrate(x0.to(device), cond.to(device), generator=generator)
     return len(index)
-
-
-def calibrate_checkpoint(
-    path: str | Path,
-    *,
-    num_samples: int = 4096,
-    seed: int = 0,
-    device: str | None = None,
-) -> Path:
-    """Fit a conditional checkpoint's offsets on its training data (``training_config.yaml``) and store them
-    in its ``scheduler/scheduler_config.json`` (written atomically). Returns the pipeline folder."""
-    from cdrl.cli import CLIError, load_pipeline, resolve_checkpoint
-    from cdrl.config import ConfigError, load_config
-    from cdrl.data import load_dataset
-
-    folder = resolve_checkpoint(path)
-    pipeline = load_pipeline(folder, device)
-    if not pipeline.condition_sizes:
-        raise CLIError(f"{folder} is an unconditional model: there are no conditions to calibrate")
-    config_path = folder / "training_config.yaml"
-    if not config_path.is_file():
-        raise CLIError(
-            f"{config_path} not found: cdrl-calibrate needs the training config that train.py exports "
-            "with the pipeline (it names the training data)"
-        )
-    try:
-        cfg = load_config(config_path, [])
-        dataset = load_dataset(cfg.data, split="train")
-    except (ConfigError, OSError) as err:
-        raise CLIError(f"{config_path}: {' '.join(str(err).split())}") from None
-    calibrate_on_dataset(pipeline, dataset, cfg.data.scale, num_samples=num_samples, seed=seed)
-    scheduler_json = folder / "scheduler" / "scheduler_config.json"
-    stored = json.loads(scheduler_json.read_text())
-    stored["condition_offsets"] = pipeline.scheduler.config.condition_offsets
-    with atomic_write(scheduler_json) as tmp:
-        tmp.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cdrl-calibrate``: fit a conditional checkpoint's offsets on its training data and store them."""
-    from cdrl.cli import run_cli
-
-    return run_cli(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    from cdrl.checks import MAX_SAMPLES
-    from cdrl.cli import ArgumentParser, CLIError, check_device, check_upper_bounds
-
-    parser = ArgumentParser(
-        prog="cdrl-calibrate",
-        description=(
-            "Fit the implicit-classifier offsets of a conditional CDRL checkpoint on its training data "
-            "(what composition with negation='posterior' needs) and store them in the checkpoint's "
-            "scheduler config. train.py does this itself for conditional models; use this command on a "
-            "checkpoint exported before it did."
-        ),
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="an exported pipeline folder (or its run folder)"
-    )
-    parser.add_argument(
-        "--num_samples", type=int, default=4096, help="training examples used (default 4096)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="picks the examples and their noise")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        raise CLIError(f"--num_samples must be >= 1, got {args.num_samples}")
-    check_upper_bounds(args, num_samples=MAX_SAMPLES)
-    check_device(args.device)
-    folder = calibrate_checkpoint(
-        args.checkpoint, num_samples=args.num_samples, seed=args.seed, device=args.device
-    )
-    print(f"stored the calibrated condition offsets in {folder / 'scheduler'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdrl.utils import error_line
+from cdrl.utils import UsageError, error_line
 
 MAX_SAMPLES = 10_000_000  # samples per call or command (CIFAR-10 FID uses 50,000)
 MAX_LANGEVIN_STEPS = 100_000  # Langevin steps per level (the papers use 15 to 30)
@@ -266,3 +266,27 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not readable JSON: {error_line(err)}") from None
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a --device that is not a torch device, or that this machine does not have, before any work."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(
+            f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(
+                f"--device {device}: this machine has no usable CUDA GPU; use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {device}: cdrl runs on cpu, cuda or mps")

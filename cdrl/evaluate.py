@@ -31,21 +31,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES
-from cdrl.cli import (
+from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, check_device
+from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
     atomic_path,
-    check_device,
     check_finite,
     check_upper_bounds,
-    check_writable,
-    load_pipeline,
     requested_classes,
-    resolve_checkpoint,
     run_cli,
 )
 from cdrl.digits_classifier import cache_root, load_digits_classifier
+from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
 from cdrl.fidelity import (
     DIGITS_SHAPE,
     EXTRACTORS,
@@ -58,9 +55,9 @@ from cdrl.fidelity import (
     reference_choices,
     to_uint8,
 )
-from cdrl.generate import generate_samples, read_model_config
+from cdrl.generation import generate_samples
 from cdrl.ood import ood_report
-from cdrl.utils import git_sha
+from cdrl.utils import check_writable, git_sha
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -338,7 +335,7 @@ def sample_images(
     Args:
         pipe: a ``CDRLPipeline`` on this process's device.
         labels: one class label per sample, or None.
-        seeds: one seed per sample (see ``cdrl.generate.generate_samples``).
+        seeds: one seed per sample (see ``cdrl.generation.generate_samples``).
         guidance_scale: classifier-free guidance (1 = off).
         num_langevin_steps: K per level (default: the trained value).
         batch_size: samples per pipeline call.

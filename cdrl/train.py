@@ -38,14 +38,7 @@ from tqdm.auto import tqdm
 
 from cdrl import precision as prec
 from cdrl.calibration import calibrate_on_dataset
-from cdrl.cli import (
-    ArgumentParser,
-    CLIError,
-    add_config_overrides,
-    check_writable,
-    describe_out_of_memory,
-    is_out_of_memory,
-)
+from cdrl.cli.common import ArgumentParser, CLIError, add_config_overrides
 from cdrl.config import (
     DEFAULT_RECIPE,
     Config,
@@ -58,6 +51,7 @@ from cdrl.config import (
 )
 from cdrl.curves import CURVES_FILE, plot_curves
 from cdrl.data import DataError, load_dataset
+from cdrl.export import export_pipeline
 from cdrl.images import save_grid, save_scatter
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
@@ -70,10 +64,13 @@ from cdrl.utils import (
     RUN_LOCK,
     RunLockedError,
     atomic_write,
+    check_writable,
+    describe_out_of_memory,
     error_line,
     expand_as,
     fsync_path,
     git_sha,
+    is_out_of_memory,
     lock_run_folder,
 )
 
@@ -742,14 +739,6 @@ def calibrate_on(
         pipeline, dataset, cfg.data.scale, num_samples=num_samples, seed=cfg.train.seed
     )
     logger.info(f"calibrated the implicit classifier's offsets on {used} training examples")
-
-
-def export_pipeline(pipeline: CDRLPipeline, cfg: Config, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it into place (``atomic_write``: the old or the
-    new export is at ``folder`` at every moment)."""
-    with atomic_write(folder, folder=True, durable=True) as tmp:
-        pipeline.save_pretrained(tmp)
-        save_config(cfg, tmp / "training_config.yaml")
 
 
 def save_samples(

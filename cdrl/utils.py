@@ -48,6 +48,11 @@ class DataError(ValueError):
     """A data set that cannot be used; a one-line message naming the path/name and the fix."""
 
 
+class UsageError(ValueError):
+    """Bad input to a command or a function (a flag, an argument, an output path): one line, exit code 2
+    from the CLIs."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint, run or exported pipeline folder that cannot be used; the message names the folder and
     the fix."""
@@ -270,3 +275,77 @@ def lock_run_folder(folder: str | Path):
     handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+# ---------------------------------------------------------------- errors from the system
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failed allocation: MemoryError (Python, NumPy), torch.OutOfMemoryError (GPU),
+    or a RuntimeError from torch's CPU allocator or from C++ (``std::bad_alloc``)."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in text or "bad_alloc" in text)
+
+
+def describe_out_of_memory(err: BaseException) -> str:
+    """'out of memory (could not allocate 1.0 PiB)' from an allocation error."""
+    match = re.search(r"allocate (\d+) bytes", str(err))
+    if match:
+        return f"out of memory (could not allocate {format_bytes(int(match[1]))})"
+    match = re.search(r"allocate ([\d.]+ [KMGTPE]?i?B)", str(err))  # NumPy, CUDA
+    return f"out of memory (could not allocate {match[1]})" if match else "out of memory"
+
+
+def describe_os_error(err: OSError) -> str:
+    """'cannot use PATH: File name too long' from an OSError (the path cut to a sane length)."""
+    reason = err.strerror or type(err).__name__
+    if err.filename is None:
+        return f"{reason} ({one_line(str(err), 200)})"
+    return f"cannot use {short_path(err.filename)}: {reason}"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any work) when ``path`` could not be written; create nothing.
+
+    The nearest folder above ``path`` that exists is probed with a temporary file (removed at once); the
+    missing folders in between are made only when the output is written (``atomic_path``).
+    """
+    path = Path(path)
+    existing = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not existing.is_dir():
+        raise UsageError(f"output {path} cannot be written: {existing} is a file, not a folder")
+    probe = existing / f".cdrl-write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"output {path} cannot be written: {err.strerror or err}") from None
+    return path
+
+
+def check_output_folder(folder: Path, flag: str = "--output") -> None:
+    """Refuse an existing folder unless it is empty or an output we wrote (it holds our marker).
+
+    Any other folder is the user's: replacing it would delete their files, so it is never written.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file; give a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_owned_output(folder):
+        raise UsageError(
+            f"{flag} {folder} is a folder cdrl did not write (no {OWNER_MARKER} in it); "
+            "give a new or empty folder"
+        )

@@ -33,8 +33,8 @@ from diffusers.utils import logging as diffusers_logging
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli import CLIError, load_pipeline, resolve_checkpoint  # noqa: E402
 from cdrl.data import BAND_SPLITS, attribute_values  # noqa: E402
+from cdrl.export import load_pipeline, resolve_checkpoint  # noqa: E402
 from cdrl.toys import TOY_NAMES, sample_toy, toy_modes  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = resolve_checkpoint(args.checkpoint)
         name, attributes = training_data(folder)
         pipeline = load_pipeline(folder, args.device)
-    except CLIError as err:
+    except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     pipeline.set_progress_bar_config(disable=True)
     if args.negation == "posterior" and pipeline.scheduler.config.get("condition_offsets") is None:

@@ -31,9 +31,9 @@ from torch import Tensor
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli import CLIError, load_pipeline  # noqa: E402
 from cdrl.data import attribute_values  # noqa: E402
 from cdrl.digits_classifier import load_digits_classifier, predict_probabilities  # noqa: E402
+from cdrl.export import load_pipeline  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.disable_progress_bar()
     try:
         pipeline = load_pipeline(args.checkpoint, args.device)
-    except CLIError as err:
+    except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     pipeline.set_progress_bar_config(disable=True)
     if tuple(pipeline.condition_sizes) != (10, 2) or tuple(pipeline.sample_shape) != (1, 8, 8):

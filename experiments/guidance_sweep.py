@@ -27,16 +27,20 @@ from torch import Tensor
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli import CLIError, atomic_path, check_writable, load_pipeline, run_cli  # noqa: E402
+from cdrl.cli.common import CLIError, atomic_path, run_cli  # noqa: E402
 from cdrl.digits_classifier import (  # noqa: E402
     DigitsClassifier,
     digits_split,
     load_digits_classifier,
     predict_probabilities,
 )
-from cdrl.generate import generate_samples  # noqa: E402
+from cdrl.export import load_pipeline  # noqa: E402
+from cdrl.generation import generate_samples  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.utils import (
+    check_writable,  # noqa: E402
+    git_sha,  # noqa: E402
+)
 
 CONFIDENCE = 0.9  # a confident classification: max probability >= this (as judge_digits)
 GRID_SAMPLES_PER_CLASS = 10

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
-    from cdrl.cli import load_pipeline
+    from cdrl.export import load_pipeline
 
     pipe = load_pipeline(args.checkpoint, device="cpu")
     settings = pipe.scheduler.langevin_settings()

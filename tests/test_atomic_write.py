@@ -11,8 +11,14 @@ import os
 import pytest
 
 import cdrl.utils as utils
-from cdrl.cli import CLIError, check_output_folder
-from cdrl.utils import OWNER_MARKER, atomic_write, is_owned_output, recover_replace
+from cdrl.cli.common import CLIError
+from cdrl.utils import (
+    OWNER_MARKER,
+    atomic_write,
+    check_output_folder,
+    is_owned_output,
+    recover_replace,
+)
 
 
 def _listing(folder):

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
 SCRIPTS = {
     "train": "cdrl.train",
-    "generate": "cdrl.generate",
-    "inpaint": "cdrl.inpaint",
-    "calibrate": "cdrl.calibration",
+    "generate": "cdrl.cli.generate",
+    "inpaint": "cdrl.cli.inpaint",
+    "calibrate": "cdrl.cli.calibrate",
     "evaluate": "cdrl.evaluate",
 }
 TOY = ["data.name=checkerboard", "ebm.arch=mlp", "initializer.arch=mlp"]

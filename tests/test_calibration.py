@@ -11,7 +11,7 @@ import torch
 from conftest import train_debug
 
 from cdrl.calibration import fit_condition_offsets
-from cdrl.calibration import main as calibrate_main
+from cdrl.cli.calibrate import main as calibrate_main
 from cdrl.config import LangevinConfig
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import level

@@ -578,7 +578,7 @@ def test_folder_reads_every_bit_depth_and_mode(tmp_path):
 
 
 def test_inpaint_reads_every_bit_depth_and_mode(tmp_path):
-    from cdrl.inpaint import read_image
+    from cdrl.cli.inpaint import read_image
 
     for name, values in _modes(tmp_path).items():
         rgb, _ = read_image(tmp_path / name / "a.png", 3)

@@ -24,7 +24,7 @@ from PIL import Image
 import cdrl.digits_classifier as dc
 from cdrl import evaluate
 from cdrl.evaluate import sample_images
-from cdrl.generate import generate_samples
+from cdrl.generation import generate_samples
 from cdrl.images import to_uint8
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.ood import auroc, lowest_level_energy, ood_report
@@ -547,7 +547,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-from cdrl.cli import load_pipeline
+from cdrl.export import load_pipeline
 from cdrl.evaluate import main, sample_images
 
 checkpoint, saved, *argv = sys.argv[1:]

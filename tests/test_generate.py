@@ -16,7 +16,7 @@ from conftest import assert_uint8_close
 from experiment_scripts import load_experiment
 from PIL import Image
 
-from cdrl import generate
+from cdrl.cli import generate
 from cdrl.digits_classifier import digits_split
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler

@@ -16,8 +16,9 @@ import torch
 from experiment_scripts import load_experiment
 from PIL import Image
 
-from cdrl import inpaint
-from cdrl.inpaint import MASK_PRESETS, main, preset_mask
+from cdrl.cli import inpaint
+from cdrl.cli.inpaint import main
+from cdrl.generation import MASK_PRESETS, preset_mask
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 

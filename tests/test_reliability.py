@@ -25,7 +25,7 @@ from conftest import reset_accelerate, train_debug
 from safetensors.torch import load_file
 
 import cdrl.train as T
-from cdrl import generate
+from cdrl.cli import generate
 from cdrl.config import load_config
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.train import checkpoint_problem

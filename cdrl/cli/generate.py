@@ -12,36 +12,30 @@ one row per requested class; any other output is a folder of ``000000.png ...`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, network_problem
-from cdrl.cli import (
+from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, check_device
+from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
     atomic_path,
-    check_device,
     check_finite,
-    check_output_folder,
     check_upper_bounds,
-    check_writable,
-    load_pipeline,
     requested_classes,
-    resolve_checkpoint,
     run_cli,
 )
-from cdrl.images import save_grid, to_uint8_images
+from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
+from cdrl.generation import generate_samples, write_folder
+from cdrl.images import save_grid
+from cdrl.utils import check_output_folder, check_writable
 
 if TYPE_CHECKING:
-    from cdrl.pipeline import CDRLPipeline
+    pass
 
 DEFAULT_NUM_SAMPLES = 16  # unconditional sampling
 GRID_MIN_TILE = 32  # grid PNGs upscale small samples (8x8 digits) to at least this many pixels
@@ -94,26 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch device (default: cuda if available)",
     )  # fmt: skip
     return parser
-
-
-def read_model_config(checkpoint: Path) -> dict[str, Any]:
-    """The EBM's config.json of a checkpoint, read without loading any weights (to fail early)."""
-    from cdrl.models import EnergyMLP, EnergyResNet
-
-    path = checkpoint / "ebm" / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise CLIError(
-            f"checkpoint {checkpoint} is incomplete: {path} is missing or unreadable"
-        ) from None
-    model_class = (
-        EnergyMLP if isinstance(config, dict) and "in_features" in config else EnergyResNet
-    )
-    problem = network_problem(config, model_class)
-    if problem is not None:
-        raise CLIError(f"{path}: {problem}")
-    return config
 
 
 def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> list[int] | None:
@@ -179,67 +153,6 @@ def check_output(output: Path) -> bool:
     if not is_grid:
         check_output_folder(output)
     return is_grid
-
-
-def generate_samples(
-    pipe: CDRLPipeline,
-    labels: Sequence[int] | None,
-    seeds: Sequence[int],
-    *,
-    guidance_scale: float = 1.0,
-    num_langevin_steps: int | None = None,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> Tensor:
-    """Sample ``pipe`` in batches, sample k from its own CPU generator seeded ``seeds[k]``.
-
-    Args:
-        pipe: a ``CDRLPipeline`` (its own per-step progress bar is turned off).
-        labels: one class label per sample, or None for unconditional samples.
-        seeds: one seed per sample.
-        guidance_scale: classifier-free guidance, diffusers' meaning (1 = off).
-        num_langevin_steps: K per level (default: the trained value).
-        batch_size: samples per pipeline call.
-        progress: show a progress bar over batches when there is more than one.
-
-    Returns:
-        (n, c, h, w) float32 CPU samples in [-1, 1].
-    """
-    if labels is not None and len(labels) != len(seeds):
-        raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
-    pipe.set_progress_bar_config(disable=True)
-    starts = range(0, len(seeds), batch_size)
-    chunks = []
-    for start in tqdm(
-        starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2
-    ):
-        batch_seeds = seeds[start : start + batch_size]
-        # CPU generators: sample k's noise is the same on every device and in every batch.
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in batch_seeds]
-        kwargs = {"batch_size": len(batch_seeds)}
-        if labels is not None:
-            kwargs = {
-                "class_labels": list(labels[start : start + batch_size]),
-                "guidance_scale": guidance_scale,
-            }
-        out = pipe(
-            generator=generators, num_langevin_steps=num_langevin_steps, output_type="pt", **kwargs
-        )
-        chunks.append(out.images.float().cpu() * 2 - 1)  # diffusers' [0, 1] -> [-1, 1]
-    return torch.cat(chunks)
-
-
-def write_folder(
-    images: Tensor, folder: Path, records: list[dict[str, Any]], info: dict[str, Any]
-) -> None:
-    """Write ``000000.png ...`` and ``manifest.json`` (``info``, then one record per sample)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for array, record in zip(to_uint8_images(images), records, strict=True):
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
-            folder / record["file"]
-        )
-    manifest = {**info, "samples": records}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -22,70 +20,31 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from cdrl.checks import MAX_RESAMPLE, MAX_SAMPLES
-from cdrl.cli import (
+from cdrl.checks import MAX_RESAMPLE, MAX_SAMPLES, check_device
+from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
     atomic_path,
-    check_device,
     check_finite,
-    check_output_folder,
     check_upper_bounds,
-    check_writable,
-    load_pipeline,
     run_cli,
 )
+from cdrl.export import load_pipeline
+from cdrl.generation import (
+    MASK_CONVENTION,
+    MASK_PRESETS,
+    complete,
+    panel,
+    preset_mask,
+    to_pil,
+    unit_to_uint8,
+)
 from cdrl.images import GREY_MODES, grey_array, image_array, is_grey_palette
+from cdrl.utils import check_output_folder, check_writable
 
-MASK_CONVENTION = "mask 1 / white = repaint, 0 / black = keep"
-MaskPreset = Literal["center", "left_half", "right_half", "top_half", "bottom_half", "random_boxes"]
-MASK_PRESETS: tuple[str, ...] = MaskPreset.__args__
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MANIFEST = "manifest.json"
 MAX_GREY_FRACTION = 0.10  # a mask is binary-like if at most this share of pixels is in (0.1, 0.9)
-PANEL_TILE = 64  # panel tiles are upscaled (nearest) to at least this many pixels a side
-HOLE_VALUE = 128  # the repainted region in the "masked input" tile (uint8 grey)
-SEPARATOR_VALUE = 64  # the lines between panel tiles
-SEPARATOR_WIDTH = 2
-
-
-def preset_mask(
-    name: MaskPreset, size: int, *, rng: np.random.Generator | None = None
-) -> np.ndarray:
-    """A square inpainting mask, 1 = repaint, 0 = keep.
-
-    Args:
-        name: ``center`` (the middle half of each side), ``left_half``, ``right_half``,
-            ``top_half``, ``bottom_half``, or ``random_boxes`` (1 to 3 boxes with sides between a
-            quarter and a half of the image, drawn from ``rng``).
-        size: the side in pixels.
-        rng: the generator of ``random_boxes`` (default: seed 0).
-
-    Returns:
-        (size, size) float32 array of 0 / 1.
-    """
-    mask = np.zeros((size, size), dtype=np.float32)
-    half, quarter = size // 2, size // 4
-    if name == "center":
-        mask[quarter : size - quarter, quarter : size - quarter] = 1
-    elif name == "left_half":
-        mask[:, :half] = 1
-    elif name == "right_half":
-        mask[:, half:] = 1
-    elif name == "top_half":
-        mask[:half, :] = 1
-    elif name == "bottom_half":
-        mask[half:, :] = 1
-    elif name == "random_boxes":
-        rng = rng if rng is not None else np.random.default_rng(0)
-        low, high = max(1, quarter), max(1, half)
-        for _ in range(int(rng.integers(1, 4))):
-            height, width = rng.integers(low, high + 1, size=2)
-            top, left = rng.integers(0, size - height + 1), rng.integers(0, size - width + 1)
-            mask[top : top + height, left : left + width] = 1
-    else:
-        raise ValueError(f"unknown mask preset {name!r}; choose one of {', '.join(MASK_PRESETS)}")
-    return mask
 
 
 def collect_images(paths: Sequence[str | Path], *, what: str = "image") -> list[Path]:
@@ -426,96 +385,6 @@ def _prepare(
     )
 
 
-def complete(
-    pipeline,
-    known: Tensor,
-    repaint: Tensor,
-    *,
-    num_samples: int = 1,
-    seed: int = 0,
-    batch_size: int = 64,
-    class_label: int | None = None,
-    guidance_scale: float = 1.0,
-    resample: int = 0,
-) -> Tensor:
-    """Sample ``num_samples`` completions of each image with a ``CDRLPipeline``.
-
-    Completion j of image i is sample k = i * num_samples + j; it draws all its noise from
-    ``torch.Generator().manual_seed(seed + k)``, so it does not depend on ``batch_size``.
-
-    Args:
-        pipeline: a ``CDRLPipeline`` of an image model.
-        known: (n, c, s, s) images in [0, 1] at the model's resolution.
-        repaint: (n, 1, s, s) masks, 1 = repaint, 0 = keep.
-        num_samples: completions per image.
-        seed: the seed of sample 0.
-        batch_size: samples per pipeline call.
-        class_label: condition a class-conditional model on this class (None: unconditional).
-        guidance_scale: classifier-free guidance with ``class_label`` (1 = plain conditional).
-        resample: RePaint resampling passes per level (see ``cdrl.sampling.sample``).
-
-    Returns:
-        (n, num_samples, c, s, s) completions in [0, 1]; the kept pixels equal ``known`` exactly.
-    """
-    n = known.shape[0]
-    known_all = known.float().repeat_interleave(num_samples, 0)
-    repaint_all = repaint.float().round().repeat_interleave(num_samples, 0)
-    chunks = []
-    for start in range(0, n * num_samples, batch_size):
-        stop = min(start + batch_size, n * num_samples)
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(start, stop)]
-        labels = None if class_label is None else [class_label] * (stop - start)
-        result = pipeline(
-            image=known_all[start:stop],
-            mask_image=repaint_all[start:stop],
-            class_labels=labels,
-            guidance_scale=guidance_scale,
-            resample=resample,
-            generator=generators,
-            output_type="pt",
-        )
-        chunks.append(torch.as_tensor(result.images).float().cpu())
-    out = torch.cat(chunks)
-    # The pipeline keeps known pixels in [-1, 1]; paste them again to undo the float round trip.
-    out = repaint_all * out + (1 - repaint_all) * known_all
-    return out.reshape(n, num_samples, *known.shape[1:])
-
-
-def _to_uint8(x: Tensor | np.ndarray) -> np.ndarray:
-    """(c, h, w) in [0, 1] -> (h, w, c) uint8."""
-    x = torch.as_tensor(x).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def _to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
-def panel(known: Tensor, repaint: Tensor, completions: Tensor) -> np.ndarray:
-    """The side-by-side picture: input | mask (white = repaint) | masked input | completions.
-
-    Args:
-        known: (c, s, s) in [0, 1].
-        repaint: (1, s, s) 0 / 1.
-        completions: (m, c, s, s) in [0, 1].
-
-    Returns:
-        (H, W, c) uint8, every tile upscaled (nearest) to at least ``PANEL_TILE`` pixels a side.
-    """
-    channels, size = known.shape[0], known.shape[-1]
-    mask = repaint.expand(channels, -1, -1)
-    masked = known * (1 - mask) + mask * (HOLE_VALUE / 255)
-    tiles = [known, mask, masked, *completions]
-    scale = max(1, math.ceil(PANEL_TILE / size))
-    tiles = [_to_uint8(tile).repeat(scale, axis=0).repeat(scale, axis=1) for tile in tiles]
-    side = size * scale
-    separator = np.full((side, SEPARATOR_WIDTH, channels), SEPARATOR_VALUE, dtype=np.uint8)
-    row = [tiles[0]]
-    for tile in tiles[1:]:
-        row += [separator, tile]
-    return np.concatenate(row, axis=1)
-
-
 def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args) -> None:
     (folder / "completions").mkdir()
     items = []
@@ -523,11 +392,11 @@ def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args
     for index, (item, samples) in enumerate(zip(inputs, completions, strict=True)):
         stem = f"{index:03d}_{item.path.stem}"
         known, repaint = torch.from_numpy(item.known), torch.from_numpy(item.repaint)[None]
-        _to_pil(panel(known, repaint, samples)).save(folder / f"{stem}.png")
+        to_pil(panel(known, repaint, samples)).save(folder / f"{stem}.png")
         files = []
         for j, sample in enumerate(samples):
             name = f"completions/{stem}_{j}.png"
-            _to_pil(_to_uint8(sample)).save(folder / name)
+            to_pil(unit_to_uint8(sample)).save(folder / name)
             files.append({"file": name, "seed": args.seed + index * num_samples + j})
         items.append(
             {
@@ -559,15 +428,10 @@ def _write_outputs(folder: Path, inputs: list[_Input], completions: Tensor, args
 
 
 __all__ = [
-    "MASK_CONVENTION",
-    "MASK_PRESETS",
     "build_parser",
     "collect_images",
-    "complete",
     "image_array",
     "main",
-    "panel",
-    "preset_mask",
     "read_image",
     "read_mask",
     "resize",
