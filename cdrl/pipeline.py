@@ -33,7 +33,7 @@ from cdrl.checks import (
     scheduler_problem,
 )
 from cdrl.config import Config, LangevinConfig
-from cdrl.guidance import NEGATIONS
+from cdrl.guidance import NEGATIONS, null_condition
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
@@ -443,7 +443,7 @@ class CDRLPipeline(DiffusionPipeline):
         return known.repeat_interleave(repeats, 0), known_mask.repeat_interleave(repeats, 0)
 
     def _null(self, batch_size: int, device: torch.device) -> Tensor:
-        return torch.tensor(self.condition_sizes, device=device).expand(batch_size, -1).clone()
+        return null_condition(self.condition_sizes, batch_size, device)
 
     def _condition(
         self,

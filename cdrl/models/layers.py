@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cdrl.guidance import null_condition
+
 
 def noise_level_embedding(noise_level: Tensor, dim: int, *, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of the continuous noise level u' in [0, 1], scaled by 1000 (DDPM, CDRL code).
@@ -41,7 +43,7 @@ class ConditionEmbedding(nn.Module):
 
     def null(self, batch: int, device: torch.device) -> Tensor:
         """(b, K) long, every condition set to its null token."""
-        return torch.tensor(self.sizes, device=device).expand(batch, -1).clone()
+        return null_condition(self.sizes, batch, device)
 
     def forward(self, cond: Tensor) -> Tensor:
         """cond: (b, K) long (or (b,) for a single condition) -> (b, dim)."""
