@@ -26,12 +26,98 @@ if TYPE_CHECKING:
 TRAINING_CONFIG = "training_config.yaml"  # the run's resolved config, beside the pipeline's parts
 
 
-def export_pipeline(pipeline: CDRLPipeline, cfg: Config, folder: Path) -> None:
+MODEL_CARD = "README.md"  # the model card, as the Hugging Face Hub reads it
+
+
+def export_pipeline(
+    pipeline: CDRLPipeline,
+    cfg: Config,
+    folder: Path,
+    *,
+    step: int | None = None,
+    command: str | None = None,
+    figures: dict[str, float] | None = None,
+) -> None:
     """save_pretrained into a temporary folder, then swap it into place (``atomic_write``: the old or the
-    new export is at ``folder`` at every moment)."""
+    new export is at ``folder`` at every moment). The folder carries the training config and a model card
+    (``model_card``) naming ``step``, the ``command`` and the ``figures`` measured at export."""
     with atomic_write(folder, folder=True, durable=True) as tmp:
         pipeline.save_pretrained(tmp)
         save_config(cfg, tmp / TRAINING_CONFIG)
+        card = model_card(pipeline, cfg, step=step, command=command, figures=figures)
+        (tmp / MODEL_CARD).write_text(card)
+
+
+def model_card(
+    pipeline: CDRLPipeline,
+    cfg: Config,
+    *,
+    step: int | None = None,
+    command: str | None = None,
+    figures: dict[str, float] | None = None,
+) -> str:
+    """A Hub-style model card: YAML metadata, then what was trained, on what, how, and what was measured."""
+    import cdrl
+
+    def count(network) -> str:
+        return "none" if network is None else f"{sum(p.numel() for p in network.parameters()):,} parameters"
+
+    conditional = bool(pipeline.condition_sizes)
+    kind = "DRL (no initializer)" if pipeline.initializer is None else "CDRL"
+    shape = "x".join(map(str, pipeline.sample_shape))
+    lines = [
+        "---",
+        "library_name: cdrl",
+        "license: apache-2.0",
+        "tags:",
+        "- energy-based-model",
+        "- cdrl",
+        "- unconditional-image-generation" if not conditional else "- class-conditional-image-generation",
+        "---",
+        "",
+        f"# {kind} model on `{cfg.data.name}`",
+        "",
+        f"An energy-based model trained with {'cooperative ' if kind == 'CDRL' else ''}diffusion recovery "
+        f"likelihood by cdrl {cdrl.__version__}: {pipeline.scheduler.schedule.num_levels} noise levels, "
+        f"samples of shape {shape}"
+        + (f", conditions of sizes {list(pipeline.condition_sizes)}" if conditional else "")
+        + ".",
+        "",
+        f"- EBM: `{type(pipeline.ebm).__name__}`, {count(pipeline.ebm)}",
+        f"- initializer: `{type(pipeline.initializer).__name__}`, {count(pipeline.initializer)}"
+        if pipeline.initializer is not None
+        else "- initializer: none",
+        f"- data: `{cfg.data.name}` (train split), data scale {cfg.data.scale}",
+        f"- training: {step if step is not None else cfg.train.max_steps} optimizer steps, batch "
+        f"{cfg.train.batch_size} per process, seed {cfg.train.seed}, Langevin K = {cfg.langevin.n_steps}",
+        f"- command: `{command}`" if command else "- command: not recorded",
+        "- the full settings: `training_config.yaml` in this folder",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from cdrl import CDRLPipeline",
+        "",
+        'pipe = CDRLPipeline.from_pretrained("path/to/this/folder")',
+        "images = pipe(batch_size=16).images",
+        "# or, with diffusers alone (cdrl installed): the folder is a community pipeline",
+        "# DiffusionPipeline.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)",
+        "```",
+        "",
+        "## Measured at export",
+        "",
+    ]
+    if figures:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.6g} |" for name, value in figures.items()]
+    else:
+        lines.append("Nothing was measured at export.")
+    lines += [
+        "",
+        "Sample quality is measured by `cdrl-evaluate` (FID, KID, IS, bits/dim), not at export.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

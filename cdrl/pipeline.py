@@ -7,6 +7,7 @@ unpickled), and each network's weights must match the ``config.json`` beside the
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,6 +113,19 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         return LangevinConfig(**fields)
 
 
+# diffusers' community-pipeline route: an exported folder names its pipeline class as
+# [PIPELINE_MODULE, "CDRLPipeline"] in model_index.json and carries PIPELINE_MODULE.py, so
+# ``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds the class. The file
+# only imports cdrl's own class; CDRLPipeline.from_pretrained never runs it (``load_config``).
+PIPELINE_MODULE = "pipeline_cdrl"
+PIPELINE_MODULE_TEXT = (
+    '"""diffusers\' community-pipeline entry for a folder cdrl exported: '
+    "DiffusionPipeline.from_pretrained(folder,\n"
+    'trust_remote_code=True) runs this file, which imports cdrl\'s pipeline (pip install cdrl)."""\n\n'
+    "from cdrl.pipeline import CDRLPipeline  # noqa: F401\n"
+)
+
+
 class CDRLPipeline(DiffusionPipeline):
     """Sample from a CDRL (or DRL, with no initializer) model.
 
@@ -137,6 +151,7 @@ class CDRLPipeline(DiffusionPipeline):
         """
         from diffusers.utils import logging as diffusers_logging
 
+        folder = Path(pretrained_model_name_or_path)
         if kwargs.get("use_safetensors") is False:
             raise ValueError(
                 "CDRLPipeline loads safetensors weights only; use_safetensors=False is refused"
@@ -151,7 +166,6 @@ class CDRLPipeline(DiffusionPipeline):
         # Spectral-norm networks built on the meta device run their power iteration very slowly (30 s
         # against 2 s for the paper-size EBM), so build them on the CPU unless the caller says otherwise.
         kwargs.setdefault("low_cpu_mem_usage", False)
-        folder = Path(pretrained_model_name_or_path)
         local = folder.is_dir()
         if local:
             check_configs(folder)
@@ -177,6 +191,29 @@ class CDRLPipeline(DiffusionPipeline):
                             "the file is damaged, so it was not loaded"
                         )
         return pipeline
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, reading the community-pipeline class name [module, class] as the
+        class itself: loading through ``CDRLPipeline`` uses this class and runs no code from the folder."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), list | tuple):
+            config["_class_name"] = str(config["_class_name"][-1])
+        return out
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' ``save_pretrained`` (safetensors), plus what lets ``DiffusionPipeline.from_pretrained``
+        load the folder as a community pipeline: ``PIPELINE_MODULE.py`` and its name in model_index.json."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save the pipeline, then upload the folder (cdrl-train --push_to_hub does both)")
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, "CDRLPipeline"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_TEXT)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

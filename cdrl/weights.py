@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from cdrl.checks import network_problem, read_json, scheduler_problem
+from cdrl.checks import finite_weights_problem, network_problem, read_json, scheduler_problem
 from cdrl.utils import error_line
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -64,9 +64,9 @@ def check_configs(folder: Path) -> None:
 
 
 def networks(folder: Path) -> list[tuple[str, Path, type]]:
-    """(name, folder, class) of each cdrl network listed in a pipeline's model_index.json."""
-    from cdrl import models
-
+    """(name, folder, class) of each cdrl network listed in a pipeline's model_index.json (the classes
+    are the ``SafetensorsOnly`` networks of ``cdrl.models``, looked up by name, never imported by name)."""
+    classes = _network_classes()
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
@@ -79,7 +79,7 @@ def networks(folder: Path) -> list[tuple[str, Path, type]]:
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[-1] is None:
             continue
-        model_class = getattr(models, str(entry[-1]), None)
+        model_class = classes.get(str(entry[-1]))
         if isinstance(model_class, type):  # not the scheduler, which diffusers reads from JSON
             found.append((name, folder / name, model_class))
     return found
@@ -132,3 +132,48 @@ def weights_mismatch(expected: Mapping[str, Tensor], path: str | Path) -> str | 
         return f"the weights hold {extra[0]}, which the network the config builds does not have"
     return None
 
+
+def _network_classes() -> dict[str, type]:
+    found, todo = {}, list(SafetensorsOnly.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
+class SafetensorsOnly:
+    """Mixin (listed before ``ModelMixin``) for cdrl's networks: ``from_pretrained`` loads safetensors
+    weights only, checks the folder's config.json keys and the weights against the network it builds, and
+    refuses non-finite weights. It guards every loading route, diffusers' own
+    ``DiffusionPipeline.from_pretrained`` included, since diffusers loads each part by its class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                f"{cls.__name__} loads safetensors weights only; use_safetensors=False is refused"
+            )
+        kwargs["use_safetensors"] = True
+        # Spectral-norm networks built on the meta device run their power iteration very slowly (30 s
+        # against 2 s for the paper-size EBM), so build them on the CPU unless the caller says otherwise.
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        part = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        local = part.is_dir()
+        if local:
+            require_safetensors(part)
+            path = part / "config.json"
+            problem = network_problem(read_json(path), cls) if path.is_file() else None
+            if problem is not None:
+                raise ValueError(f"{path}: {problem}")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if local:
+            state = model.state_dict()
+            check_weights(state, part)
+            problem = finite_weights_problem(state)
+            if problem is not None:
+                raise ValueError(
+                    f"{part / WEIGHTS_NAME}: {problem}; the model diverged in training or the file is "
+                    "damaged, so it was not loaded"
+                )
+        return model

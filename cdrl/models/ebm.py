@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from cdrl.models.layers import ConditionEmbedding, noise_level_embedding
+from cdrl.weights import SafetensorsOnly
 
 
 def _lrelu(x: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ class _TimeEmbedding(nn.Module):
         return temb
 
 
-class EnergyResNet(ModelMixin, ConfigMixin):
+class EnergyResNet(SafetensorsOnly, ModelMixin, ConfigMixin):
     """DRL's EBM: a spectral-normed ResNet without normalization, attention or dropout (DRL App. B.1).
 
     3x3 conv to ``base_channels``; per resolution ``num_res_blocks`` residual blocks with
@@ -135,7 +136,7 @@ class EnergyResNet(ModelMixin, ConfigMixin):
         return -f
 
 
-class EnergyMLP(ModelMixin, ConfigMixin):
+class EnergyMLP(SafetensorsOnly, ModelMixin, ConfigMixin):
     """The same EBM for vectors (2-D toys): linear residual blocks, spectral norm, a final dense layer."""
 
     @register_to_config

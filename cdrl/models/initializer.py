@@ -13,9 +13,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from cdrl.models.layers import ConditionEmbedding, noise_level_embedding
+from cdrl.weights import SafetensorsOnly
 
 
-class InitializerUNet(ModelMixin, ConfigMixin):
+class InitializerUNet(SafetensorsOnly, ModelMixin, ConfigMixin):
     """A small U-Net (diffusers' ``UNet2DModel``): GroupNorm, SiLU, dropout, attention at chosen resolutions.
 
     With the defaults (CIFAR-10: 64 channels, 3 resolutions, attention at 16 and 8) it has about 3.8M
@@ -89,7 +90,7 @@ class _MLPBlock(nn.Module):
         return x + h
 
 
-class InitializerMLP(ModelMixin, ConfigMixin):
+class InitializerMLP(SafetensorsOnly, ModelMixin, ConfigMixin):
     """The initializer for vectors (2-D toys), after the official toy example's ``unet_mlp``."""
 
     @register_to_config
