@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -13,7 +12,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,29 +71,18 @@ def expand_as(values: Tensor, like: Tensor) -> Tensor:
 def randn_like(
     x: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
 ) -> Tensor:
-    """Standard normal noise shaped like ``x``.
+    """Standard normal noise shaped like ``x`` (diffusers' ``randn_tensor``).
 
     With a list of generators (one per sample, as EDM's StackedRandomGenerator), sample i draws only from
     generator i, so a sample does not depend on the batch it was drawn in.
     """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.stack(
-            [
-                torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device)
-                for g in generator
-            ]
-        )
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    from diffusers.utils.torch_utils import randn_tensor
 
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if isinstance(generator, tuple):
+        generator = list(generator)
+    if isinstance(generator, list) and len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return randn_tensor(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
 
 
 def parse_int_list(text: str) -> list[int]:
