@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cdrl.checks import MAX_LANGEVIN_STEPS
 from cdrl.utils import ConfigError, atomic_write, short_path
 
 
@@ -402,6 +403,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, APFS, NTFS)
+# Upper bounds of counts: a value beyond them would exhaust memory or run for years, and is far more
+# likely a typo than a plan (DRL's largest model has T = 1,000 levels; the papers train 10^6 steps).
+MAX_COUNTS = {
+    "schedule.num_levels": 10_000,
+    "schedule.num_diffusion_steps": 1_000_000,
+    "langevin.n_steps": MAX_LANGEVIN_STEPS,
+    "langevin.sample_steps": MAX_LANGEVIN_STEPS,
+    "train.batch_size": 1_000_000,
+    "train.max_steps": 1_000_000_000,
+    "train.warmup_steps": 1_000_000_000,
+    "train.persistent_size": 10_000_000,
+    "log.num_grid_samples": 10_000,
+    "data.num_workers": 1_024,
+}
 INFINITE_OK = {"guard.max_energy_gap"}  # .inf turns the energy-gap guard off
 
 
@@ -503,6 +518,11 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key, limit in MAX_COUNTS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value > limit:
+            raise ConfigError(f"{key} must be at most {limit:,}, got {value:,}")
     for key, path in (("log.output_dir", cfg.log.output_dir), ("data.data_dir", cfg.data.data_dir)):
         too_long = [part for part in Path(path or ".").parts if len(part.encode()) > NAME_MAX]
         if too_long:
