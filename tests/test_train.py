@@ -1,4 +1,4 @@
-"""Tests of the training entry point (cdrl.train): ``train_step`` alone, ``main`` end to end on
+"""Tests of training (cdrl.training, cdrl.cli.train): ``train_step`` alone, ``main`` end to end on
 configs/debug.yaml (artifacts, export, resume, checkpoint limit, --dry-run, 2-D toys).
 
 Everything runs in-process on the CPU in a few seconds per run; the multi-process launches are in

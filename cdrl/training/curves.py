@@ -1,6 +1,6 @@
 """Training curves of a run folder as one PNG, from its metrics.jsonl.
 
-Every run writes ``curves.png`` at its end; ``cdrl-curves RUN`` (``cdrl.cli.curves``) redraws it for any
+Every run writes ``curves.png`` at its end; ``cdrl-curves RUN`` (cli/curves.py) redraws it for any
 run folder, finished or not, so a run without tensorboard still has its curves. Panels: the losses, the mean energy gap, and per level
 the energy gap E(y-) - E(y+) and the RMS error of the refined negatives from y+.
 """
