@@ -13,7 +13,8 @@ from cdrl.training.curves import CURVES_FILE, plot_curves
 def main(argv: Sequence[str] | None = None) -> int:
     """``cdrl-curves RUN [--output PNG]``: one line ``error: ...`` and exit code 2 on bad input."""
     parser = argparse.ArgumentParser(
-        prog="cdrl-curves", description="Training curves of a run folder as one PNG, from its metrics.jsonl."
+        prog="cdrl-curves",
+        description="Training curves of a run folder as one PNG, from its metrics.jsonl.",
     )
     parser.add_argument("run", type=Path, help="a run folder (holding metrics.jsonl)")
     parser.add_argument("--output", type=Path, help=f"the PNG (default RUN/{CURVES_FILE})")

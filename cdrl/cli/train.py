@@ -78,9 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
             return 0
         export_dir = run(cfg, resume=args.resume_from_checkpoint)
-    except (
-        ConfigError, DataError, UsageError, CheckpointError, CLIError, DivergenceError
-    ) as err:  # fmt: skip
+    except (ConfigError, DataError, UsageError, CheckpointError, CLIError, DivergenceError) as err:
         message = " ".join(str(err).split())
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):

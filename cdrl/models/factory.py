@@ -27,13 +27,24 @@ def build_models(
         if e.arch != "mlp" or i.arch not in ("mlp", "none"):
             raise ConfigError("vector data needs ebm.arch=mlp and initializer.arch=mlp (or none)")
         ebm = EnergyMLP(
-            in_features=sample_shape[0], hidden=e.hidden, channel_mult=tuple(e.channel_mult),
-            num_res_blocks=e.num_res_blocks, spectral_norm=e.spectral_norm, condition_sizes=conds,
-        )  # fmt: skip
-        init = None if i.arch == "none" else InitializerMLP(
-            in_features=sample_shape[0], hidden=i.hidden, num_blocks=i.num_blocks,
-            norm_num_groups=min(i.norm_num_groups, i.hidden), condition_sizes=conds,
-        )  # fmt: skip
+            in_features=sample_shape[0],
+            hidden=e.hidden,
+            channel_mult=tuple(e.channel_mult),
+            num_res_blocks=e.num_res_blocks,
+            spectral_norm=e.spectral_norm,
+            condition_sizes=conds,
+        )
+        init = (
+            None
+            if i.arch == "none"
+            else InitializerMLP(
+                in_features=sample_shape[0],
+                hidden=i.hidden,
+                num_blocks=i.num_blocks,
+                norm_num_groups=min(i.norm_num_groups, i.hidden),
+                condition_sizes=conds,
+            )
+        )
         return ebm, init
     if e.arch != "resnet" or i.arch not in ("unet", "none"):
         raise ConfigError("image data needs ebm.arch=resnet and initializer.arch=unet (or none)")
@@ -43,14 +54,27 @@ def build_models(
             f"image size {size} is not divisible by the networks' downsampling; change channel_mult"
         )
     ebm = EnergyResNet(
-        in_channels=channels, sample_size=size, base_channels=e.base_channels,
-        channel_mult=tuple(e.channel_mult), num_res_blocks=e.num_res_blocks,
-        spectral_norm=e.spectral_norm, condition_sizes=conds,
-    )  # fmt: skip
-    init = None if i.arch == "none" else InitializerUNet(
-        in_channels=channels, sample_size=size, block_out_channels=tuple(i.block_out_channels),
-        attention_levels=tuple(i.attention_levels), layers_per_block=i.layers_per_block,
-        dropout=i.dropout, norm_num_groups=i.norm_num_groups, attention_head_dim=i.attention_head_dim,
+        in_channels=channels,
+        sample_size=size,
+        base_channels=e.base_channels,
+        channel_mult=tuple(e.channel_mult),
+        num_res_blocks=e.num_res_blocks,
+        spectral_norm=e.spectral_norm,
         condition_sizes=conds,
-    )  # fmt: skip
+    )
+    init = (
+        None
+        if i.arch == "none"
+        else InitializerUNet(
+            in_channels=channels,
+            sample_size=size,
+            block_out_channels=tuple(i.block_out_channels),
+            attention_levels=tuple(i.attention_levels),
+            layers_per_block=i.layers_per_block,
+            dropout=i.dropout,
+            norm_num_groups=i.norm_num_groups,
+            attention_head_dim=i.attention_head_dim,
+            condition_sizes=conds,
+        )
+    )
     return ebm, init

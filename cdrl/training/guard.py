@@ -61,8 +61,13 @@ def on_bad_step(
     """
     guard.skipped += 1
     guard.streak += 1
-    event = {"step": step, "event": "skipped", "reason": problem, "guard/skipped": guard.skipped,
-             "guard/streak": guard.streak}  # fmt: skip
+    event = {
+        "step": step,
+        "event": "skipped",
+        "reason": problem,
+        "guard/skipped": guard.skipped,
+        "guard/streak": guard.streak,
+    }
     log_event(accelerator, output_dir, event)
     warn(accelerator, f"step {step} skipped ({guard.streak} in a row): {problem}")
     what = f"{guard.streak} bad step{'s' * (guard.streak > 1)} in a row up to step {step} (last: {problem})"
@@ -90,12 +95,24 @@ def on_bad_step(
         guard.streak = 0
         scale_learning_rates(models, cfg, cfg.guard.lr_factor**guard.rollbacks)
         lr = models.ebm_sched.get_last_lr()[0]
-        log_event(accelerator, output_dir, {"step": step, "event": "rollback", "to_step": target,
-                                            "checkpoint": path.name, "guard/rollbacks": guard.rollbacks,
-                                            "lr/ebm": lr})  # fmt: skip
-        warn(accelerator, f"{what}: rolled back to {path.name}, learning rates scaled by "
-                          f"{cfg.guard.lr_factor**guard.rollbacks:g} (rollback {guard.rollbacks} of "
-                          f"at most {cfg.guard.max_rollbacks})")  # fmt: skip
+        log_event(
+            accelerator,
+            output_dir,
+            {
+                "step": step,
+                "event": "rollback",
+                "to_step": target,
+                "checkpoint": path.name,
+                "guard/rollbacks": guard.rollbacks,
+                "lr/ebm": lr,
+            },
+        )
+        warn(
+            accelerator,
+            f"{what}: rolled back to {path.name}, learning rates scaled by "
+            f"{cfg.guard.lr_factor**guard.rollbacks:g} (rollback {guard.rollbacks} of "
+            f"at most {cfg.guard.max_rollbacks})",
+        )
         return target
     log_event(accelerator, output_dir, {"step": step, "event": "stopped", "reason": stop})
     raise DivergenceError(stop)

@@ -183,8 +183,12 @@ def _run(cfg: Config, resume: str | None) -> Path:
             logger.info(f"resumed from {resume_path} at step {step}")
         for warning in warnings:
             logger.warning(warning)
-        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train",
-                   disable=not accelerator.is_local_main_process)  # fmt: skip
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=step,
+            desc="train",
+            disable=not accelerator.is_local_main_process,
+        )
         return handler, bar
 
     # Train.
@@ -222,9 +226,15 @@ def _run(cfg: Config, resume: str | None) -> Path:
                     n_sum += 1
                 if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
                     record = summarize(sums, n_sum) if n_sum else {}
-                    record.update({"step": step, "lr/ebm": models.ebm_sched.get_last_lr()[0],
-                                   "guard/skipped": guard.skipped, "guard/rollbacks": guard.rollbacks,
-                                   "time/elapsed_s": round(time.time() - t_start, 2)})  # fmt: skip
+                    record.update(
+                        {
+                            "step": step,
+                            "lr/ebm": models.ebm_sched.get_last_lr()[0],
+                            "guard/skipped": guard.skipped,
+                            "guard/rollbacks": guard.rollbacks,
+                            "time/elapsed_s": round(time.time() - t_start, 2),
+                        }
+                    )
                     log_metrics(accelerator, output_dir, record, bar)
                     sums, n_sum = {}, 0
                 grid_due = cfg.log.sample_every and step % cfg.log.sample_every == 0
@@ -276,8 +286,15 @@ def _checkpoint(
     guard: GuardState,
 ) -> None:
     """checkpoint-N of the run's state, its EMAs, chains and guard counters (``save_checkpoint``)."""
-    save_checkpoint(accelerator, output_dir, step, cfg.log.checkpoints_total_limit, setup.ema,
-                    dataclasses.asdict(guard), setup.models.chains)  # fmt: skip
+    save_checkpoint(
+        accelerator,
+        output_dir,
+        step,
+        cfg.log.checkpoints_total_limit,
+        setup.ema,
+        dataclasses.asdict(guard),
+        setup.models.chains,
+    )
 
 
 def calibrate_on(

@@ -223,8 +223,16 @@ def save_samples(
     if pipeline.initializer is not None:
         kinds["init"] = dataclasses.replace(settings, n_steps=0)
     for name, kind_settings in kinds.items():
-        x = sample(pipeline.ebm, pipeline.initializer, schedule, x_top, kind_settings, null=null, terms=terms,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+        x = sample(
+            pipeline.ebm,
+            pipeline.initializer,
+            schedule,
+            x_top,
+            kind_settings,
+            null=null,
+            terms=terms,
+            generator=torch.Generator().manual_seed(0),
+        )
         path = folder / f"{step:07d}_{name}.png"
         x = x / pipeline.scheduler.config.data_scale
         if x.dim() == 2:

@@ -115,8 +115,9 @@ def build_training(
         )
     if init is not None:
         ema["init"] = EMAModel(init.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)
-        init_opt = torch.optim.AdamW(init.parameters(), lr=tc.init_lr, betas=betas,
-                                     weight_decay=tc.init_weight_decay)  # fmt: skip
+        init_opt = torch.optim.AdamW(
+            init.parameters(), lr=tc.init_lr, betas=betas, weight_decay=tc.init_weight_decay
+        )
         init_sched = lr_schedule(tc.lr_schedule, init_opt, warmup, total)
         ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, *loaders = accelerator.prepare(
             ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, *loaders
@@ -128,9 +129,13 @@ def build_training(
         value.to(accelerator.device)
     chains = None
     if tc.persistent_levels > 0 and tc.persistent_fraction > 0:
-        chains = PersistentChains(tc.persistent_levels, tc.persistent_size,
-                                  fraction=tc.persistent_fraction, reset=tc.persistent_reset,
-                                  condition_sizes=tuple(condition_sizes))  # fmt: skip
+        chains = PersistentChains(
+            tc.persistent_levels,
+            tc.persistent_size,
+            fraction=tc.persistent_fraction,
+            reset=tc.persistent_reset,
+            condition_sizes=tuple(condition_sizes),
+        )
     models = TrainState(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, chains)
     return TrainingSetup(models, ema, ema_copies, loaders[0] if loaders else None)
 

@@ -109,9 +109,16 @@ def train_step(
         lv = lvl if t_chain is t else level(schedule, t_chain, cfg.langevin)  # the batch: lvl as is
         with frozen(ebm_raw):
             fn = prec.autocast_energy_fn(energy_fn(ebm_raw, lv, null=c), langevin_dtype)
-            return langevin_refine(fn, y, x_tether, sigma=lv.sigma, tether=lv.tether,
-                                   step_size=lv.step_size, n_steps=cfg.langevin.n_steps,
-                                   noise=cfg.langevin.noise)  # fmt: skip
+            return langevin_refine(
+                fn,
+                y,
+                x_tether,
+                sigma=lv.sigma,
+                tether=lv.tether,
+                step_size=lv.step_size,
+                n_steps=cfg.langevin.n_steps,
+                noise=cfg.langevin.noise,
+            )
 
     y_neg = refine(y_init.detach(), x_next, t, cond)
     # At the lowest levels some of the EBM's negatives continue persistent chains (persistent.py).
