@@ -2,7 +2,7 @@
 
 import sys
 
-from cdrl.train import main
+from cdrl.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

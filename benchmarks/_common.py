@@ -29,10 +29,10 @@ if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip
     sys.path.insert(0, str(ROOT))
 
 from cdrl.config import Config, load_config  # noqa: E402
-from cdrl.pipeline import CDRLScheduler  # noqa: E402
+from cdrl.models import build_models  # noqa: E402
 from cdrl.sampling import Level, frozen, level  # noqa: E402
 from cdrl.schedule import NoiseSchedule  # noqa: E402
-from cdrl.train import build_models  # noqa: E402
+from cdrl.training.state import build_training, noise_schedule  # noqa: E402
 
 SAMPLE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
 # --quick on CPU swaps the paper-scale CIFAR-10 networks (34.8M + 3.8M) for narrow ones of the same
@@ -181,7 +181,7 @@ def networks(
 def eval_networks(
     cfg: Config, sample_shape: Sequence[int], device: torch.device, *, seed: int = 0
 ) -> tuple[nn.Module, nn.Module | None]:
-    """The EBM and initializer of ``cfg``, by ``cdrl.train.build_models``, in eval mode on ``device``.
+    """The EBM and initializer of ``cfg``, by ``cdrl.models.build_models``, in eval mode on ``device``.
 
     Untrained weights: timing, FLOPs and memory do not depend on them.
     """
@@ -203,8 +203,8 @@ def label(name: str, ebm: nn.Module, quick: bool) -> str:
 
 
 def schedule_of(cfg: Config) -> NoiseSchedule:
-    """The noise schedule a training config implies (as ``cdrl.train`` builds it)."""
-    return CDRLScheduler.from_training_config(cfg).schedule
+    """The noise schedule a training config implies (``cdrl.training.state.noise_schedule``)."""
+    return noise_schedule(cfg)
 
 
 def chain_inputs(
@@ -256,7 +256,7 @@ def ebm_step_flops(ebm: nn.Module, y: Tensor, noise_level: Tensor) -> int:
 
 def make_accelerator(device: torch.device, mixed_precision: str | None = "no"):
     """A fresh single-process Accelerator on ``device`` (a script may build one per call of ``main``);
-    ``mixed_precision`` None defers to the launcher, as ``cdrl.train.accelerator_precision`` says."""
+    ``mixed_precision`` None defers to the launcher, as ``cdrl.training.state.accelerator_precision`` says."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -273,53 +273,29 @@ def training_setup(
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
     seed: int = 0,
 ):
-    """Networks, optimizers, schedulers and EMAs as ``cdrl.train._train`` builds them, prepared.
+    """Networks, optimizers, schedulers and EMAs as training builds them
+    (``cdrl.training.state.build_training``), prepared.
 
     Args:
-        prepare_model: applied to each network before ``accelerator.prepare`` (channels-last, compile).
+        prepare_model: applied to each network before ``accelerator.prepare`` (channels-last, compile);
+            default: the config's ``train.channels_last`` and ``train.compile``, as in training.
 
     Returns:
-        (models, emas, schedule): a ``cdrl.train.Models``, the EMA objects, the noise schedule.
+        (models, emas, schedule): a ``cdrl.training.step.TrainState``, the EMA objects, the noise schedule.
     """
-    from diffusers.training_utils import EMAModel
-
-    from cdrl.train import Models, lr_schedule
-
     torch.manual_seed(seed)
-    ebm, init = build_models(cfg, tuple(sample_shape), ())
-    if prepare_model is not None:
-        ebm = prepare_model(ebm)
-        init = None if init is None else prepare_model(init)
-    tc = cfg.train
-    betas = (tc.adam_beta1, tc.adam_beta2)
-    ebm_opt = torch.optim.Adam(ebm.parameters(), lr=tc.ebm_lr, betas=betas)
-    ebm_sched = lr_schedule(tc.lr_schedule, ebm_opt, tc.warmup_steps, tc.max_steps)
-    emas = [EMAModel(ebm.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)]
-    if init is None:
-        init_opt = init_sched = None
-        ebm, ebm_opt, ebm_sched = accelerator.prepare(ebm, ebm_opt, ebm_sched)
-    else:
-        init_opt = torch.optim.AdamW(
-            init.parameters(), lr=tc.init_lr, betas=betas, weight_decay=tc.init_weight_decay
-        )
-        init_sched = lr_schedule(tc.lr_schedule, init_opt, tc.warmup_steps, tc.max_steps)
-        emas.append(EMAModel(init.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup))
-        ebm, init, ebm_opt, init_opt, ebm_sched, init_sched = accelerator.prepare(
-            ebm, init, ebm_opt, init_opt, ebm_sched, init_sched
-        )
-    for ema in emas:
-        ema.to(accelerator.device)
-    models = Models(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched)
-    return models, emas, schedule_of(cfg)
+    setup = build_training(cfg, accelerator, tuple(sample_shape), prepare_model=prepare_model)
+    return setup.models, list(setup.ema.values()), schedule_of(cfg)
 
 
 PHASES = ("proposal", "langevin", "ebm_update", "init_update", "ema_update")
 
 
 class PhaseClock:
-    """Marks inside the real ``cdrl.train.train_step``, placed from outside it (train.py is not edited).
+    """Marks inside the real ``cdrl.training.step.train_step``, placed from outside it (step.py is not
+    edited).
 
-    ``cdrl.train.langevin_refine`` (the name train_step calls) is wrapped to mark the start and end of
+    ``cdrl.training.step.langevin_refine`` (the name train_step calls) is wrapped to mark the start and end of
     Langevin; a post-step hook on the EBM's optimizer marks the end of the EBM update. So the proposal
     is everything before Langevin (q pair, level constants, the initializer's forward); the EBM update
     everything from Langevin's end to Adam's step (forward on [y+; y-], both losses, the divergence
@@ -337,7 +313,7 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def installed(self, models) -> Iterator[PhaseClock]:
-        import cdrl.train as train_module
+        import cdrl.training.step as train_module
 
         refine = train_module.langevin_refine
 
@@ -381,7 +357,7 @@ def timed_iterations(
 ) -> list[dict[str, float]]:
     """Run ``train_step`` + the EMA updates on each batch; seconds per phase for the iterations after
     ``warmup``, and ``refused`` = 1.0 where train_step's divergence guard applied no update."""
-    from cdrl.train import train_step
+    from cdrl.training.step import train_step
 
     clock = PhaseClock(accelerator.device)
     out = []
@@ -409,9 +385,9 @@ def langevin_autocast(dtype: torch.dtype | None) -> Iterator[None]:
     accelerate's mixed precision autocasts the prepared networks' ``forward`` only; since the EBM's
     context / energy split, ``cdrl.sampling.energy_fn`` calls ``energy`` directly, so without this the
     Langevin chain inside train_step runs float32 even under ``mixed_precision=bf16``. Wraps
-    ``cdrl.train.energy_fn`` (the name train_step calls) with ``cdrl.precision.autocast_energy_fn``.
+    ``cdrl.training.step.energy_fn`` (the name train_step calls) with ``cdrl.precision.autocast_energy_fn``.
     """
-    import cdrl.train as train_module
+    import cdrl.training.step as train_module
     from cdrl import precision as prec
 
     if dtype is None:

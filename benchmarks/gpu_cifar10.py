@@ -7,10 +7,10 @@ Usage, on the GPU machine (defaults: bf16 autocast, TF32, channels-last, no comp
 CPU fallback (no GPU): python benchmarks/gpu_cifar10.py --device cpu --quick   (reduced widths, tiny
 batches: it checks the script, not the speed).
 
-Training: the real ``cdrl.train.train_step`` (K = 15 Langevin steps, T = 6) with accelerate's
+Training: the real ``cdrl.training.step.train_step`` (K = 15 Langevin steps, T = 6) with accelerate's
 mixed_precision (bf16: every network forward autocast, outputs float32) and, by default, its Langevin
 energy autocast too (``--no-bf16_langevin`` leaves it as train.py has it; see benchmarks/README.md);
-the Langevin state and grad_y stay float32. Networks, optimizers and EMAs are built as ``cdrl.train``
+the Langevin state and grad_y stay float32. Networks, optimizers and EMAs are built as ``cdrl.training.state``
 builds them; random data.
 Sampling: ``cdrl.sampling.sample`` (90 EBM gradient evaluations + Tweedie per sample) on networks
 prepared by ``cdrl.precision`` (spectral norm folded, channels-last, compile, ``AutocastModule``).

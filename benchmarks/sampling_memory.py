@@ -111,7 +111,7 @@ def measure(name: str, batch: int, ks: Sequence[int], device: torch.device, quic
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["_common", "cdrl.sampling", "cdrl.train"])
+        ctx.set_forkserver_preload(["_common", "cdrl.sampling", "cdrl.training.step"])
     results = []
     for k in ks:
         with ctx.Pool(processes=1, maxtasksperchild=1) as pool:

@@ -3,8 +3,8 @@
 Usage: python benchmarks/train_breakdown.py [--device cpu|cuda] [--quick] [--output FILE]
        [--config digits] [--batch_size N] [--iters 20] [--warmup 2] [--set key=value ...]
 
-Times the real ``cdrl.train.train_step`` on batches of the configured data set, with networks,
-optimizers, schedulers and EMAs built as ``cdrl.train`` builds them; phase boundaries come from marks
+Times the real ``cdrl.training.step.train_step`` on batches of the configured data set, with networks,
+optimizers, schedulers and EMAs built as ``cdrl.training.state`` builds them; phase boundaries come from marks
 placed around ``langevin_refine`` as ``train_step`` calls it and by a post-step hook on the EBM's
 optimizer (see ``_common.PhaseClock``). Data loading is not included: the batches are drawn up front.
 """
@@ -30,7 +30,7 @@ from _common import (
 
 from cdrl.cli.common import add_config_overrides, run_cli
 from cdrl.data import load_dataset
-from cdrl.train import accelerator_precision
+from cdrl.training.state import accelerator_precision
 
 PHASE_NAMES = {
     "proposal": "proposal (q pair, initializer forward)",

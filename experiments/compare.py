@@ -49,7 +49,7 @@ from cdrl.digits_classifier import (  # noqa: E402
 from cdrl.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity, to_uint8  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
 from cdrl.pipeline import CDRLPipeline  # noqa: E402
-from cdrl.train import run  # noqa: E402
+from cdrl.training.loop import run  # noqa: E402
 from cdrl.utils import git_sha, parse_int_list  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def evaluate(
 
 
 def ebm_train_fn(config: Path, extra: Sequence[str] = ()) -> Callable[[Path, int], dict[str, Any]]:
-    """train(folder, steps) for a cdrl config: ``cdrl.train.run`` with train.max_steps = steps."""
+    """train(folder, steps) for a cdrl config: ``cdrl.training.loop.run`` with train.max_steps = steps."""
 
     def train(folder: Path, steps: int, *, quiet: bool = False) -> dict[str, Any]:
         overrides = [f"train.max_steps={steps}", f"log.output_dir={folder}", *extra]

@@ -303,7 +303,9 @@ def fresh_process() -> FreshProcess:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs the forkserver start method")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["conftest", "cdrl.train", "cdrl.cli.generate", "cdrl.cli.inpaint"])
+    context.set_forkserver_preload(
+        ["conftest", "cdrl.cli.train", "cdrl.cli.generate", "cdrl.cli.inpaint"]
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the server, and so every child, starts with these
         patch.setenv("MKL_NUM_THREADS", "1")
@@ -328,8 +330,8 @@ def reset_accelerate() -> None:
 
 
 def train_debug(output_dir: Path, *args: str) -> int:
-    """cdrl.train.main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
-    from cdrl.train import main
+    """cdrl.cli.train.main() on configs/debug.yaml into ``output_dir``; returns the exit code."""
+    from cdrl.cli.train import main
 
     reset_accelerate()
     argv = [

@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
 SCRIPTS = {
-    "train": "cdrl.train",
+    "train": "cdrl.cli.train",
     "generate": "cdrl.cli.generate",
     "inpaint": "cdrl.cli.inpaint",
     "calibrate": "cdrl.cli.calibrate",
@@ -609,8 +609,8 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     """A finished debug.yaml run (2 steps, checkpoint-2) and two tiny pipelines, made once."""
     from conftest import build_ebm, build_initializer
 
+    from cdrl.cli.train import main
     from cdrl.pipeline import CDRLPipeline, CDRLScheduler
-    from cdrl.train import main
 
     root = tmp_path_factory.mktemp("bad_input_sources")
     found = {"finished_run": root / "finished_run"}

@@ -120,18 +120,18 @@ def test_train_breakdown_marks_every_phase_of_the_real_train_step(bench, capsys,
             sum(iteration[name] for name in phases), iteration["total"], rel_tol=1e-9
         )
         assert iteration["refused"] == 0.0
-    # The clock is uninstalled afterwards: train.py's name is the real function again.
+    # The clock is uninstalled afterwards: train_step's name is the real function again.
     import cdrl.langevin
-    import cdrl.train
+    import cdrl.training.step
 
-    assert cdrl.train.langevin_refine is cdrl.langevin.langevin_refine
+    assert cdrl.training.step.langevin_refine is cdrl.langevin.langevin_refine
 
 
 def test_langevin_autocast_patch_runs_train_steps_energy_in_bf16(bench):
     """gpu_cifar10's --bf16_langevin: train_step's energy_fn runs the EBM's convolutions in bf16."""
     from conftest import build_ebm
 
-    import cdrl.train
+    import cdrl.training.step
     from cdrl.pipeline import CDRLScheduler
     from cdrl.sampling import level
 
@@ -141,12 +141,12 @@ def test_langevin_autocast_patch_runs_train_steps_energy_in_bf16(bench):
     scheduler = CDRLScheduler()
     lvl = level(scheduler.schedule, torch.full((2,), 1), scheduler.langevin_settings())
     y = torch.randn(2, 1, 8, 8)
-    original = cdrl.train.energy_fn
+    original = cdrl.training.step.energy_fn
     with common.langevin_autocast(torch.bfloat16):
-        energy = cdrl.train.energy_fn(ebm, lvl)(y)
-    assert cdrl.train.energy_fn is original
+        energy = cdrl.training.step.energy_fn(ebm, lvl)(y)
+    assert cdrl.training.step.energy_fn is original
     assert energy.dtype == torch.float32
-    cdrl.train.energy_fn(ebm, lvl)(y)
+    cdrl.training.step.energy_fn(ebm, lvl)(y)
     assert dtypes == [torch.bfloat16, torch.float32]
 
 

@@ -13,9 +13,8 @@ from experiment_scripts import ROOT, load_experiment
 
 from cdrl.config import load_config
 from cdrl.digits_classifier import DigitsClassifier, digits_split
-from cdrl.models import EnergyResNet
+from cdrl.models import EnergyResNet, build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
-from cdrl.train import build_models
 
 diffusion_baseline = load_experiment("diffusion_baseline")
 compare = load_experiment("compare")

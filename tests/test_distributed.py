@@ -23,7 +23,7 @@ TIMEOUT = 300
 
 pytestmark = pytest.mark.slow
 
-# Runs cdrl.train.main(argv) unchanged, spying on train_step (to keep the prepared models and the
+# Runs cdrl.cli.train.main(argv) unchanged, spying on train_step (to keep the prepared models and the
 # accelerator) and on the levels t it draws; afterwards every rank writes its live weights, its
 # first levels and batches, and its data sampler's epoch-0 order.
 DRIVER = textwrap.dedent(
@@ -35,11 +35,13 @@ DRIVER = textwrap.dedent(
     from accelerate.data_loader import get_sampler
     from safetensors.torch import save_file
 
-    import cdrl.train as T
+    import cdrl.cli.train as T
+    import cdrl.training.loop as loop
+    import cdrl.training.step as step
 
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     seen = {"levels": [], "batches": []}
-    train_step, level = T.train_step, T.level
+    train_step, level = loop.train_step, step.level
 
     def spy_level(schedule, t, settings):
         if seen.pop("first", False):  # the batch's levels (later calls: persistent chains)
@@ -51,7 +53,7 @@ DRIVER = textwrap.dedent(
         seen["batches"].append(batch[0].flatten(1).sum(1).tolist())
         return train_step(models, batch, cfg, schedule, accelerator, condition_sizes)
 
-    T.train_step, T.level = spy_step, spy_level
+    loop.train_step, step.level = spy_step, spy_level
     code = T.main(argv)
     accelerator, models = seen["accelerator"], seen["models"]
     rank = accelerator.process_index

@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import reset_accelerate
 
-from cdrl import curves
+from cdrl.cli import curves as curves_cli
+from cdrl.cli.train import main, parse_args
 from cdrl.config import CONFIGS_DIR, ConfigError, config_path, recipe_names
-from cdrl.train import main, parse_args
+from cdrl.training import curves
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -72,9 +73,9 @@ def test_train_by_recipe_name_from_an_empty_folder_writes_curves(tmp_path, monke
     png = (run / curves.CURVES_FILE).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     # cdrl-curves redraws it for any run folder; a folder that is not a run is one line, exit 2.
-    assert curves.main([str(run), "--output", str(tmp_path / "again.png")]) == 0
+    assert curves_cli.main([str(run), "--output", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
-    assert curves.main([str(tmp_path)]) == 2
+    assert curves_cli.main([str(tmp_path)]) == 2
 
 
 def test_curves_skip_guard_events_and_a_line_cut_short(tmp_path):

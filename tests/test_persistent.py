@@ -1,4 +1,4 @@
-"""Tests of the persistent chains at the lowest levels (cdrl.persistent, train.persistent_*): which
+"""Tests of the persistent chains at the lowest levels (cdrl.training.persistent, train.persistent_*): which
 negatives they replace, what they continue from, restarts, checkpointing and exact resume."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from conftest import reset_accelerate, train_debug
 
 from cdrl.config import ConfigError, load_config
-from cdrl.persistent import PersistentChains
+from cdrl.training.persistent import PersistentChains
 
 ROOT = Path(__file__).resolve().parents[1]
 PCD = ["--set", "train.persistent_levels=2", "train.persistent_fraction=1.0",

@@ -24,11 +24,15 @@ from accelerate.utils import set_seed
 from conftest import reset_accelerate, train_debug
 from safetensors.torch import load_file
 
-import cdrl.train as T
+import cdrl.cli.train as cli_train
+import cdrl.training.checkpoint as checkpoint_module
+import cdrl.training.loop as loop
 from cdrl.cli import generate
 from cdrl.config import load_config
+from cdrl.models import build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
-from cdrl.train import checkpoint_problem
+from cdrl.training.checkpoint import checkpoint_problem
+from cdrl.training.step import Models, lr_schedule, train_step
 from cdrl.utils import RUN_LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +87,7 @@ def poison(monkeypatch) -> Callable[[Callable[[int], bool]], list[int]]:
 
     def install(bad: Callable[[int], bool]) -> list[int]:
         calls: list[int] = []
-        clean_step = T.train_step
+        clean_step = loop.train_step
 
         def poisoned(models, batch, cfg, schedule, accelerator, condition_sizes=()):
             calls.append(len(calls) + 1)
@@ -92,7 +96,7 @@ def poison(monkeypatch) -> Callable[[Callable[[int], bool]], list[int]]:
                 x0 = torch.full_like(x0, float("nan"))
             return clean_step(models, (x0, cond), cfg, schedule, accelerator, condition_sizes)
 
-        monkeypatch.setattr(T, "train_step", poisoned)
+        monkeypatch.setattr(loop, "train_step", poisoned)
         return calls
 
     return install
@@ -107,18 +111,18 @@ def _setup(*overrides: str):
     cfg = load_config(DEBUG, ["train.warmup_steps=0", *overrides])
     accelerator = Accelerator(cpu=True)
     set_seed(0)
-    ebm, init = T.build_models(cfg, (1, 8, 8), ())
+    ebm, init = build_models(cfg, (1, 8, 8), ())
     ebm_opt = torch.optim.Adam(ebm.parameters(), lr=cfg.train.ebm_lr)
     init_opt = torch.optim.AdamW(init.parameters(), lr=cfg.train.init_lr)
-    ebm_sched = T.lr_schedule("constant", ebm_opt, 0, 10)
-    init_sched = T.lr_schedule("constant", init_opt, 0, 10)
-    models = T.Models(*accelerator.prepare(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched))
+    ebm_sched = lr_schedule("constant", ebm_opt, 0, 10)
+    init_sched = lr_schedule("constant", init_opt, 0, 10)
+    models = Models(*accelerator.prepare(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched))
     schedule = CDRLScheduler.from_training_config(cfg).schedule
     batch = (torch.rand(16, 1, 8, 8) * 2 - 1, torch.zeros(16, 0, dtype=torch.long))
     return cfg, accelerator, models, schedule, batch
 
 
-def _state(models: T.Models) -> dict:
+def _state(models: Models) -> dict:
     """Everything an update would change: parameters, optimizer states, scheduler positions."""
     return {
         "ebm": {k: v.detach().clone() for k, v in models.ebm.state_dict().items()},
@@ -138,7 +142,7 @@ def test_nan_batch_is_refused_and_changes_nothing_then_a_clean_batch_trains():
     cfg, accelerator, models, schedule, (x0, cond) = _setup()
     before = _state(models)
     nan_batch = (torch.full_like(x0, float("nan")), cond)
-    stats, problem = T.train_step(models, nan_batch, cfg, schedule, accelerator)
+    stats, problem = train_step(models, nan_batch, cfg, schedule, accelerator)
     assert problem is not None and problem.startswith("non-finite EBM energies"), problem
     assert "non-finite EBM loss" in problem and "E(y+) mean nan" in problem
     assert _same_parameters(before["ebm"], models.ebm)
@@ -147,7 +151,7 @@ def test_nan_batch_is_refused_and_changes_nothing_then_a_clean_batch_trains():
     assert (after["ebm_opt"], after["init_opt"], after["scheds"]) == (0, 0, (0, 0))
     assert all(p.grad is None for p in models.ebm.parameters())
 
-    stats, problem = T.train_step(models, (x0, cond), cfg, schedule, accelerator)
+    stats, problem = train_step(models, (x0, cond), cfg, schedule, accelerator)
     assert problem is None
     assert not _same_parameters(before["ebm"], models.ebm)
     assert models.ebm_sched.scheduler.last_epoch == 1 and len(models.ebm_opt.state) > 0
@@ -160,7 +164,7 @@ def test_non_finite_ebm_gradients_are_refused_before_any_update():
     param = next(models.ebm.parameters())
     handle = param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
     try:
-        _, problem = T.train_step(models, batch, cfg, schedule, accelerator)
+        _, problem = train_step(models, batch, cfg, schedule, accelerator)
     finally:
         handle.remove()
     assert problem is not None and problem.startswith("non-finite EBM gradients"), problem
@@ -175,7 +179,7 @@ def test_non_finite_initializer_gradients_skip_the_initializer_update():
     param = next(p for p in models.initializer.parameters() if p.requires_grad)
     handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     try:
-        _, problem = T.train_step(models, batch, cfg, schedule, accelerator)
+        _, problem = train_step(models, batch, cfg, schedule, accelerator)
     finally:
         handle.remove()
     assert problem is not None and "non-finite initializer gradients" in problem
@@ -188,7 +192,7 @@ def test_non_finite_initializer_gradients_skip_the_initializer_update():
 def test_an_energy_gap_beyond_the_bound_is_refused():
     cfg, accelerator, models, schedule, batch = _setup("guard.max_energy_gap=1e-12")
     before = _state(models)
-    _, problem = T.train_step(models, batch, cfg, schedule, accelerator)
+    _, problem = train_step(models, batch, cfg, schedule, accelerator)
     assert problem is not None and "energy gap beyond guard.max_energy_gap=1e-12" in problem
     assert "non-finite" not in problem
     assert _same_parameters(before["ebm"], models.ebm)
@@ -339,11 +343,11 @@ def _last_step(output_dir: Path) -> int:
 
 
 def train_pausing_in_a_checkpoint_write(argv: list[str]) -> int:
-    """A ``fresh_process`` target: cdrl.train.main(argv[1:]), except that the int(argv[0])-th file
+    """A ``fresh_process`` target: cdrl.cli.train.main(argv[1:]), except that the int(argv[0])-th file
     flush inside a .tmp-checkpoint-N folder never returns: the process says so on stdout and waits
     (to be killed) with that checkpoint half written."""
     pause_at, calls = int(argv[0]), []
-    fsync = T.fsync_path
+    fsync = checkpoint_module.fsync_path
 
     def pausing_fsync(path: Path) -> None:
         if path.parent.name.startswith(".tmp-checkpoint-"):
@@ -353,8 +357,8 @@ def train_pausing_in_a_checkpoint_write(argv: list[str]) -> int:
                 time.sleep(600)
         fsync(path)
 
-    T.fsync_path = pausing_fsync
-    return T.main(argv[1:])
+    checkpoint_module.fsync_path = pausing_fsync
+    return cli_train.main(argv[1:])
 
 
 def _wait(condition: Callable[[], bool], process, timeout: float = 120.0) -> None:
@@ -379,7 +383,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     kill_run = [*KILL_RUN, *(PERSISTENT if persistent else [])]  # more --set values
     reference = tmp_path / "reference"
     code, _, err = fresh_process.run(
-        "cdrl.train", [*kill_run, "--output_dir", reference], tmp_path / "io-reference"
+        "cdrl.cli.train", [*kill_run, "--output_dir", reference], tmp_path / "io-reference"
     )
     assert code == 0, err[-3000:]
 
@@ -395,7 +399,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
         io = tmp_path / f"io-{attempt}"
         argv = [*kill_run, "--output_dir", out, *resume]
         if moment == "steps":
-            process = fresh_process.start("cdrl.train", argv, io)
+            process = fresh_process.start("cdrl.cli.train", argv, io)
             target = seen + rng.randint(2, 4)
             _wait(lambda target=target: _last_step(out) >= target, process)
             time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next step
@@ -426,7 +430,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     assert _last_step(out) < 20
 
     code, _, err = fresh_process.run(
-        "cdrl.train", [*kill_run, "--output_dir", out, "--resume_from_checkpoint", "latest"],
+        "cdrl.cli.train", [*kill_run, "--output_dir", out, "--resume_from_checkpoint", "latest"],
         tmp_path / "io-final",
     )  # fmt: skip
     assert code == 0, err[-3000:]
@@ -451,7 +455,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Incomplete checkpoints, old checkpoints, safe loading.
+# Incomplete checkpoints, safe loading.
 
 
 @pytest.fixture(scope="module")
@@ -482,27 +486,6 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(run_0_to_4, tmp_pa
     assert checkpoint_problem(out / "checkpoint-4") is None
 
 
-def _make_legacy(checkpoint: Path) -> None:
-    """Rewrite a checkpoint as cdrl wrote them before checkpoint.json: EMAs pickled by accelerate."""
-    marker = _marker(checkpoint)
-    tensors = load_file(str(checkpoint / "ema.safetensors"))
-    for index, (name, settings) in enumerate(marker["ema"].items()):
-        count = sum(key.startswith(f"{name}.") for key in tensors)
-        state = {**settings, "shadow_params": [tensors[f"{name}.{i}"] for i in range(count)]}
-        torch.save(state, checkpoint / f"custom_checkpoint_{index}.pkl")
-    (checkpoint / "checkpoint.json").unlink()
-    (checkpoint / "ema.safetensors").unlink()
-
-
-def test_a_checkpoint_from_before_checkpoint_json_resumes_exactly(run_0_to_4, tmp_path):
-    out = tmp_path / "run"
-    assert train_debug(out, "--max_train_steps", "2", "--set", NO_GRIDS) == 0
-    _make_legacy(out / "checkpoint-2")
-    assert checkpoint_problem(out / "checkpoint-2") is None
-    assert train_debug(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS) == 0
-    assert _losses(out) == _losses(run_0_to_4)  # bit-exact: an exact resume (README), same process
-
-
 class _Payload:
     """Unpickling this creates a file: proof that a pickle was (or was not) executed."""
 
@@ -513,21 +496,17 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize(
-    "file", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"]
-)
+@pytest.mark.parametrize("file", ["optimizer.bin", "random_states_0.pkl"])
 def test_resume_refuses_a_pickle_that_is_not_plain_data(run_0_to_4, tmp_path, capsys, file):
     out = tmp_path / "run"
     shutil.copytree(run_0_to_4, out)
-    if file.startswith("custom_checkpoint"):
-        _make_legacy(out / "checkpoint-4")
     marker = tmp_path / "executed"
     torch.save(_Payload(marker), out / "checkpoint-4" / file)
     shutil.rmtree(out / "checkpoint-2")  # so that 'latest' has only the tampered checkpoint
-    if file != "custom_checkpoint_0.pkl":  # keep checkpoint.json's sizes true: the content lies
-        info = _marker(out / "checkpoint-4")
-        info["files"][file] = (out / "checkpoint-4" / file).stat().st_size
-        (out / "checkpoint-4" / "checkpoint.json").write_text(json.dumps(info))
+    # keep checkpoint.json's sizes true: the content lies
+    info = _marker(out / "checkpoint-4")
+    info["files"][file] = (out / "checkpoint-4" / file).stat().st_size
+    (out / "checkpoint-4" / "checkpoint.json").write_text(json.dumps(info))
     assert train_debug(out, "--resume_from_checkpoint", "latest") == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith(f"error: checkpoint file {out / 'checkpoint-4' / file} was refused")
@@ -603,13 +582,13 @@ def test_a_second_process_training_into_a_locked_run_is_refused(fresh_process, t
     same folder, is refused in one line naming the holder, and changes nothing there."""
     out = tmp_path / "run"
     argv = [*KILL_RUN, "--output_dir", out]
-    first = fresh_process.start("cdrl.train", argv, tmp_path / "io-first")
+    first = fresh_process.start("cdrl.cli.train", argv, tmp_path / "io-first")
     try:
         _wait(lambda: _last_step(out) >= 1, first)
         lock = out / RUN_LOCK
         assert f"process {first.pid} on " in lock.read_text()
         code, _, err = fresh_process.run(
-            "cdrl.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-second"
+            "cdrl.cli.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-second"
         )
         assert first.is_alive()  # refused while the first one still trains
         errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -620,6 +599,6 @@ def test_a_second_process_training_into_a_locked_run_is_refused(fresh_process, t
         first.join()
     # Killed, its lock is gone with it: the run resumes.
     code, _, err = fresh_process.run(
-        "cdrl.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-third"
+        "cdrl.cli.train", [*argv, "--resume_from_checkpoint", "latest"], tmp_path / "io-third"
     )
     assert code == 0, err[-3000:]

@@ -1,4 +1,4 @@
-"""Tests of the training entry point (cdrl.train): ``train_step`` alone, ``main`` end to end on
+"""Tests of training (cdrl.training, cdrl.cli.train): ``train_step`` alone, ``main`` end to end on
 configs/debug.yaml (artifacts, export, resume, checkpoint limit, --dry-run, 2-D toys).
 
 Everything runs in-process on the CPU in a few seconds per run; the multi-process launches are in
@@ -22,10 +22,12 @@ from accelerate.utils import set_seed
 from conftest import reset_accelerate, train_debug
 from diffusers.optimization import get_constant_schedule_with_warmup
 
+from cdrl.cli.train import main
 from cdrl.config import load_config
+from cdrl.models import build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.schedule import NoiseSchedule
-from cdrl.train import Models, build_models, main, train_step
+from cdrl.training.step import Models, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
@@ -293,7 +295,7 @@ def test_existing_run_is_resumable_after_refusal(debug_run: Path, tmp_path: Path
 
 @pytest.mark.parametrize("name", ["constant", "cosine", "linear"])
 def test_lr_schedule_warms_up_then_follows_its_shape(name):
-    from cdrl.train import lr_schedule
+    from cdrl.training.step import lr_schedule
 
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = lr_schedule(name, opt, warmup=10, total=100)
@@ -309,7 +311,7 @@ def test_lr_schedule_warms_up_then_follows_its_shape(name):
 
 def test_bf16_training_runs_the_langevin_forwards_in_bf16(monkeypatch):
     """mixed_precision=bf16 autocasts the chain's convolutions; the chain state stays float32."""
-    import cdrl.train as train_module
+    import cdrl.training.step as train_module
 
     conv_dtypes: list[torch.dtype] = []
     original_conv = torch.nn.functional.conv2d
@@ -343,7 +345,7 @@ def test_bf16_training_runs_the_langevin_forwards_in_bf16(monkeypatch):
 
 def test_repeated_set_flags_accumulate():
     """`--set a=1 --set b=2` keeps both overrides (argparse's default would keep only the last)."""
-    from cdrl.train import parse_args
+    from cdrl.cli.train import parse_args
 
     cfg, _ = parse_args(
         ["--config", "configs/toy2d.yaml", "--set", "train.max_steps=7", "langevin.n_steps=3",
@@ -356,7 +358,7 @@ def test_repeated_set_flags_accumulate():
 @pytest.mark.parametrize("target", ["paired", "posterior_mean"])
 def test_initializer_data_term_regresses_onto_its_configured_target(monkeypatch, target):
     # Capture the pair q_pair drew and the target train_step hands to initializer_loss.
-    import cdrl.train as train_module
+    import cdrl.training.step as train_module
 
     seen = {}
     real_pair, real_loss = NoiseSchedule.q_pair, train_module.initializer_loss

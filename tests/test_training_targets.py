@@ -1,9 +1,9 @@
 """What training feeds its losses and what it exports: the EBM's positives and loss weights, the
-initializer's regression target, label dropout (cdrl.train.train_step, drop_conditions), and the EMA
-weights in the exported pipeline (cdrl.train.run).
+initializer's regression target, label dropout (cdrl.training.step: train_step, drop_conditions), and the
+EMA weights in the exported pipeline (cdrl.training.loop.run).
 
 The train_step tests spy on the functions train_step calls (``NoiseSchedule.q_pair``,
-``cdrl.train.ebm_loss``, ``cdrl.train.initializer_loss``, ``cdrl.train.langevin_refine``) and on the
+and the names ``ebm_loss``, ``initializer_loss``, ``langevin_refine`` in ``cdrl.training.step``) and on the
 networks' forwards, and recompute every quantity from the schedule's alphas, not from its derived
 properties.
 """
@@ -21,11 +21,12 @@ from conftest import DEBUG_CONFIG, reset_accelerate, train_debug
 from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors.torch import load_file
 
-import cdrl.train as train_module
+import cdrl.training.step as train_module
 from cdrl.config import load_config
+from cdrl.models import build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.schedule import NoiseSchedule
-from cdrl.train import Models, build_models, drop_conditions, train_step
+from cdrl.training.step import Models, drop_conditions, train_step
 
 BATCH = 16
 

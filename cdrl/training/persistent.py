@@ -16,8 +16,8 @@ chain is restarted from the example's fresh negative (its state and x_{t+1}) whe
 with probability ``reset``. The positive and the negative then hold different x_{t+1}: both are draws for
 the level, which is what the loss's expectation needs. They always hold the same labels: the loss is blind
 to an energy offset per label only while every label enters it as often on both sides (with mixed labels
-such offsets random-walk, and a conditional run diverged within 700 steps). The initializer keeps learning
-from the fresh chains only.
+such offsets random-walk until the run diverges). The initializer keeps learning from the fresh chains
+only.
 """
 
 from __future__ import annotations

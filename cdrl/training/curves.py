@@ -1,16 +1,13 @@
-"""Training curves of a run folder as one PNG, from its metrics.jsonl (``cdrl-curves RUN``).
+"""Training curves of a run folder as one PNG, from its metrics.jsonl.
 
-Every run writes ``curves.png`` at its end; this command redraws it for any run folder, finished or not,
-so a run without tensorboard still has its curves. Panels: the losses, the mean energy gap, and per level
+Every run writes ``curves.png`` at its end; ``cdrl-curves RUN`` (cli/curves.py) redraws it for any
+run folder, finished or not, so a run without tensorboard still has its curves. Panels: the losses, the mean energy gap, and per level
 the energy gap E(y-) - E(y+) and the RMS error of the refined negatives from y+.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from cdrl.utils import atomic_write
@@ -72,25 +69,3 @@ def plot_curves(metrics: str | Path, output: str | Path) -> Path:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(output)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cdrl-curves RUN [--output PNG]``: one line ``error: ...`` and exit code 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="cdrl-curves", description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a run folder (holding metrics.jsonl)")
-    parser.add_argument("--output", type=Path, help=f"the PNG (default RUN/{CURVES_FILE})")
-    args = parser.parse_args(argv)
-    metrics = args.run / "metrics.jsonl"
-    try:
-        if not metrics.is_file():
-            raise ValueError(f"{args.run} is not a run folder: it has no metrics.jsonl")
-        path = plot_curves(metrics, args.output or args.run / CURVES_FILE)
-    except (ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

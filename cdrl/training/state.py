@@ -1,0 +1,174 @@
+"""What a run trains: the networks, their optimizers, LR schedulers and EMAs, built and prepared as the
+training loop uses them (benchmarks build theirs here too), and the noise schedule from the config."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from cdrl import precision as prec
+from cdrl.config import Config
+from cdrl.models import build_models
+from cdrl.schedule import NoiseSchedule, make_schedule
+from cdrl.training.persistent import PersistentChains
+from cdrl.training.step import TrainState, lr_schedule
+from cdrl.utils import ConfigError, error_line, is_out_of_memory
+
+
+class TrainingSetup(NamedTuple):
+    models: TrainState  # prepared networks, optimizers, LR schedulers, persistent chains
+    ema: dict[str, EMAModel]  # "ebm", and "init" when there is an initializer
+    # plain copies of the networks, made before any channels-last / compile: the EMA weights are
+    # loaded into them for sample grids and the export (``refresh_ema_copy``)
+    ema_copies: tuple[nn.Module, nn.Module | None]
+    loader: torch.utils.data.DataLoader | None  # prepared, when a data set was given
+
+
+def noise_schedule(cfg: Config) -> NoiseSchedule:
+    """The noise schedule of ``cfg.schedule`` (the same tensors as the exported scheduler's)."""
+    return make_schedule(**dataclasses.asdict(cfg.schedule))
+
+
+def accelerator_precision(cfg: Config) -> str | None:
+    """``Accelerator``'s mixed_precision for ``train.mixed_precision``: "auto" is None (the launcher's
+    flag or `accelerate config` decide, as in diffusers' scripts); an explicit value wins over both."""
+    return None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+
+
+def build_checked(
+    cfg: Config, sample_shape: tuple[int, ...], condition_sizes: tuple[int, ...]
+) -> tuple[nn.Module, nn.Module | None]:
+    """``build_models``, with a construction failure (a layer that rejects the config) as a ConfigError."""
+    try:
+        return build_models(cfg, sample_shape, condition_sizes)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise
+        raise ConfigError(
+            f"the networks cannot be built from this config: {error_line(err)}"
+        ) from None
+
+
+def _config_precision(cfg: Config) -> Callable[[nn.Module], nn.Module]:
+    """``train.channels_last`` and ``train.compile``, applied to a network in place."""
+
+    def apply(network: nn.Module) -> nn.Module:
+        if cfg.train.channels_last:
+            prec.to_channels_last(network)
+        prec.maybe_compile(network, cfg.train.compile)
+        return network
+
+    return apply
+
+
+def build_training(
+    cfg: Config,
+    accelerator: Accelerator,
+    sample_shape: tuple[int, ...],
+    condition_sizes: tuple[int, ...] = (),
+    *,
+    dataset: torch.utils.data.Dataset | None = None,
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+) -> TrainingSetup:
+    """Networks, EMAs, optimizers (Adam for the EBM, AdamW for the initializer) with warmup and decay,
+    the data loader when ``dataset`` is given, and the persistent chains, prepared by ``accelerator``.
+
+    Args:
+        prepare_model: applied to each network after its EMA copy and before its optimizer (default:
+            the config's ``train.channels_last`` and ``train.compile``).
+    """
+    tc = cfg.train
+    prepare_model = prepare_model or _config_precision(cfg)
+    ebm, init = build_checked(cfg, tuple(sample_shape), tuple(condition_sizes))
+    ema_copies = (copy.deepcopy(ebm), copy.deepcopy(init))
+    # After the EMA copies, which stay plain for export.
+    ebm = prepare_model(ebm)
+    init = None if init is None else prepare_model(init)
+    ema = {"ebm": EMAModel(ebm.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)}
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    ebm_opt = torch.optim.Adam(ebm.parameters(), lr=tc.ebm_lr, betas=betas)
+    # accelerate steps a prepared scheduler once per process on every optimizer step.
+    warmup = tc.warmup_steps * accelerator.num_processes
+    total = tc.max_steps * accelerator.num_processes
+    ebm_sched = lr_schedule(tc.lr_schedule, ebm_opt, warmup, total)
+    loaders = []
+    if dataset is not None:
+        loaders.append(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=tc.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=cfg.data.num_workers,
+                # The loader's own generator: building an iterator then draws nothing from the global RNG.
+                generator=torch.Generator().manual_seed(tc.seed),
+            )
+        )
+    if init is not None:
+        ema["init"] = EMAModel(init.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)
+        init_opt = torch.optim.AdamW(
+            init.parameters(), lr=tc.init_lr, betas=betas, weight_decay=tc.init_weight_decay
+        )
+        init_sched = lr_schedule(tc.lr_schedule, init_opt, warmup, total)
+        ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, *loaders = accelerator.prepare(
+            ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, *loaders
+        )
+    else:
+        init_opt = init_sched = None
+        ebm, ebm_opt, ebm_sched, *loaders = accelerator.prepare(ebm, ebm_opt, ebm_sched, *loaders)
+    for value in ema.values():  # saved by save_checkpoint (safetensors), not by accelerate (pickle)
+        value.to(accelerator.device)
+    chains = None
+    if tc.persistent_levels > 0 and tc.persistent_fraction > 0:
+        chains = PersistentChains(
+            tc.persistent_levels,
+            tc.persistent_size,
+            fraction=tc.persistent_fraction,
+            reset=tc.persistent_reset,
+            condition_sizes=tuple(condition_sizes),
+        )
+    models = TrainState(ebm, init, ebm_opt, init_opt, ebm_sched, init_sched, chains)
+    return TrainingSetup(models, ema, ema_copies, loaders[0] if loaders else None)
+
+
+def scale_learning_rates(models: TrainState, cfg: Config, scale: float) -> None:
+    """Set both base learning rates to the config's times ``scale``, at the schedule's current position.
+
+    Used after a rollback (``scale = guard.lr_factor ** rollbacks``) and on resume (the config's rates
+    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen).
+    """
+    pairs = [(models.ebm_opt, models.ebm_sched, cfg.train.ebm_lr)]
+    if models.init_opt is not None:
+        pairs.append((models.init_opt, models.init_sched, cfg.train.init_lr))
+    for optimizer, accelerated, lr in pairs:
+        scheduler = getattr(accelerated, "scheduler", accelerated)
+        for index, group in enumerate(optimizer.param_groups):
+            base = lr * scale
+            group["lr"] *= base / scheduler.base_lrs[index]
+            group["initial_lr"] = base
+            scheduler.base_lrs[index] = base
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Module:
+    """Load the EMA weights into ``target`` (buffers from ``live``); refresh spectral-norm vectors."""
+    target.load_state_dict(live.state_dict())
+    ema.copy_to(target.parameters())
+    has_sn = any("parametrizations" in name for name, _ in target.named_parameters())
+    if has_sn:  # a few power iterations so sigma matches the EMA weights, not the live ones
+        target.train()
+        with torch.no_grad():
+            for module in target.modules():
+                if hasattr(module, "parametrizations"):
+                    for _ in range(5):
+                        _ = module.weight  # in train mode each access runs one power iteration
+    return target.eval()
