@@ -172,7 +172,11 @@ def is_owned_output(folder: str | Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | Path, *, folder: bool = False, durable: bool = False
+    path: str | Path,
+    *,
+    folder: bool = False,
+    durable: bool = False,
+    temporary: str | Path | None = None,
 ) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``path`` to write; on success it replaces ``path`` all at once.
 
@@ -182,13 +186,26 @@ def atomic_write(
     always at ``path``; elsewhere the old one is moved aside first and ``recover_replace`` restores it after
     a kill between the two renames. On an exception the temporary, and the parent folders made for it,
     are removed and ``path`` is left as it was. ``durable`` flushes the result to disk before returning.
+
+    ``temporary`` (folders only) names the temporary instead of a random name, for several processes that
+    write one folder together (a checkpoint): a hidden sibling of ``path`` that the caller owns; whatever
+    is there from an interrupted write is removed first.
     """
     path = Path(path)
     made = [parent for parent in path.parents if not parent.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if temporary is not None and not (
+        folder and Path(temporary).parent == path.parent and Path(temporary).name.startswith(".")
+    ):
+        raise ValueError(f"temporary {temporary} must be a hidden sibling folder of {path}")
     if folder:
         recover_replace(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}", dir=path.parent))
+        if temporary is not None:
+            tmp = Path(temporary)
+            _remove(tmp)
+            tmp.mkdir()
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}", dir=path.parent))
         tmp.chmod(0o755)  # mkdtemp makes it 0o700
         (tmp / OWNER_MARKER).write_text("written by cdrl; this folder may be replaced by cdrl\n")
     else:

@@ -8,13 +8,17 @@ written last: its step, the guard counters, the EMA settings, and every file wit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
@@ -22,10 +26,19 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from cdrl.config import Config, ConfigError, load_config, to_dict
 from cdrl.training.persistent import PersistentChains
-from cdrl.training.run_dir import LEFTOVER_PREFIXES
+from cdrl.training.run_dir import LEFTOVER_PREFIXES, RUN_MARKER
 from cdrl.training.step import TrainState
-from cdrl.utils import CheckpointError, UsageError, error_line, fsync_path, is_out_of_memory
+from cdrl.utils import (
+    CheckpointError,
+    UsageError,
+    atomic_write,
+    error_line,
+    fsync_path,
+    is_out_of_memory,
+    recover_replace,
+)
 from cdrl.weights import weights_mismatch
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -60,13 +73,79 @@ def checkpoint_problem(path: Path) -> str | None:
     if not marker.is_file():
         return f"it has no {CHECKPOINT_MARKER} (it was not completely written)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
         return f"its {CHECKPOINT_MARKER} is unreadable"
-    for name, size in files.items():
+    problem = marker_problem(info, path)
+    if problem is not None:
+        return problem
+    for name, size in info["files"].items():
         file = path / name
         if not file.is_file() or file.stat().st_size != size:
             return f"its file {name} is missing or truncated"
+    return None
+
+
+MAX_COUNTER = 10**12  # no counter of a real run comes near this (steps, skipped steps, rollbacks)
+GUARD_COUNTERS = ("skipped", "streak", "rollbacks")
+
+
+def marker_problem(info: Any, path: Path) -> str | None:
+    """What is wrong with a checkpoint.json's values (read from disk: checked before any is used)."""
+    match = CHECKPOINT_RE.fullmatch(path.name)
+    if not isinstance(info, dict):
+        return f"its {CHECKPOINT_MARKER} is not a JSON object"
+    step = info.get("step")
+    if not _counter(step) or (match and step != int(match[1])):
+        return f"its {CHECKPOINT_MARKER} says step {_short(step)}, not the step in its name"
+    if not isinstance(info.get("files"), dict) or not all(
+        isinstance(name, str) and "/" not in name and _counter(size)
+        for name, size in info["files"].items()
+    ):
+        return f"its {CHECKPOINT_MARKER} lists its files wrongly"
+    guard = info.get("guard", {})
+    if not isinstance(guard, dict) or set(guard) - set(GUARD_COUNTERS):
+        return f"its {CHECKPOINT_MARKER} holds unknown guard counters"
+    for name, value in guard.items():
+        if not _counter(value):
+            return f"its {CHECKPOINT_MARKER} holds guard.{name} = {_short(value)}, not a count"
+    ema = info.get("ema")
+    if not isinstance(ema, dict) or not all(isinstance(v, dict) for v in ema.values()):
+        return f"its {CHECKPOINT_MARKER} holds no EMA settings"
+    for name, settings in ema.items():
+        for key, value in settings.items():
+            bad_number = isinstance(value, float) and not math.isfinite(value)
+            if bad_number or (isinstance(value, int) and not -MAX_COUNTER <= value <= MAX_COUNTER):
+                return f"its {CHECKPOINT_MARKER} holds ema.{name}.{key} = {_short(value)}"
+        decay = settings.get("decay", 0.0)
+        if not isinstance(decay, int | float) or not 0.0 <= decay <= 1.0:
+            return f"its {CHECKPOINT_MARKER} holds ema.{name}.decay = {_short(decay)}, not in [0, 1]"
+    return None
+
+
+def _counter(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNTER
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# What shapes the trained model: a resume must use the same values (the run's config.yaml holds them).
+SHAPING_SECTIONS = ("schedule", "ebm", "initializer")
+SHAPING_DATA = ("name", "image_size", "channels", "scale", "class_conditional", "attributes")
+
+
+def resume_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first setting that shapes the model and differs between the run's config (``stored``) and the
+    resumed one (``current``), both as ``cdrl.config.to_dict`` gives them; None when they agree."""
+    keys = [(section, key) for section in SHAPING_SECTIONS for key in current[section]]
+    keys += [("data", key) for key in SHAPING_DATA]
+    for section, key in keys:
+        before, now = stored.get(section, {}).get(key), current[section].get(key)
+        if before != now:
+            return f"{section}.{key} is {_short(now)} now but the run was trained with {_short(before)}"
     return None
 
 
@@ -105,6 +184,24 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[int, Path | No
     return int(match[1]), path, []
 
 
+def check_resume_config(output_dir: Path, cfg: Config) -> None:
+    """Refuse a resume whose settings would build another model than the run trained (levels, schedule,
+    networks, data and conditioning), comparing with the run's config.yaml."""
+    stored_path = output_dir / RUN_MARKER
+    if not stored_path.is_file():
+        return  # a run that stopped before its first step: nothing was trained
+    try:
+        stored = to_dict(load_config(stored_path, []))
+    except ConfigError as err:
+        raise CheckpointError(f"{stored_path} cannot be read: {err}; resume is refused") from None
+    problem = resume_mismatch(stored, to_dict(cfg))
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot resume: {problem}; resume with the run's settings (its {RUN_MARKER}) or train "
+            "into a new --output_dir"
+        )
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -122,27 +219,29 @@ def save_checkpoint(
     earlier checkpoint intact.
     """
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}"
+    agreed = output_dir / f".tmp-checkpoint-{step}"  # every process writes its part into this folder
     if accelerator.is_main_process:
         _remove_leftovers(output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # models (safetensors), optimizers, schedulers, RNG states
-    if chains is not None:  # every process keeps its own chains
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(chains.state_dict(), str(tmp / chains_file(accelerator.process_index)))
-    accelerator.wait_for_everyone()
+        # Swapped into place when the block ends (an atomic exchange with an existing checkpoint-N).
+        write = atomic_write(final, folder=True, temporary=agreed)
+    else:
+        write = contextlib.nullcontext(agreed)
+    with write as tmp:
+        accelerator.wait_for_everyone()  # the main process has made the folder
+        accelerator.save_state(str(tmp))  # models (safetensors), optimizers, schedulers, RNG states
+        if chains is not None:  # every process keeps its own chains
+            save_file(chains.state_dict(), str(tmp / chains_file(accelerator.process_index)))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            tensors, ema_info = _ema_state(ema)
+            save_file(tensors, str(tmp / EMA_WEIGHTS))
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            for name in files:
+                fsync_path(tmp / name)
+            marker = {"step": step, "guard": dict(guard), "ema": ema_info, "files": files}
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+            fsync_path(tmp / CHECKPOINT_MARKER)
     if accelerator.is_main_process:
-        tensors, ema_info = _ema_state(ema)
-        save_file(tensors, str(tmp / EMA_WEIGHTS))
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        for name in files:
-            fsync_path(tmp / name)
-        marker = {"step": step, "guard": dict(guard), "ema": ema_info, "files": files}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        fsync_path(tmp / CHECKPOINT_MARKER)
-        if final.exists():
-            final.rename(output_dir / f".old-{final.name}")
-        tmp.rename(final)
         fsync_path(output_dir)
         _remove_leftovers(output_dir)
         if limit is not None:
@@ -164,6 +263,8 @@ def _remove_leftovers(output_dir: Path) -> None:
     for path in output_dir.glob(".*-checkpoint-*"):
         if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+    for path in output_dir.glob(".checkpoint-*.cdrl-*"):  # atomic_write's asides (no RENAME_EXCHANGE)
+        recover_replace(output_dir / path.name[1:].split(".")[0])
 
 
 def load_checkpoint(
@@ -209,6 +310,9 @@ def load_checkpoint(
                 f"checkpoint file {file} was refused: it holds more than tensors and plain numbers "
                 f"(torch.load(weights_only=True): {detail}); it was not loaded"
             ) from None
+    problem = rng_state_problem(path / f"random_states_{accelerator.process_index}.pkl")
+    if problem is not None:  # accelerate would skip a bad RNG file with an info log: resume inexactly
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
     try:
         info = json.loads((path / CHECKPOINT_MARKER).read_text())
         accelerator.load_state(str(path))
@@ -222,6 +326,39 @@ def load_checkpoint(
         if is_out_of_memory(err):
             raise
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {error_line(err)}") from None
+
+
+def rng_state_problem(file: Path) -> str | None:
+    """What is wrong with a process's RNG states (Python, NumPy, torch CPU and, when stored, the
+    accelerator's), each tried on a throwaway generator; None when all of them would restore."""
+    try:
+        states = accelerate_load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as err:
+        return f"{file.name} is unreadable ({error_line(err)})"
+    if not isinstance(states, dict):
+        return f"{file.name} does not hold the random states"
+    checks = {
+        "random_state": lambda v: random.Random().setstate(v),
+        "numpy_random_seed": lambda v: np.random.RandomState().set_state(v),
+        "torch_manual_seed": lambda v: torch.Generator().set_state(v),
+    }
+    for key, restore in checks.items():
+        if key not in states:
+            return f"{file.name} lacks {key}"
+        try:
+            restore(states[key])
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            return f"{file.name} holds a {key} that cannot be restored ({error_line(err)})"
+    step = states.get("step", 0)
+    if not _counter(step):
+        return f"{file.name} holds step = {_short(step)}, not a count"
+    for key, value in states.items():
+        if key.startswith("torch_") and key != "torch_manual_seed" and torch.cuda.is_available():
+            expected = torch.cuda.get_rng_state_all()
+            shapes = [tuple(t.shape) for t in value] if isinstance(value, list) else None
+            if shapes != [tuple(t.shape) for t in expected][: len(shapes or [])]:
+                return f"{file.name} holds a {key} of the wrong shape"
+    return None
 
 
 def _ema_state(ema: dict[str, EMAModel]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:

@@ -29,6 +29,7 @@ from cdrl.data import load_dataset
 from cdrl.export import export_pipeline
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.training.checkpoint import (
+    check_resume_config,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -83,7 +84,8 @@ def _run(cfg: Config, resume: str | None) -> Path:
     # The output folder, the data and the accelerator, checked before anything is built.
     output_dir = Path(cfg.log.output_dir)
     prepare_output_dir(output_dir, resume)
-    resolve_resume(output_dir, resume)  # fail fast on a bad --resume_from_checkpoint
+    if resolve_resume(output_dir, resume)[1] is not None:  # fail fast on a bad resume
+        check_resume_config(output_dir, cfg)
     if output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:  # one process trains a run
         hold_run_lock(output_dir)
     dataset = load_dataset(cfg.data, split="train")
