@@ -1,4 +1,4 @@
-"""Tests of cdrl.density: AIS normalizers against closed forms and exact 2-D grids, the variational bound
+"""Tests of cdrl.evaluation.likelihood: AIS normalizers against closed forms and exact 2-D grids, the variational bound
 against an independent exact computation, and bits_per_dim's conventions.
 
 The 2-D model is a random EnergyMLP whose head is made non-positive and scaled, so that its energy
@@ -17,7 +17,7 @@ from experiment_scripts import load_experiment
 from torch import nn
 
 from cdrl.config import Config, LangevinConfig, save_config
-from cdrl.density import (
+from cdrl.evaluation.likelihood import (
     annealing_schedule,
     bits_per_dim,
     dequantize,

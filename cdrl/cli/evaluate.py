@@ -8,10 +8,10 @@ and the versions. Images are scored as uint8, rounded as the PNG writers round t
 ``error: ...`` on stderr, exit code 2, nothing written.
 
     cdrl-evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train --output fid.json
-    accelerate launch -m cdrl.evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train \\
+    accelerate launch -m cdrl.cli.evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train \\
         --metrics fid isc --output fid.json
     cdrl-evaluate --checkpoint runs/digits/pipeline --reference digits-train --num_samples 2000 \\
-        --output digits.json     # 8x8 models use the offline digits extractor (cdrl/fidelity.py)
+        --output digits.json     # 8x8 models use the offline digits extractor (cdrl/evaluation/fidelity.py)
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ from cdrl.cli.common import (
     requested_classes,
     run_cli,
 )
-from cdrl.digits_classifier import cache_root, load_digits_classifier
-from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
-from cdrl.fidelity import (
+from cdrl.evaluation.digits import cache_root, load_digits_classifier
+from cdrl.evaluation.fidelity import (
     DIGITS_SHAPE,
     EXTRACTORS,
     Reference,
@@ -55,8 +54,9 @@ from cdrl.fidelity import (
     reference_choices,
     to_uint8,
 )
+from cdrl.evaluation.ood import ood_report
+from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
 from cdrl.generation import generate_samples
-from cdrl.ood import ood_report
 from cdrl.utils import check_writable, git_sha
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--digits_classifier", type=Path, metavar="PATH",
         help="the digits classifier folder (default $CDRL_CACHE_DIR/digits_classifier, trained on "
-        "first use; retrain with python -m cdrl.digits_classifier --output PATH)",
+        "first use; retrain with python -m cdrl.evaluation.digits --output PATH)",
     )  # fmt: skip
     parser.add_argument(
         "--data_dir", type=Path, metavar="DIR",
@@ -155,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--bpd_num_intermediate", type=int, default=None, metavar="N",
-        help="bpd: annealing distributions per level (default: cdrl.density's)",
+        help="bpd: annealing distributions per level (default: cdrl.evaluation.likelihood's)",
     )  # fmt: skip
     parser.add_argument(
         "--bpd_num_chains", type=int, default=None, metavar="N",
-        help="bpd: importance-sampling chains per example (default: cdrl.density's)",
+        help="bpd: importance-sampling chains per example (default: cdrl.evaluation.likelihood's)",
     )  # fmt: skip
     parser.add_argument(
         "--device", default=None,
@@ -296,9 +296,9 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
     for flag in ("bpd_num_intermediate", "bpd_num_chains"):
         if getattr(args, flag) is not None and "bpd" not in chosen:
             raise CLIError(f"--{flag} is for --metrics bpd")
-    if "bpd" in chosen and importlib.util.find_spec("cdrl.density") is None:
+    if "bpd" in chosen and importlib.util.find_spec("cdrl.evaluation.likelihood") is None:
         raise CLIError(
-            "--metrics bpd needs cdrl.density (bits_per_dim), which this installation lacks"
+            "--metrics bpd needs cdrl.evaluation.likelihood (bits_per_dim), which this installation lacks"
         )
 
 
@@ -579,7 +579,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def heldout_bpd(
     pipe: CDRLPipeline, heldout: Reference, x0: Tensor, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Bits per dimension of held-out data with ``cdrl.density.bits_per_dim``.
+    """Bits per dimension of held-out data with ``cdrl.evaluation.likelihood.bits_per_dim``.
 
     Images are dequantized with the reference's levels per pixel (256 for 8-bit, 17 for the digits).
 
@@ -587,7 +587,9 @@ def heldout_bpd(
         ``bpd``, ``nll_nats`` (mean per example) and the rest of ``bits_per_dim``'s report (``convention``,
         ...) but the per-example values; ``num_examples``; the estimator options that were set.
     """
-    from cdrl.density import bits_per_dim  # the density module is optional: import it only here
+    from cdrl.evaluation.likelihood import (
+        bits_per_dim,  # the density module is optional: import it only here
+    )
 
     options: dict[str, Any] = {
         name: value

@@ -344,7 +344,7 @@ def load_digits_classifier(
         if not train_if_missing:
             raise FileNotFoundError(
                 f"no digits classifier at {path}; create it with: "
-                f"python -m cdrl.digits_classifier --output {path}"
+                f"python -m cdrl.evaluation.digits --output {path}"
             )
         logger.info("no digits classifier at %s; training one (about half a minute)", path)
         save_classifier_atomically(train_digits_classifier(), path)

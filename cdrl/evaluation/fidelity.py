@@ -1,7 +1,7 @@
 """torch-fidelity glue: the offline digits feature extractor, the data sets it knows, reference data.
 
 Importing this module registers with torch-fidelity the feature extractor ``digits-classifier`` (the
-penultimate features of ``cdrl.digits_classifier.DigitsClassifier`` for FID and KID, its logits for the
+penultimate features of ``cdrl.evaluation.digits.DigitsClassifier`` for FID and KID, its logits for the
 Inception Score) and the data sets ``digits-train``, ``digits-test``, ``mnist5k-train`` and
 ``mnist5k-test``. Everything handed to torch-fidelity is a data set of (c, h, w) uint8 images.
 """
@@ -30,13 +30,13 @@ from torch_fidelity.utils import create_feature_extractor
 
 from cdrl.config import DataConfig, load_config, to_dict
 from cdrl.data import DataError, ImageFolderDataset, load_dataset
-from cdrl.digits_classifier import (
+from cdrl.evaluation.digits import (
     DigitsClassifier,
     default_classifier_path,
     load_digits_classifier,
     predict_probabilities,
 )
-from cdrl.fidelity_cache import safe_fidelity_cache
+from cdrl.evaluation.fidelity_cache import safe_fidelity_cache
 from cdrl.images import to_uint8
 from cdrl.utils import error_line
 
