@@ -46,8 +46,8 @@ from cdrl.evaluation.digits import (  # noqa: E402
     load_digits_classifier,
     novelty,
 )
-from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity, to_uint8  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
+from cdrl.images import save_grid, to_uint8  # noqa: E402
 from cdrl.pipeline import CDRLPipeline  # noqa: E402
 from cdrl.train import run  # noqa: E402
 from cdrl.utils import git_sha, parse_int_list  # noqa: E402

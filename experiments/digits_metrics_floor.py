@@ -25,14 +25,9 @@ from torch import Tensor
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.evaluation.digits import digits_split  # noqa: E402
-from cdrl.evaluation.fidelity import (  # noqa: E402
-    DIGITS_EXTRACTOR,
-    Reference,
-    compute_fidelity,
-    digits_classifier_path,
-    to_uint8,
-)
+from cdrl.evaluation.digits import digits_classifier_path, digits_split  # noqa: E402
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
+from cdrl.images import to_uint8  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402
 
 METRICS = {"fid", "kid", "isc"}

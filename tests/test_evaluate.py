@@ -6,13 +6,11 @@ digits extractor stands in for Inception, which cannot be downloaded here. The c
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import os
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from PIL import Image
 
 import cdrl.evaluation.digits as dc
 from cdrl.cli import evaluate
-from cdrl.cli.evaluate import sample_images
+from cdrl.evaluation.fidelity import sample_images
 from cdrl.evaluation.ood import auroc, lowest_level_energy, ood_report
 from cdrl.generation import generate_samples
 from cdrl.images import to_uint8
@@ -393,15 +391,6 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output's parent
 
 
-def test_bpd_without_the_density_module_is_refused(
-    uncond_checkpoint, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setitem(sys.modules, "cdrl.evaluation.likelihood", None)  # as if cdrl/density.py were absent
-    argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
-    code, _, stderr = _run([*argv, "--output", tmp_path / "b.json"], capsys)
-    assert code == 2 and stderr.startswith("error: --metrics bpd needs cdrl.evaluation.likelihood")
-
-
 # ------------------------------------------------------------------ held-out metrics
 
 
@@ -413,10 +402,7 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
         nll = [float(k) for k in range(len(x0))]
         return {"nll_nats": float(np.mean(nll)), "bpd": 1.25, "nll_per_example": nll, "convention": "test"}  # fmt: skip
 
-    fake = types.ModuleType("cdrl.evaluation.likelihood")
-    fake.__spec__ = importlib.machinery.ModuleSpec("cdrl.evaluation.likelihood", None)
-    fake.bits_per_dim = bits_per_dim
-    monkeypatch.setitem(sys.modules, "cdrl.evaluation.likelihood", fake)
+    monkeypatch.setattr("cdrl.evaluation.likelihood.bits_per_dim", bits_per_dim)
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
     argv += ["--num_examples", 7, "--bpd_num_chains", 3, "--batch_size", 5, "--seed", 2]
@@ -437,7 +423,7 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
 
 def test_bpd_with_the_density_module(uncond_checkpoint, tmp_path, capsys):
     pytest.importorskip(
-        "cdrl.evaluation.likelihood", reason="cdrl/density.py (bits_per_dim) is not in this checkout"
+        "cdrl.evaluation.likelihood", reason="cdrl/evaluation/likelihood.py (bits_per_dim) is not in this checkout"
     )
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
@@ -548,7 +534,8 @@ import torch
 from accelerate import PartialState
 
 from cdrl.export import load_pipeline
-from cdrl.cli.evaluate import main, sample_images
+from cdrl.cli.evaluate import main
+from cdrl.evaluation.fidelity import sample_images
 
 checkpoint, saved, *argv = sys.argv[1:]
 state = PartialState(cpu=True)

@@ -21,7 +21,7 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 
 import cdrl.evaluation.digits as dc
 from cdrl.data import DataError
-from cdrl.evaluation.digits import digits_split
+from cdrl.evaluation.digits import digits_accuracy, digits_classifier_path, digits_split
 from cdrl.evaluation.fidelity import (
     DIGITS_EXTRACTOR,
     INCEPTION_EXTRACTOR,
@@ -30,8 +30,6 @@ from cdrl.evaluation.fidelity import (
     UInt8Images,
     check_extractor,
     compute_fidelity,
-    digits_accuracy,
-    digits_classifier_path,
     extractor_fingerprint,
     load_reference,
 )
