@@ -1,4 +1,5 @@
-"""torch-fidelity glue: the offline digits feature extractor, the data sets it knows, reference data.
+"""Sample quality through torch-fidelity: the offline digits feature extractor, the data sets it knows,
+reference data, FID / KID / IS, and the seeded uint8 samples they score (split across processes).
 
 Importing this module registers with torch-fidelity the feature extractor ``digits-classifier`` (the
 penultimate features of ``cdrl.evaluation.digits.DigitsClassifier`` for FID and KID, its logits for the
