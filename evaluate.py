@@ -2,7 +2,7 @@
 
 import sys
 
-from cdrl.evaluate import main
+from cdrl.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

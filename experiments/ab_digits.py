@@ -32,7 +32,7 @@ from compare import measure, sample_ebm  # noqa: E402
 
 from cdrl import CDRLPipeline  # noqa: E402
 from cdrl.config import load_config  # noqa: E402
-from cdrl.digits_classifier import digits_split, load_digits_classifier  # noqa: E402
+from cdrl.evaluation.digits import digits_split, load_digits_classifier  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

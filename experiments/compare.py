@@ -39,15 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion_baseline  # noqa: E402
 
 from cdrl.config import load_config  # noqa: E402
-from cdrl.digits_classifier import (  # noqa: E402
+from cdrl.evaluation.digits import (  # noqa: E402
     DigitsClassifier,
     digits_split,
     judge_digits,
     load_digits_classifier,
     novelty,
 )
-from cdrl.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity, to_uint8  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
+from cdrl.images import save_grid, to_uint8  # noqa: E402
 from cdrl.pipeline import CDRLPipeline  # noqa: E402
 from cdrl.training.loop import run  # noqa: E402
 from cdrl.utils import git_sha, parse_int_list  # noqa: E402
@@ -59,7 +59,7 @@ NOTES_HEADING = "## Notes"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The digits FID: torch-fidelity's FID on the registered digits-classifier features (cdrl.fidelity).
+# The digits FID: torch-fidelity's FID on the registered digits-classifier features (cdrl.evaluation.fidelity).
 
 
 def digits_fid(

@@ -32,7 +32,7 @@ from torch import Tensor
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.data import attribute_values  # noqa: E402
-from cdrl.digits_classifier import load_digits_classifier, predict_probabilities  # noqa: E402
+from cdrl.evaluation.digits import load_digits_classifier, predict_probabilities  # noqa: E402
 from cdrl.export import load_pipeline  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402

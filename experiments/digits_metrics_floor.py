@@ -1,6 +1,6 @@
 """The floor of the digits FID / KID (real digits against real digits) and the IS of real digits.
 
-Uses the offline digits extractor that ``cdrl-evaluate`` uses for 8x8 models (``cdrl/fidelity.py``),
+Uses the offline digits extractor that ``cdrl-evaluate`` uses for 8x8 models (``cdrl/evaluation/fidelity.py``),
 through torch-fidelity, with the same settings. Pairs of real sets: the two halves of the test split
 (180 vs 180), the two halves of the train split (718 vs 719), each over several random halvings, and
 the whole test split against the whole train split (360 vs 1437). FID is biased upwards at small
@@ -25,14 +25,9 @@ from torch import Tensor
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.digits_classifier import digits_split  # noqa: E402
-from cdrl.fidelity import (  # noqa: E402
-    DIGITS_EXTRACTOR,
-    Reference,
-    compute_fidelity,
-    digits_classifier_path,
-    to_uint8,
-)
+from cdrl.evaluation.digits import digits_classifier_path, digits_split  # noqa: E402
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
+from cdrl.images import to_uint8  # noqa: E402
 from cdrl.utils import git_sha  # noqa: E402
 
 METRICS = {"fid", "kid", "isc"}

@@ -28,7 +28,7 @@ from torch import Tensor
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.cli.common import CLIError, atomic_path, run_cli  # noqa: E402
-from cdrl.digits_classifier import (  # noqa: E402
+from cdrl.evaluation.digits import (  # noqa: E402
     DigitsClassifier,
     digits_split,
     load_digits_classifier,

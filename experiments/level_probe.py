@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from cdrl.config import LangevinConfig
-from cdrl.digits_classifier import digits_split, judge_digits, load_digits_classifier
+from cdrl.evaluation.digits import digits_split, judge_digits, load_digits_classifier
 from cdrl.sampling import frozen, reverse_step, tweedie_denoise
 
 

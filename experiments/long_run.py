@@ -128,7 +128,7 @@ def run_level(
 
 def judge(classifier, images: Tensor, *, prefix: str) -> dict[str, float]:
     """The digits classifier's confident fraction (p >= 0.9) and mean top probability."""
-    from cdrl.digits_classifier import judge_digits
+    from cdrl.evaluation.digits import judge_digits
 
     judged = judge_digits(images.clamp(-1, 1), classifier)
     return {
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = reference = None
     if data_name == "digits" and 0 in chosen:
-        from cdrl.digits_classifier import load_digits_classifier
+        from cdrl.evaluation.digits import load_digits_classifier
 
         classifier = load_digits_classifier(args.classifier)
         reference = judge(classifier, x0, prefix="")

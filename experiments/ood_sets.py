@@ -21,7 +21,7 @@ from PIL import Image
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdrl.cli.common import ArgumentParser, CLIError, atomic_path, run_cli  # noqa: E402
-from cdrl.digits_classifier import digits_split  # noqa: E402
+from cdrl.evaluation.digits import digits_split  # noqa: E402
 from cdrl.images import to_uint8_images  # noqa: E402
 from cdrl.utils import check_output_folder  # noqa: E402
 

@@ -109,7 +109,7 @@ def cdrl_cache_dir(tmp_path_factory) -> Path:
 def digits_classifier_path(cdrl_cache_dir) -> Path:
     """The default digits classifier (default settings, seed 0), trained once per session into the
     session's temporary cache: ``$CDRL_CACHE_DIR/digits_classifier`` (about 15-30 s on 2 CPU cores)."""
-    from cdrl.digits_classifier import CACHE_SUBDIR, load_digits_classifier
+    from cdrl.evaluation.digits import CACHE_SUBDIR, load_digits_classifier
 
     path = cdrl_cache_dir / CACHE_SUBDIR
     load_digits_classifier(path)  # trains and saves it (atomically) when missing
@@ -122,7 +122,7 @@ def digits_classifier(digits_classifier_path):
 
     Shared by every test that uses it: do not change its weights or mode.
     """
-    from cdrl.digits_classifier import load_digits_classifier
+    from cdrl.evaluation.digits import load_digits_classifier
 
     return load_digits_classifier(digits_classifier_path, train_if_missing=False)
 

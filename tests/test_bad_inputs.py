@@ -7,7 +7,7 @@ error line must contain. Rows marked ``memory_limit`` run in a fresh process who
 capped a little above what it already maps, so that a batch too large for the machine fails the way it
 would on a small one, without touching this machine's memory.
 
-To add rows for another CLI (``cdrl-evaluate``): add it to ``SCRIPTS`` (``"evaluate": "cdrl.evaluate"``),
+To add rows for another CLI (``cdrl-evaluate``): add it to ``SCRIPTS`` (``"evaluate": "cdrl.cli.evaluate"``),
 add it to the forkserver preload in conftest.py's ``fresh_process`` if it gets ``memory_limit`` rows,
 and append ``Case("evaluate-...", "evaluate", lambda env: [...], "fragment")`` rows; ``Env`` already
 prepares pipelines (``env.pipeline("cond")``), image folders, corrupt files and foreign folders.
@@ -35,7 +35,7 @@ SCRIPTS = {
     "generate": "cdrl.cli.generate",
     "inpaint": "cdrl.cli.inpaint",
     "calibrate": "cdrl.cli.calibrate",
-    "evaluate": "cdrl.evaluate",
+    "evaluate": "cdrl.cli.evaluate",
 }
 TOY = ["data.name=checkerboard", "ebm.arch=mlp", "initializer.arch=mlp"]
 HUGE = str(2**40)  # samples: 2**40 8x8 images need 256 TiB

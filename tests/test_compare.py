@@ -12,7 +12,7 @@ import torch
 from experiment_scripts import ROOT, load_experiment
 
 from cdrl.config import load_config
-from cdrl.digits_classifier import DigitsClassifier, digits_split
+from cdrl.evaluation.digits import DigitsClassifier, digits_split
 from cdrl.models import EnergyResNet, build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 

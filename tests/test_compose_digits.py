@@ -9,7 +9,7 @@ import torch
 from experiment_scripts import load_experiment
 
 from cdrl.data import attribute_values
-from cdrl.digits_classifier import digits_split
+from cdrl.evaluation.digits import digits_split
 
 compose_digits = load_experiment("compose_digits")
 

@@ -1,4 +1,4 @@
-"""Tests of cdrl.density: AIS normalizers against closed forms and exact 2-D grids, the variational bound
+"""Tests of cdrl.evaluation.ais and .likelihood: AIS normalizers against closed forms and exact 2-D grids, the variational bound
 against an independent exact computation, and bits_per_dim's conventions.
 
 The 2-D model is a random EnergyMLP whose head is made non-positive and scaled, so that its energy
@@ -17,13 +17,11 @@ from experiment_scripts import load_experiment
 from torch import nn
 
 from cdrl.config import Config, LangevinConfig, save_config
-from cdrl.density import (
-    annealing_schedule,
+from cdrl.evaluation.ais import annealing_schedule, log_normalizer_ais, log_normalizer_grid
+from cdrl.evaluation.likelihood import (
     bits_per_dim,
     dequantize,
     level_energy_fn,
-    log_normalizer_ais,
-    log_normalizer_grid,
     negative_log_likelihood,
 )
 from cdrl.models import EnergyMLP

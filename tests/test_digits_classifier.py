@@ -1,4 +1,4 @@
-"""Tests of cdrl.digits_classifier (training, saving, judging, novelty) and experiments/digits_quality."""
+"""Tests of cdrl.evaluation.digits (training, saving, judging, novelty) and experiments/digits_quality."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from conftest import assert_close_float32
 from experiment_scripts import load_experiment
 
-import cdrl.digits_classifier as dc
-from cdrl.digits_classifier import (
+import cdrl.evaluation.digits as dc
+from cdrl.evaluation.digits import (
     DigitsClassifier,
     digits_split,
     evaluate_accuracy,
@@ -88,7 +88,7 @@ def test_load_trains_saves_then_loads(classifier, split, tmp_path, monkeypatch):
 
     monkeypatch.setattr(dc, "train_digits_classifier", fake_train)
     path = tmp_path / "cache" / "clf"
-    with pytest.raises(FileNotFoundError, match="python -m cdrl.digits_classifier --output"):
+    with pytest.raises(FileNotFoundError, match="python -m cdrl.evaluation.digits --output"):
         load_digits_classifier(path, train_if_missing=False)
     first = load_digits_classifier(path)
     assert len(calls) == 1 and (path / "config.json").is_file()

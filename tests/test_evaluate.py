@@ -1,4 +1,4 @@
-"""Tests of the cdrl.evaluate CLI (figures, JSON schema, bad input), its sampling, and cdrl.ood.
+"""Tests of the cdrl.cli.evaluate CLI (figures, JSON schema, bad input), its sampling, and cdrl.evaluation.ood.
 
 Tiny 8x8 pipelines and the default digits classifier (trained once per session, conftest.py): the
 digits extractor stands in for Inception, which cannot be downloaded here. The cache root ($CDRL_CACHE_DIR) is a temporary folder.
@@ -6,13 +6,11 @@ digits extractor stands in for Inception, which cannot be downloaded here. The c
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import os
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +19,13 @@ import torch
 from conftest import assert_close_float32, assert_uint8_close
 from PIL import Image
 
-import cdrl.digits_classifier as dc
-from cdrl import evaluate
-from cdrl.evaluate import sample_images
+import cdrl.evaluation.digits as dc
+from cdrl.cli import evaluate
+from cdrl.evaluation.fidelity import sample_images
+from cdrl.evaluation.ood import auroc, lowest_level_energy, ood_report
 from cdrl.generation import generate_samples
 from cdrl.images import to_uint8
 from cdrl.models import EnergyResNet, InitializerUNet
-from cdrl.ood import auroc, lowest_level_energy, ood_report
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +196,7 @@ def test_conditional_accuracy_and_guidance(cond_checkpoint, weights, tmp_path, c
 
 def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weights, monkeypatch, tmp_path, capsys):  # fmt: skip
     # Swap the samples for real test digits: with the matching labels the accuracy is the classifier's.
-    from cdrl.digits_classifier import digits_split
+    from cdrl.evaluation.digits import digits_split
 
     _, _, x_test, y_test = digits_split()
     order = torch.argsort(y_test, stable=True)
@@ -393,15 +391,6 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output's parent
 
 
-def test_bpd_without_the_density_module_is_refused(
-    uncond_checkpoint, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setitem(sys.modules, "cdrl.density", None)  # as if cdrl/density.py were absent
-    argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
-    code, _, stderr = _run([*argv, "--output", tmp_path / "b.json"], capsys)
-    assert code == 2 and stderr.startswith("error: --metrics bpd needs cdrl.density")
-
-
 # ------------------------------------------------------------------ held-out metrics
 
 
@@ -413,10 +402,7 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
         nll = [float(k) for k in range(len(x0))]
         return {"nll_nats": float(np.mean(nll)), "bpd": 1.25, "nll_per_example": nll, "convention": "test"}  # fmt: skip
 
-    fake = types.ModuleType("cdrl.density")
-    fake.__spec__ = importlib.machinery.ModuleSpec("cdrl.density", None)
-    fake.bits_per_dim = bits_per_dim
-    monkeypatch.setitem(sys.modules, "cdrl.density", fake)
+    monkeypatch.setattr("cdrl.evaluation.likelihood.bits_per_dim", bits_per_dim)
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
     argv += ["--num_examples", 7, "--bpd_num_chains", 3, "--batch_size", 5, "--seed", 2]
@@ -437,7 +423,7 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
 
 def test_bpd_with_the_density_module(uncond_checkpoint, tmp_path, capsys):
     pytest.importorskip(
-        "cdrl.density", reason="cdrl/density.py (bits_per_dim) is not in this checkout"
+        "cdrl.evaluation.likelihood", reason="cdrl/evaluation/likelihood.py (bits_per_dim) is not in this checkout"
     )
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
@@ -467,7 +453,7 @@ def test_ood_auroc_from_the_cli(uncond_checkpoint, noise_folder, tmp_path, capsy
     assert [ref["kind"] for ref in result["settings"]["ood"]] == ["folder"]
 
 
-# ------------------------------------------------------------------ cdrl.ood
+# ------------------------------------------------------------------ cdrl.evaluation.ood
 
 
 def test_auroc_is_the_mann_whitney_statistic():
@@ -548,7 +534,8 @@ import torch
 from accelerate import PartialState
 
 from cdrl.export import load_pipeline
-from cdrl.evaluate import main, sample_images
+from cdrl.cli.evaluate import main
+from cdrl.evaluation.fidelity import sample_images
 
 checkpoint, saved, *argv = sys.argv[1:]
 state = PartialState(cpu=True)
@@ -623,7 +610,7 @@ def test_ood_sets_script_writes_inverted_digits_and_noise(tmp_path, capsys):
     from experiment_scripts import load_experiment
     from PIL import Image
 
-    from cdrl.digits_classifier import digits_split
+    from cdrl.evaluation.digits import digits_split
 
     ood_sets = load_experiment("ood_sets")
     assert ood_sets.main(["--output_dir", str(tmp_path), "--num", "5"]) == 0

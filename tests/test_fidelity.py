@@ -1,4 +1,4 @@
-"""Tests of cdrl.fidelity: the digits extractor registered with torch-fidelity, references, metrics.
+"""Tests of cdrl.evaluation.fidelity: the digits extractor registered with torch-fidelity, references, metrics.
 
 torch-fidelity runs here on tiny in-memory sets with a quickly trained digits classifier (4 epochs,
 about 86% test accuracy: enough for the mechanics, not for quality figures).
@@ -19,10 +19,10 @@ from experiment_scripts import load_experiment
 from PIL import Image
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 
-import cdrl.digits_classifier as dc
+import cdrl.evaluation.digits as dc
 from cdrl.data import DataError
-from cdrl.digits_classifier import digits_split
-from cdrl.fidelity import (
+from cdrl.evaluation.digits import digits_accuracy, digits_classifier_path, digits_split
+from cdrl.evaluation.fidelity import (
     DIGITS_EXTRACTOR,
     INCEPTION_EXTRACTOR,
     DigitsFeatureExtractor,
@@ -30,8 +30,6 @@ from cdrl.fidelity import (
     UInt8Images,
     check_extractor,
     compute_fidelity,
-    digits_accuracy,
-    digits_classifier_path,
     extractor_fingerprint,
     load_reference,
 )

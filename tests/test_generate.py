@@ -17,7 +17,7 @@ from experiment_scripts import load_experiment
 from PIL import Image
 
 from cdrl.cli import generate
-from cdrl.digits_classifier import digits_split
+from cdrl.evaluation.digits import digits_split
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import energy_fn, level, sample

@@ -440,7 +440,7 @@ def test_inpaint_digits_measurements():
 
 def test_inpaint_digits_main(tmp_path, checkpoints, monkeypatch):
     script = load_experiment("inpaint_digits")
-    from cdrl.digits_classifier import DigitsClassifier
+    from cdrl.evaluation.digits import DigitsClassifier
 
     torch.manual_seed(0)
     monkeypatch.setattr(script, "load_digits_classifier", lambda path: DigitsClassifier().eval())

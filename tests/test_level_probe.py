@@ -7,7 +7,7 @@ import math
 import torch
 from experiment_scripts import load_experiment
 
-from cdrl.digits_classifier import DigitsClassifier, digits_split
+from cdrl.evaluation.digits import DigitsClassifier, digits_split
 
 
 def test_probe_rows_cover_every_start_level(tiny_pipeline):

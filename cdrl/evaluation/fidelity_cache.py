@@ -20,7 +20,7 @@ import torch_fidelity.utils
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cdrl.utils import atomic_write, one_line
+from cdrl.utils import atomic_write, error_line
 
 CACHE_SUFFIX = ".safetensors"
 
@@ -92,7 +92,7 @@ def _read_cached(path: Path) -> Any:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
-            f"cached features {path} are not a readable safetensors file ({one_line(str(err), 120)}); delete "
+            f"cached features {path} are not a readable safetensors file ({error_line(err)}); delete "
             "it (or run with --no_cache)"
         ) from None
     if kind == "tensor" and set(tensors) == {"tensor"}:

@@ -1,7 +1,8 @@
-"""torch-fidelity glue: the offline digits feature extractor, the data sets it knows, reference data.
+"""Sample quality through torch-fidelity: the offline digits feature extractor, the data sets it knows,
+reference data, FID / KID / IS, and the seeded uint8 samples they score (split across processes).
 
 Importing this module registers with torch-fidelity the feature extractor ``digits-classifier`` (the
-penultimate features of ``cdrl.digits_classifier.DigitsClassifier`` for FID and KID, its logits for the
+penultimate features of ``cdrl.evaluation.digits.DigitsClassifier`` for FID and KID, its logits for the
 Inception Score) and the data sets ``digits-train``, ``digits-test``, ``mnist5k-train`` and
 ``mnist5k-test``. Everything handed to torch-fidelity is a data set of (c, h, w) uint8 images.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch_fidelity
@@ -27,18 +31,20 @@ from torch_fidelity.defaults import DEFAULTS as FIDELITY_DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
+from tqdm.auto import tqdm
 
 from cdrl.config import DataConfig, load_config, to_dict
-from cdrl.data import DataError, ImageFolderDataset, load_dataset
-from cdrl.digits_classifier import (
-    DigitsClassifier,
-    default_classifier_path,
-    load_digits_classifier,
-    predict_probabilities,
-)
-from cdrl.fidelity_cache import safe_fidelity_cache
+from cdrl.data import ImageFolderDataset, load_dataset
+from cdrl.evaluation.digits import DigitsClassifier, digits_classifier_path, load_digits_classifier
+from cdrl.evaluation.fidelity_cache import safe_fidelity_cache
+from cdrl.generation import generate_samples
 from cdrl.images import to_uint8
-from cdrl.utils import error_line
+from cdrl.utils import DataError, error_line, git_sha
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from cdrl.pipeline import CDRLPipeline
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's standard (TF-compatible) InceptionV3
@@ -62,7 +68,6 @@ FIDELITY_KEYS = {  # torch-fidelity's result keys -> ours
     torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
     torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
 }
-
 
 
 class UInt8Images(Dataset):
@@ -161,13 +166,6 @@ _register()
 # ---------------------------------------------------------------- feature extractors
 
 
-def digits_classifier_path(path: str | Path | None = None) -> Path:
-    """The digits classifier's folder (default ``$CDRL_CACHE_DIR/digits_classifier``), trained first if missing."""
-    path = Path(path).expanduser() if path is not None else default_classifier_path()
-    load_digits_classifier(path)  # trains and saves it (atomically) when missing
-    return path
-
-
 def extractor_fingerprint(extractor: str, weights_path: str | Path | None) -> str:
     """What distinguishes the extractor's features: its name and a hash of its weights.
 
@@ -201,9 +199,8 @@ def check_extractor(extractor: str, weights_path: str | Path | None) -> None:
             extractor, [layer], cuda=False, verbose=False,
             feature_extractor_weights_path=None if weights_path is None else str(weights_path),
         )  # fmt: skip
-    except (
-        Exception
-    ) as err:  # downloads fail as URLError, HTTPError, timeouts; files as OSError, ...
+    # downloads fail as URLError, HTTPError, timeouts; files as OSError, ...
+    except Exception as err:
         where = "downloaded" if weights_path is None else f"loaded from {weights_path}"
         hint = "; pass --inception_weights PATH (a local copy)" if weights_path is None else ""
         raise DataError(
@@ -243,13 +240,8 @@ class Reference:
                 f"expected (n, c, h, w) uint8 images, got {images.dtype} {tuple(images.shape)}"
             )
         digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-        return cls(
-            spec,
-            "tensor",
-            images,
-            tuple(images.shape[1:]),
-            f"tensor:{digest}:{tuple(images.shape)}",
-        )
+        identity = f"tensor:{digest}:{tuple(images.shape)}"
+        return cls(spec, "tensor", images, tuple(images.shape[1:]), identity)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -324,9 +316,8 @@ def load_reference(
             dataset = DATASETS_REGISTRY[spec](str(root), data_dir is None)
         except DataError:
             raise
-        except (
-            Exception
-        ) as err:  # torchvision: RuntimeError when missing, URLError when offline, ...
+        # torchvision: RuntimeError when missing, URLError when offline, ...
+        except Exception as err:
             hint = (
                 f"check that {root} holds it" if data_dir is not None
                 else "check the network, or pass --data_dir with a local copy"
@@ -402,6 +393,13 @@ def _shape(shape: tuple[int, ...]) -> str:
     return f"{shape[0]}-d"
 
 
+def subset_indices(n: int, limit: int | None, seed: int) -> list[int] | None:
+    """A seeded random subset of ``limit`` of ``range(n)`` (sorted), or None for all."""
+    if limit is None or limit >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:limit].tolist())
+
 
 # ---------------------------------------------------------------- metrics
 
@@ -445,9 +443,7 @@ def compute_fidelity(
         raise ValueError(f"{' and '.join(sorted(paired))} need reference data")
     if len(samples) < 2 or (paired and len(reference) < 2):
         raise ValueError("FID, KID and IS need at least 2 samples and 2 reference images")
-    if (
-        extractor == DIGITS_EXTRACTOR
-    ):  # resolve the default, so that the cache name hashes its weights
+    if extractor == DIGITS_EXTRACTOR:  # resolve the default, so the cache name hashes its weights
         weights_path = digits_classifier_path(weights_path)
     channels = 3 if extractor == INCEPTION_EXTRACTOR else None
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
@@ -489,22 +485,82 @@ def compute_fidelity(
     return figures, settings
 
 
-@torch.no_grad()
-def digits_accuracy(
-    samples: Tensor, labels: list[int] | Tensor, classifier: DigitsClassifier
-) -> dict[str, Any]:
-    """How often the digits classifier reads a conditional sample as the class it was asked for.
+# ---------------------------------------------------------------- generated samples, versions
+
+
+def sample_images(
+    pipe: CDRLPipeline,
+    labels: Sequence[int] | None,
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 1.0,
+    num_langevin_steps: int | None = None,
+    batch_size: int = 256,
+    state: PartialState | None = None,
+) -> Tensor | None:
+    """Generate samples as uint8 images, split across the processes of ``state``.
+
+    Each process generates a contiguous share of ``seeds`` (accelerate's ``split_between_processes``);
+    the shares are gathered, in order, on the main process.
 
     Args:
-        samples: (n, 1, 8, 8) uint8 generated digits.
-        labels: (n,) the requested classes.
-        classifier: a trained ``DigitsClassifier``.
+        pipe: a ``CDRLPipeline`` on this process's device.
+        labels: one class label per sample, or None.
+        seeds: one seed per sample (see ``cdrl.generation.generate_samples``).
+        guidance_scale: classifier-free guidance (1 = off).
+        num_langevin_steps: K per level (default: the trained value).
+        batch_size: samples per pipeline call.
+        state: accelerate's ``PartialState``; None: this process makes every sample.
 
     Returns:
-        ``accuracy`` (overall) and ``per_class`` ({class: accuracy} over the requested classes).
+        (n, c, h, w) uint8 on the CPU on the main process; None on the others.
     """
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    predicted = predict_probabilities(classifier, samples.float() / 127.5 - 1.0).argmax(dim=1)
-    correct = (predicted == labels).double()
-    per_class = {int(c): correct[labels == c].mean().item() for c in labels.unique()}
-    return {"accuracy": correct.mean().item(), "per_class": per_class}
+    indices = list(range(len(seeds)))
+    main = state is None or state.is_main_process
+    with (
+        state.split_between_processes(indices) if state is not None else nullcontext(indices)
+    ) as mine:
+        chunks = []
+        starts = range(0, len(mine), batch_size)
+        for start in tqdm(
+            starts, desc="sampling", unit="batch", disable=not main or len(starts) < 2
+        ):
+            part = mine[start : start + batch_size]
+            x = generate_samples(
+                pipe, None if labels is None else [labels[i] for i in part], [seeds[i] for i in part],
+                guidance_scale=guidance_scale, num_langevin_steps=num_langevin_steps,
+                batch_size=batch_size, progress=False,
+            )  # fmt: skip
+            chunks.append(to_uint8(x))
+        local = (
+            torch.cat(chunks) if chunks else torch.zeros(0, *pipe.sample_shape, dtype=torch.uint8)
+        )
+    if state is None or state.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    shares = gather_object([local])  # one tensor per process, in process order
+    return torch.cat(shares) if main else None
+
+
+def versions() -> dict[str, str]:
+    """The versions of everything that shapes the figures."""
+    import accelerate
+    import diffusers
+    import numpy
+    import torch_fidelity
+    import torchvision
+
+    import cdrl
+
+    return {
+        "cdrl": cdrl.__version__,
+        "git": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_fidelity": torch_fidelity.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": numpy.__version__,
+    }

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,6 +220,27 @@ def evaluate_accuracy(classifier: DigitsClassifier, images: Tensor, labels: Tens
     return (preds == labels.cpu()).float().mean().item()
 
 
+@torch.no_grad()
+def digits_accuracy(
+    samples: Tensor, labels: list[int] | Tensor, classifier: DigitsClassifier
+) -> dict[str, Any]:
+    """How often the digits classifier reads a conditional sample as the class it was asked for.
+
+    Args:
+        samples: (n, 1, 8, 8) uint8 generated digits.
+        labels: (n,) the requested classes.
+        classifier: a trained ``DigitsClassifier``.
+
+    Returns:
+        ``accuracy`` (overall) and ``per_class`` ({class: accuracy} over the requested classes).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    predicted = predict_probabilities(classifier, samples.float() / 127.5 - 1.0).argmax(dim=1)
+    correct = (predicted == labels).double()
+    per_class = {int(c): correct[labels == c].mean().item() for c in labels.unique()}
+    return {"accuracy": correct.mean().item(), "per_class": per_class}
+
+
 @contextlib.contextmanager
 def _torch_threads(num_threads: int) -> Iterator[None]:
     """Temporarily set torch's intra-op CPU thread count."""
@@ -344,11 +366,18 @@ def load_digits_classifier(
         if not train_if_missing:
             raise FileNotFoundError(
                 f"no digits classifier at {path}; create it with: "
-                f"python -m cdrl.digits_classifier --output {path}"
+                f"python -m cdrl.evaluation.digits --output {path}"
             )
         logger.info("no digits classifier at %s; training one (about half a minute)", path)
         save_classifier_atomically(train_digits_classifier(), path)
     return DigitsClassifier.from_pretrained(path).eval()
+
+
+def digits_classifier_path(path: str | Path | None = None) -> Path:
+    """The digits classifier's folder (default ``$CDRL_CACHE_DIR/digits_classifier``), trained first if missing."""
+    path = Path(path).expanduser() if path is not None else default_classifier_path()
+    load_digits_classifier(path)  # trains and saves it (atomically) when missing
+    return path
 
 
 def judge_digits(

@@ -8,61 +8,58 @@ and the versions. Images are scored as uint8, rounded as the PNG writers round t
 ``error: ...`` on stderr, exit code 2, nothing written.
 
     cdrl-evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train --output fid.json
-    accelerate launch -m cdrl.evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train \\
+    accelerate launch -m cdrl.cli.evaluate --checkpoint runs/cifar10/pipeline --reference cifar10-train \\
         --metrics fid isc --output fid.json
     cdrl-evaluate --checkpoint runs/digits/pipeline --reference digits-train --num_samples 2000 \\
-        --output digits.json     # 8x8 models use the offline digits extractor (cdrl/fidelity.py)
+        --output digits.json     # 8x8 models use the offline digits extractor (cdrl/evaluation/fidelity.py)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import platform
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, check_device
 from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
-    atomic_path,
     check_finite,
     check_upper_bounds,
     requested_classes,
     run_cli,
 )
-from cdrl.digits_classifier import cache_root, load_digits_classifier
-from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
-from cdrl.fidelity import (
+from cdrl.evaluation.digits import (
+    cache_root,
+    digits_accuracy,
+    digits_classifier_path,
+    load_digits_classifier,
+)
+from cdrl.evaluation.fidelity import (
     DIGITS_SHAPE,
     EXTRACTORS,
     Reference,
     check_extractor,
     compute_fidelity,
-    digits_accuracy,
-    digits_classifier_path,
     load_reference,
     reference_choices,
-    to_uint8,
+    sample_images,
+    subset_indices,
+    versions,
 )
-from cdrl.generation import generate_samples
-from cdrl.ood import ood_report
-from cdrl.utils import check_writable, git_sha
+from cdrl.evaluation.likelihood import heldout_bpd
+from cdrl.evaluation.ood import ood_report
+from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
+from cdrl.utils import atomic_write, check_writable, one_line
 
 if TYPE_CHECKING:
     from accelerate import PartialState
-
-    from cdrl.pipeline import CDRLPipeline
 
 DEFAULT_NUM_SAMPLES = 50_000  # as the papers report FID / IS
 METRICS = ("fid", "kid", "isc", "accuracy", "bpd", "ood")
@@ -143,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--digits_classifier", type=Path, metavar="PATH",
         help="the digits classifier folder (default $CDRL_CACHE_DIR/digits_classifier, trained on "
-        "first use; retrain with python -m cdrl.digits_classifier --output PATH)",
+        "first use; retrain with python -m cdrl.evaluation.digits --output PATH)",
     )  # fmt: skip
     parser.add_argument(
         "--data_dir", type=Path, metavar="DIR",
@@ -155,11 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--bpd_num_intermediate", type=int, default=None, metavar="N",
-        help="bpd: annealing distributions per level (default: cdrl.density's)",
+        help="bpd: annealing distributions per level (default: cdrl.evaluation.likelihood's)",
     )  # fmt: skip
     parser.add_argument(
         "--bpd_num_chains", type=int, default=None, metavar="N",
-        help="bpd: importance-sampling chains per example (default: cdrl.density's)",
+        help="bpd: importance-sampling chains per example (default: cdrl.evaluation.likelihood's)",
     )  # fmt: skip
     parser.add_argument(
         "--device", default=None,
@@ -296,10 +293,6 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
     for flag in ("bpd_num_intermediate", "bpd_num_chains"):
         if getattr(args, flag) is not None and "bpd" not in chosen:
             raise CLIError(f"--{flag} is for --metrics bpd")
-    if "bpd" in chosen and importlib.util.find_spec("cdrl.density") is None:
-        raise CLIError(
-            "--metrics bpd needs cdrl.density (bits_per_dim), which this installation lacks"
-        )
 
 
 def _plan_labels(
@@ -312,72 +305,6 @@ def _plan_labels(
     if classes is None:
         return None
     return [classes[k % len(classes)] for k in range(args.num_samples)]
-
-
-# ---------------------------------------------------------------- sampling
-
-
-def sample_images(
-    pipe: CDRLPipeline,
-    labels: Sequence[int] | None,
-    seeds: Sequence[int],
-    *,
-    guidance_scale: float = 1.0,
-    num_langevin_steps: int | None = None,
-    batch_size: int = 256,
-    state: PartialState | None = None,
-) -> Tensor | None:
-    """Generate samples as uint8 images, split across the processes of ``state``.
-
-    Each process generates a contiguous share of ``seeds`` (accelerate's ``split_between_processes``);
-    the shares are gathered, in order, on the main process.
-
-    Args:
-        pipe: a ``CDRLPipeline`` on this process's device.
-        labels: one class label per sample, or None.
-        seeds: one seed per sample (see ``cdrl.generation.generate_samples``).
-        guidance_scale: classifier-free guidance (1 = off).
-        num_langevin_steps: K per level (default: the trained value).
-        batch_size: samples per pipeline call.
-        state: accelerate's ``PartialState``; None: this process makes every sample.
-
-    Returns:
-        (n, c, h, w) uint8 on the CPU on the main process; None on the others.
-    """
-    indices = list(range(len(seeds)))
-    main = state is None or state.is_main_process
-    with (
-        state.split_between_processes(indices) if state is not None else nullcontext(indices)
-    ) as mine:
-        chunks = []
-        starts = range(0, len(mine), batch_size)
-        for start in tqdm(
-            starts, desc="sampling", unit="batch", disable=not main or len(starts) < 2
-        ):
-            part = mine[start : start + batch_size]
-            x = generate_samples(
-                pipe, None if labels is None else [labels[i] for i in part], [seeds[i] for i in part],
-                guidance_scale=guidance_scale, num_langevin_steps=num_langevin_steps,
-                batch_size=batch_size, progress=False,
-            )  # fmt: skip
-            chunks.append(to_uint8(x))
-        local = (
-            torch.cat(chunks) if chunks else torch.zeros(0, *pipe.sample_shape, dtype=torch.uint8)
-        )
-    if state is None or state.num_processes == 1:
-        return local
-    from accelerate.utils import gather_object
-
-    shares = gather_object([local])  # one tensor per process, in process order
-    return torch.cat(shares) if main else None
-
-
-def _subset(n: int, limit: int | None, seed: int) -> list[int] | None:
-    """A seeded random subset of ``limit`` of ``range(n)`` (sorted), or None for all."""
-    if limit is None or limit >= n:
-        return None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[:limit].tolist())
 
 
 # ---------------------------------------------------------------- the command
@@ -420,29 +347,6 @@ def load_inputs(args: argparse.Namespace, plan: Plan) -> Inputs:
     return inputs
 
 
-def versions() -> dict[str, str]:
-    """The versions of everything that shapes the figures."""
-    import accelerate
-    import diffusers
-    import numpy
-    import torch_fidelity
-    import torchvision
-
-    import cdrl
-
-    return {
-        "cdrl": cdrl.__version__,
-        "git": git_sha(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torch_fidelity": torch_fidelity.__version__,
-        "diffusers": diffusers.__version__,
-        "accelerate": accelerate.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def _main_first(state: PartialState, fn: Callable[[], T]) -> T | None:
     """Run ``fn`` on the main process only; when it fails there, fail with its message on every process."""
     result, error = None, None
@@ -450,7 +354,7 @@ def _main_first(state: PartialState, fn: Callable[[], T]) -> T | None:
         try:
             result = fn()
         except (CLIError, ValueError) as err:
-            error = " ".join(str(err).split())
+            error = one_line(str(err))
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -521,16 +425,22 @@ def _main(argv: Sequence[str] | None) -> int:
 
     if plan.heldout is not None:
         start = time.perf_counter()
-        x_heldout = inputs.heldout.data(_subset(len(inputs.heldout), args.num_examples, args.seed))
+        x_heldout = inputs.heldout.data(
+            subset_indices(len(inputs.heldout), args.num_examples, args.seed)
+        )
         if "bpd" in plan.metrics:
-            details["bpd"] = heldout_bpd(pipe, inputs.heldout, x_heldout, args)
+            details["bpd"] = heldout_bpd(
+                pipe, x_heldout, num_bins=inputs.heldout.num_bins if inputs.heldout.is_image else None,
+                seed=args.seed, batch_size=args.batch_size,
+                num_intermediate=args.bpd_num_intermediate, num_chains=args.bpd_num_chains,
+            )  # fmt: skip
             figures["bpd"], figures["nll_nats"] = (
                 details["bpd"].pop("bpd"),
                 details["bpd"].pop("nll_nats"),
             )
         if "ood" in plan.metrics:
             x_out = {
-                spec: ref.data(_subset(len(ref), args.num_examples, args.seed))
+                spec: ref.data(subset_indices(len(ref), args.num_examples, args.seed))
                 for spec, ref in inputs.ood.items()
             }
             details["ood"] = ood_report(pipe, x_heldout, x_out, batch_size=args.batch_size)
@@ -569,48 +479,11 @@ def _main(argv: Sequence[str] | None) -> int:
         "versions": versions(),
         "seconds": seconds,
     }
-    with atomic_path(args.output) as tmp:
+    with atomic_write(args.output) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(figures))
     print(f"wrote {args.output}")
     return 0
-
-
-def heldout_bpd(
-    pipe: CDRLPipeline, heldout: Reference, x0: Tensor, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Bits per dimension of held-out data with ``cdrl.density.bits_per_dim``.
-
-    Images are dequantized with the reference's levels per pixel (256 for 8-bit, 17 for the digits).
-
-    Returns:
-        ``bpd``, ``nll_nats`` (mean per example) and the rest of ``bits_per_dim``'s report (``convention``,
-        ...) but the per-example values; ``num_examples``; the estimator options that were set.
-    """
-    from cdrl.density import bits_per_dim  # the density module is optional: import it only here
-
-    options: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("num_intermediate", args.bpd_num_intermediate),
-            ("num_chains", args.bpd_num_chains),
-        )
-        if value is not None
-    }
-    if heldout.is_image:
-        options["num_bins"] = heldout.num_bins
-    density = bits_per_dim(
-        pipe, x0, generator=torch.Generator().manual_seed(args.seed), batch_size=args.batch_size,
-        **options,
-    )  # fmt: skip
-    report = {k: v for k, v in density.items() if k not in ("bpd", "nll_nats", "nll_per_example")}
-    return {
-        "bpd": float(density["bpd"]),
-        "nll_nats": float(density["nll_nats"]),
-        **report,
-        "num_examples": len(x0),
-        **options,
-    }
 
 
 def summary(figures: dict[str, Any]) -> str:
