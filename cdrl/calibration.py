@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdrl.config import LangevinConfig
+from cdrl.guidance import null_condition
 from cdrl.sampling import frozen, level, linear_energy_fn
 from cdrl.schedule import NoiseSchedule
 from cdrl.utils import expand_as
@@ -67,7 +68,7 @@ def fit_condition_offsets(
         )
     device = next(ebm.parameters()).device
     x0, cond = x0.to(device), cond.to(device)
-    null_row = torch.tensor(list(condition_sizes), device=device)
+    null_row = null_condition(condition_sizes, 1, device)[0]
     offsets = [torch.zeros(schedule.num_levels, size) for size in condition_sizes]
     with frozen(ebm):
         for t in range(schedule.num_levels):

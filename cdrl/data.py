@@ -159,20 +159,31 @@ class TensorDataset(Dataset):
 # ---------------------------------------------------------------- labelled image sets
 
 
-def _digits(split: str) -> TensorDataset:
+@functools.cache
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The one train/test split of sklearn's 8x8 digits: ``(images, labels, train_index, test_index)``.
+
+    images (1797, 8, 8) float32 in [-1, 1] (pixels 0..16 scaled ``x / 16 * 2 - 1``), labels (1797,) int64;
+    the indices as ``train_test_split`` returns them (stratified, ``SPLIT_SEED``; 1437 / 360), unsorted.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # (1797, 8, 8), 0..16 -> [-1, 1]
+    images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0
     labels = digits.target.astype(np.int64)
-    index = train_test_split(
+    train_index, test_index = train_test_split(
         np.arange(len(labels)),
         test_size=DIGITS_TEST_FRACTION,
         stratify=labels,
         random_state=SPLIT_SEED,
-    )[0 if split == "train" else 1]
-    index = np.sort(index)
+    )
+    return images, labels, train_index, test_index
+
+
+def _digits(split: str) -> TensorDataset:
+    images, labels, train_index, test_index = digits_split()
+    index = np.sort(train_index if split == "train" else test_index)
     x = torch.from_numpy(images[index]).unsqueeze(1)  # (n, 1, 8, 8)
     return TensorDataset(x, torch.from_numpy(labels[index]), condition_sizes=(10,), is_image=True)
 

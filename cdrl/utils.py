@@ -326,7 +326,7 @@ def check_writable(path: str | Path) -> Path:
     """Fail early (before any work) when ``path`` could not be written; create nothing.
 
     The nearest folder above ``path`` that exists is probed with a temporary file (removed at once); the
-    missing folders in between are made only when the output is written (``atomic_path``).
+    missing folders in between are made only when the output is written (``atomic_write``).
     """
     path = Path(path)
     existing = next((parent for parent in path.parents if parent.exists()), Path("."))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli.common import CLIError, atomic_path, run_cli  # noqa: E402
+from cdrl.cli.common import CLIError, run_cli  # noqa: E402
 from cdrl.evaluation.digits import (  # noqa: E402
     DigitsClassifier,
     digits_split,
@@ -38,6 +38,7 @@ from cdrl.export import load_pipeline  # noqa: E402
 from cdrl.generation import generate_samples  # noqa: E402
 from cdrl.images import save_grid  # noqa: E402
 from cdrl.utils import (
+    atomic_write,
     check_writable,  # noqa: E402
     git_sha,  # noqa: E402
 )
@@ -240,11 +241,11 @@ def _main(argv: Sequence[str] | None) -> int:
         "results": results,
     }
     out = args.output_dir
-    with atomic_path(out / "guidance_sweep.json") as tmp:
+    with atomic_write(out / "guidance_sweep.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    with atomic_path(out / "guidance_sweep.md") as tmp:
+    with atomic_write(out / "guidance_sweep.md") as tmp:
         tmp.write_text(markdown_table(results, reference))
-    with atomic_path(out / "guidance_sweep.png") as tmp:
+    with atomic_write(out / "guidance_sweep.png") as tmp:
         plot(results, reference, tmp)
     print(f"wrote {out / 'guidance_sweep.json'}, .md and .png")
     return 0

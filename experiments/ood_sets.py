@@ -20,10 +20,10 @@ from PIL import Image
 
 if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli.common import ArgumentParser, CLIError, atomic_path, run_cli  # noqa: E402
+from cdrl.cli.common import ArgumentParser, CLIError, run_cli  # noqa: E402
 from cdrl.evaluation.digits import digits_split  # noqa: E402
 from cdrl.images import to_uint8_images  # noqa: E402
-from cdrl.utils import check_output_folder  # noqa: E402
+from cdrl.utils import atomic_write, check_output_folder  # noqa: E402
 
 
 def ood_images(num: int, seed: int) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in sets:  # refuse before writing anything: a folder of the user's is never replaced
         check_output_folder(args.output_dir / name, "--output_dir")
     for name, images in sets.items():
-        with atomic_path(args.output_dir / name, folder=True) as folder:
+        with atomic_write(args.output_dir / name, folder=True) as folder:
             for i, image in enumerate(images):
                 Image.fromarray(image).save(folder / f"{i:04d}.png")
         print(f"wrote {len(images)} images to {args.output_dir / name}")

@@ -4,7 +4,6 @@ the one place an exception becomes 'error: ...' and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import math
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 
 from cdrl.utils import (
     UsageError,
-    atomic_write,
     describe_os_error,
     describe_out_of_memory,
     is_out_of_memory,
@@ -113,12 +111,6 @@ def check_finite(args: argparse.Namespace, *names: str) -> None:
             raise CLIError(f"--{name} must be a finite number, got {value}")
 
 
-def atomic_path(
-    path: str | Path, *, folder: bool = False
-) -> contextlib.AbstractContextManager[Path]:
-    """A temporary sibling to write a file (or, with ``folder``, a folder) into; it replaces ``path`` all
-    at once on success and leaves everything as it was on an error (``cdrl.utils.atomic_write``)."""
-    return atomic_write(path, folder=folder)
 
 
 def run_cli(
@@ -130,7 +122,7 @@ def run_cli(
     """Call ``main``; turn CLIError (and ValueError from the library) into 'error: ...' and exit code 2.
 
     An allocation failure (a batch too large for the machine) is reported the same way, with
-    ``memory_hint``; outputs are written only once complete (``atomic_path``), so nothing is half-written.
+    ``memory_hint``; outputs are written only once complete (``cdrl.utils.atomic_write``), so nothing is half-written.
     """
     try:
         return main(argv)

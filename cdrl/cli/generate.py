@@ -23,7 +23,6 @@ from cdrl.checks import MAX_LANGEVIN_STEPS, MAX_SAMPLES, check_device
 from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
-    atomic_path,
     check_finite,
     check_upper_bounds,
     requested_classes,
@@ -32,7 +31,7 @@ from cdrl.cli.common import (
 from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
 from cdrl.generation import generate_samples, write_folder
 from cdrl.images import save_grid
-from cdrl.utils import check_output_folder, check_writable
+from cdrl.utils import atomic_write, check_output_folder, check_writable
 
 if TYPE_CHECKING:
     pass
@@ -178,7 +177,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )  # fmt: skip
 
     # Write into a temporary sibling, renamed into place only once complete.
-    with atomic_path(args.output, folder=not is_grid) as tmp:
+    with atomic_write(args.output, folder=not is_grid) as tmp:
         if is_grid:
             per_row = (args.num_samples_per_class or 1) if labels is not None else None
             upscale = max(1, math.ceil(GRID_MIN_TILE / images.shape[-1]))

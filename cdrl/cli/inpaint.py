@@ -24,7 +24,6 @@ from cdrl.checks import MAX_RESAMPLE, MAX_SAMPLES, check_device
 from cdrl.cli.common import (
     ArgumentParser,
     CLIError,
-    atomic_path,
     check_finite,
     check_upper_bounds,
     run_cli,
@@ -40,7 +39,7 @@ from cdrl.generation import (
     unit_to_uint8,
 )
 from cdrl.images import GREY_MODES, grey_array, image_array, is_grey_palette
-from cdrl.utils import check_output_folder, check_writable
+from cdrl.utils import atomic_write, check_output_folder, check_writable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MANIFEST = "manifest.json"
@@ -320,7 +319,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )
 
     # Write everything into a temporary folder, then move it into place.
-    with atomic_path(output, folder=True) as tmp:
+    with atomic_write(output, folder=True) as tmp:
         _write_outputs(tmp, inputs, completions, args)
     total = completions.shape[0] * completions.shape[1]
     print(f"wrote {len(inputs)} panels and {total} completions to {output}")

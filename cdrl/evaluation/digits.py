@@ -15,13 +15,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from cdrl import data
 from cdrl.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -37,26 +37,16 @@ MAX_CLASS_FRACTION = 0.20
 
 
 def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The project's fixed train/test split of ``sklearn.datasets.load_digits()``.
-
-    ``train_test_split(np.arange(1797), test_size=0.2, stratify=labels, random_state=0)``; pixels are
-    scaled ``x / 16 * 2 - 1`` to [-1, 1].
+    """The project's train/test split of the digits (``cdrl.data.digits_split``), in its split order.
 
     Returns:
         ``(x_train, y_train, x_test, y_test)``: x (1437, 1, 8, 8) and (360, 1, 8, 8) float32 in [-1, 1],
         y (1437,) and (360,) int64 labels in [0, 9].
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0
-    )
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+    images, labels, train_index, test_index = data.digits_split()
+    x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+    train, test = torch.from_numpy(train_index), torch.from_numpy(test_index)
+    return x[train], y[train], x[test], y[test]
 
 
 class DigitsClassifier(ModelMixin, ConfigMixin):

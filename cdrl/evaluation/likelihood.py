@@ -22,7 +22,7 @@ from cdrl.evaluation.ais import (
     log_normalizer_ais,
     log_normalizer_grid,
 )
-from cdrl.guidance import composed
+from cdrl.guidance import composed, null_condition
 from cdrl.sampling import energy_fn as tempered_energy
 from cdrl.sampling import frozen, level
 from cdrl.schedule import NoiseSchedule
@@ -375,7 +375,7 @@ def bits_per_dim(
             "negative); bpd = NLL / (D ln 2)"
         )
     sizes = tuple(ebm.config.get("condition_sizes") or ())
-    null = torch.tensor(sizes, device=x.device).expand(n, -1).clone() if sizes else None
+    null = null_condition(sizes, n, x.device) if sizes else None
     num_top = top_num_chains or 16 * num_chains
 
     top = top_level_log_normalizer(

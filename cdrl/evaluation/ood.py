@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from cdrl.guidance import composed
+from cdrl.guidance import composed, null_condition
 from cdrl.sampling import frozen
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def lowest_level_energy(pipeline: CDRLPipeline, x0: Tensor, *, batch_size: int =
         for chunk in x0.split(batch_size):
             b = chunk.shape[0]
             y = chunk.to(device, torch.float32) * (data_scale * scale)
-            null = torch.tensor(sizes, device=device).expand(b, -1) if sizes else None
+            null = null_condition(sizes, b, device) if sizes else None
             levels = torch.full((b,), noise_level, device=device)
             energies.append(composed(ebm, y, levels, null=null).double().cpu())
     return torch.cat(energies) if energies else torch.zeros(0, dtype=torch.float64)
