@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,15 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+from cdrl.config import Config, load_config
+from cdrl.models import build_models
+from cdrl.sampling import Level, frozen, level
+from cdrl.schedule import NoiseSchedule
+from cdrl.training.state import build_training, noise_schedule
 
-from cdrl.config import Config, load_config  # noqa: E402
-from cdrl.models import build_models  # noqa: E402
-from cdrl.sampling import Level, frozen, level  # noqa: E402
-from cdrl.schedule import NoiseSchedule  # noqa: E402
-from cdrl.training.state import build_training, noise_schedule  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
 # --quick on CPU swaps the paper-scale CIFAR-10 networks (34.8M + 3.8M) for narrow ones of the same

@@ -38,8 +38,7 @@ from _common import (
 
 from cdrl import precision as prec
 from cdrl.cli.common import run_cli
-from cdrl.langevin import langevin_refine
-from cdrl.sampling import energy_fn, frozen
+from cdrl.sampling import energy_fn, frozen, refine
 
 TARGET = 0.70  # of the float32 matmul rate, on CPU (issue 7)
 
@@ -75,16 +74,7 @@ def measure(
             torch.mm(a, b)
 
     def chain() -> None:
-        langevin_refine(
-            energy_fn(ebm, lvl),
-            x_next,
-            x_next,
-            sigma=lvl.sigma,
-            tether=lvl.tether,
-            step_size=lvl.step_size,
-            n_steps=n_steps,
-            noise=True,
-        )
+        refine(energy_fn(ebm, lvl), x_next, x_next, lvl, n_steps=n_steps, noise=True)
 
     with frozen(ebm):
         if compile_model:  # compile (lazily, at the first call) outside the timed rounds

@@ -33,8 +33,7 @@ from _common import (
 )
 
 from cdrl.cli.common import run_cli
-from cdrl.langevin import langevin_refine
-from cdrl.sampling import energy_fn, frozen
+from cdrl.sampling import energy_fn, frozen, refine
 
 TARGET = 0.10  # at most 10% over the bare pass (issue 7)
 
@@ -60,16 +59,7 @@ def measure(
             torch.autograd.grad(energy(leaf).sum(), leaf)
 
     def chain() -> None:
-        langevin_refine(
-            energy_fn(ebm, lvl),
-            x_next,
-            x_next,
-            sigma=lvl.sigma,
-            tether=lvl.tether,
-            step_size=lvl.step_size,
-            n_steps=n_steps,
-            noise=True,
-        )
+        refine(energy_fn(ebm, lvl), x_next, x_next, lvl, n_steps=n_steps, noise=True)
 
     with frozen(ebm):
         times = interleaved(

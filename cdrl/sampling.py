@@ -168,6 +168,40 @@ def frozen(*modules: nn.Module | None) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+def refine(
+    fn: EnergyFn,
+    y: Tensor,
+    x_next: Tensor,
+    lvl: Level,
+    *,
+    n_steps: int,
+    noise: bool = True,
+    noise_scale: float = 1.0,
+    known: Tensor | None = None,
+    known_mask: Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """``n_steps`` Langevin steps from ``y`` on the recovery conditional of level ``lvl`` tethered to
+    ``x_next``, under the energy ``fn`` (CDRL Alg. 1, line 5; Alg. 2): the one place a ``Level`` is
+    unpacked into ``langevin_refine``."""
+    return langevin_refine(
+        fn,
+        y,
+        x_next,
+        sigma=lvl.sigma,
+        tether=lvl.tether,
+        step_size=lvl.step_size,
+        n_steps=n_steps,
+        noise=noise,
+        noise_scale=noise_scale,
+        known=known,
+        known_mask=known_mask,
+        generator=generator,
+        callback=callback,
+    )
+
+
 def reverse_step(
     ebm: nn.Module,
     initializer: nn.Module | None,
@@ -206,28 +240,14 @@ def reverse_step(
         y = propose(
             initializer, x_next, lvl, null=null, terms=terms, generator=generator, negation=negation
         )
-    y = langevin_refine(
-        energy_fn(
-            ebm,
-            lvl,
-            null=null,
-            terms=terms,
-            negation=negation,
-            offsets=_at_level(condition_offsets, t),
-        ),  # fmt: skip
-        y,
-        x_next,
-        sigma=lvl.sigma,
-        tether=lvl.tether,
-        step_size=lvl.step_size,
-        n_steps=settings.n_steps,
-        noise=settings.noise,
-        noise_scale=settings.noise_scale,
-        known=known_y,
-        known_mask=known_mask,
-        generator=generator,
-        callback=callback,
+    fn = energy_fn(
+        ebm, lvl, null=null, terms=terms, negation=negation, offsets=_at_level(condition_offsets, t)
     )
+    y = refine(
+        fn, y, x_next, lvl, n_steps=settings.n_steps, noise=settings.noise,
+        noise_scale=settings.noise_scale, known=known_y, known_mask=known_mask, generator=generator,
+        callback=callback,
+    )  # fmt: skip
     return y / scale
 
 

@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cdrl import CDRLPipeline
+from cdrl.config import load_config
+from cdrl.evaluation.digits import digits_split, load_digits_classifier
+from cdrl.images import save_grid
+
+# compare.py sits beside this file (also when a test imports this file by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import measure, sample_ebm  # noqa: E402
-
-from cdrl import CDRLPipeline  # noqa: E402
-from cdrl.config import load_config  # noqa: E402
-from cdrl.evaluation.digits import digits_split, load_digits_classifier  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

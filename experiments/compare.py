@@ -19,7 +19,6 @@ per sampler (<name>_<sampler>_<steps>.png) and the raw numbers as <runs_dir>/<na
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -32,25 +31,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # diffusion_baseline sits beside this file (also when a test imports this file by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion_baseline  # noqa: E402
 
-from cdrl.config import load_config  # noqa: E402
-from cdrl.evaluation.digits import (  # noqa: E402
+from cdrl.config import load_config
+from cdrl.evaluation.digits import (
     DigitsClassifier,
     digits_split,
     judge_digits,
     load_digits_classifier,
     novelty,
 )
-from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
-from cdrl.images import save_grid, to_uint8  # noqa: E402
-from cdrl.pipeline import CDRLPipeline  # noqa: E402
-from cdrl.training.loop import run  # noqa: E402
-from cdrl.utils import git_sha, parse_int_list  # noqa: E402
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity
+from cdrl.images import save_grid, to_uint8
+from cdrl.pipeline import CDRLPipeline
+from cdrl.training.loop import run
+from cdrl.utils import git_sha, parse_int_list
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("cdrl", "drl", "diffusion")

@@ -20,7 +20,6 @@ Writes compose_2d.json and compose_2d.png into --output_dir.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,12 +30,10 @@ import torch
 import yaml
 from diffusers.utils import logging as diffusers_logging
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.data import BAND_SPLITS, attribute_values  # noqa: E402
-from cdrl.export import load_pipeline, resolve_checkpoint  # noqa: E402
-from cdrl.toys import TOY_NAMES, sample_toy, toy_modes  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.data import BAND_SPLITS, attribute_values
+from cdrl.export import load_pipeline, resolve_checkpoint
+from cdrl.toys import TOY_NAMES, sample_toy, toy_modes
+from cdrl.utils import git_sha
 
 MIN_FRACTION = 0.90  # pass: at least this fraction of samples in the target region
 EXPERIMENTS = ("and", "not", "and_not")

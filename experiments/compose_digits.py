@@ -18,9 +18,7 @@ not thick samples) into --output_dir.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,11 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.data import attribute_values  # noqa: E402
-from cdrl.evaluation.digits import load_digits_classifier, predict_probabilities  # noqa: E402
-from cdrl.export import load_pipeline  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.data import attribute_values
+from cdrl.evaluation.digits import load_digits_classifier, predict_probabilities
+from cdrl.export import load_pipeline
+from cdrl.images import save_grid
+from cdrl.utils import git_sha
 
 EXPERIMENTS = ("class", "thick", "thin", "not_thick")
 FIGURE_PER_CELL = 6  # samples per class shown for each of thick, thin, not thick

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 import time
@@ -30,12 +29,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.config import DataConfig  # noqa: E402
-from cdrl.data import load_dataset  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.config import DataConfig
+from cdrl.data import load_dataset
+from cdrl.images import save_grid
+from cdrl.utils import git_sha
 
 # The default UNet: two resolutions (8, 4), 32/56 channels, one ResNet block per level, no attention. About
 # 0.53M parameters, against 0.51M for the CDRL digits default's EBM (0.24M) and initializer (0.27M) together.

@@ -12,9 +12,7 @@ Usage: python experiments/digits_metrics_floor.py [--classifier PATH] [--repeats
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.evaluation.digits import digits_classifier_path, digits_split  # noqa: E402
-from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity  # noqa: E402
-from cdrl.images import to_uint8  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.evaluation.digits import digits_classifier_path, digits_split
+from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity
+from cdrl.images import to_uint8
+from cdrl.utils import git_sha
 
 METRICS = {"fid", "kid", "isc"}
 

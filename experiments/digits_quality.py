@@ -13,7 +13,6 @@ the null label instead (the model's unconditional mode, trained on 10% of the st
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -23,9 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.evaluation.digits import (  # noqa: E402
+from cdrl.evaluation.digits import (
     MAX_CLASS_FRACTION,
     MIN_CONFIDENT_FRACTION,
     DigitsClassifier,
@@ -34,8 +31,8 @@ from cdrl.evaluation.digits import (  # noqa: E402
     load_digits_classifier,
     novelty,
 )
-from cdrl.images import save_grid  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.images import save_grid
+from cdrl.utils import git_sha
 
 MAX_COPY_FRACTION = 0.05  # pass: at most this fraction of samples closer to a training digit than
 # the 1st percentile of real test digits are

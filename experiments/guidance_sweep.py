@@ -14,7 +14,6 @@ Writes guidance_sweep.json, guidance_sweep.md, guidance_sweep.png and one sample
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -25,22 +24,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli.common import CLIError, run_cli  # noqa: E402
-from cdrl.evaluation.digits import (  # noqa: E402
+from cdrl.cli.common import CLIError, run_cli
+from cdrl.evaluation.digits import (
     DigitsClassifier,
     digits_split,
     load_digits_classifier,
     predict_probabilities,
 )
-from cdrl.export import load_pipeline  # noqa: E402
-from cdrl.generation import generate_samples  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
+from cdrl.export import load_pipeline
+from cdrl.generation import generate_samples
+from cdrl.images import save_grid
 from cdrl.utils import (
     atomic_write,
-    check_writable,  # noqa: E402
-    git_sha,  # noqa: E402
+    check_writable,
+    git_sha,
 )
 
 CONFIDENCE = 0.9  # a confident classification: max probability >= this (as judge_digits)

@@ -13,7 +13,6 @@ Writes inpaint_digits.json, inpaint_digits.md and inpaint_digits.png into --outp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -26,17 +25,15 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.evaluation.digits import (  # noqa: E402
+from cdrl.evaluation.digits import (
     digits_split,
     load_digits_classifier,
     predict_probabilities,
 )
-from cdrl.export import load_pipeline  # noqa: E402
-from cdrl.generation import complete, preset_mask  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
-from cdrl.utils import git_sha  # noqa: E402
+from cdrl.export import load_pipeline
+from cdrl.generation import complete, preset_mask
+from cdrl.images import save_grid
+from cdrl.utils import git_sha
 
 HALVES = ("left_half", "right_half", "top_half", "bottom_half")
 MIN_Z = 2.0  # 'clearly more often': the paired z-score over images must reach this

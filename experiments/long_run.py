@@ -15,10 +15,8 @@ Usage: python experiments/long_run.py --checkpoint runs/digits/pipeline [--num_s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.config import load_config  # noqa: E402
-from cdrl.data import load_dataset  # noqa: E402
-from cdrl.images import save_grid  # noqa: E402
-from cdrl.langevin import langevin_refine, recovery_energy  # noqa: E402
-from cdrl.sampling import energy_fn, frozen, level, propose, tweedie_denoise  # noqa: E402
-from cdrl.utils import expand_as, git_sha, parse_int_list  # noqa: E402
+from cdrl.config import load_config
+from cdrl.data import load_dataset
+from cdrl.images import save_grid
+from cdrl.langevin import recovery_energy
+from cdrl.sampling import energy_fn, frozen, level, propose, refine, tweedie_denoise
+from cdrl.utils import expand_as, git_sha, parse_int_list
 
 CHECKPOINTS = (0, 15, 50, 100, 300, 1000, 1500)  # steps at which the chain is measured
 
@@ -118,10 +114,10 @@ def run_level(
             rows.append(row)
 
         record(0, y0)
-        langevin_refine(
-            fn, y0, x_next, sigma=lvl.sigma, tether=lvl.tether, step_size=lvl.step_size,
-            n_steps=num_steps, noise=settings.noise, noise_scale=settings.noise_scale,
-            generator=generator, callback=lambda k, y: record(k + 1, y),
+        refine(
+            fn, y0, x_next, lvl, n_steps=num_steps, noise=settings.noise,
+            noise_scale=settings.noise_scale, generator=generator,
+            callback=lambda k, y: record(k + 1, y),
         )  # fmt: skip
     return rows, states
 

@@ -10,7 +10,6 @@ then:  python evaluate.py --checkpoint DIR --metrics ood --heldout digits-test -
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.cli.common import ArgumentParser, CLIError, run_cli  # noqa: E402
-from cdrl.evaluation.digits import digits_split  # noqa: E402
-from cdrl.images import to_uint8_images  # noqa: E402
-from cdrl.utils import atomic_write, check_output_folder  # noqa: E402
+from cdrl.cli.common import ArgumentParser, CLIError, run_cli
+from cdrl.evaluation.digits import digits_split
+from cdrl.images import to_uint8_images
+from cdrl.utils import atomic_write, check_output_folder
 
 
 def ood_images(num: int, seed: int) -> dict[str, np.ndarray]:

@@ -6,7 +6,6 @@ Usage: python experiments/toy2d_check.py --checkpoint DIR [--num_samples 2000] [
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,9 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-if importlib.util.find_spec("cdrl") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.toys import TOY_NAMES, sample_toy, toy_modes  # noqa: E402
+from cdrl.toys import TOY_NAMES, sample_toy, toy_modes
 
 MIN_IN_SUPPORT = 0.90  # pass: at least this fraction of samples in the support
 RATIO_RANGE = (0.5, 1.5)  # pass: every mode's share / expected share inside this range
