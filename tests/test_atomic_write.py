@@ -1,4 +1,4 @@
-"""The one all-or-nothing writer (cdrl.utils.atomic_write) and output ownership (cdrl.cli).
+"""The one all-or-nothing writer (cdrl.utils.atomic_write) and output ownership (cdrl.utils.check_output_folder).
 
 A user's files are never overwritten or removed by the bookkeeping; a folder replace leaves the old or
 the new version at the path at every moment, or is recovered on the next write after a kill.

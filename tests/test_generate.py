@@ -1,4 +1,4 @@
-"""Tests of class-conditional generation: the cdrl.generate CLI, guidance, the guidance sweep."""
+"""Tests of class-conditional generation: the cdrl.cli.generate CLI, guidance, the guidance sweep."""
 
 from __future__ import annotations
 
