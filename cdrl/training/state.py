@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cdrl import precision as prec
 from cdrl.config import Config
@@ -144,19 +145,22 @@ def scale_learning_rates(models: TrainState, cfg: Config, scale: float) -> None:
     """Set both base learning rates to the config's times ``scale``, at the schedule's current position.
 
     Used after a rollback (``scale = guard.lr_factor ** rollbacks``) and on resume (the config's rates
-    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen).
+    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen). Each LR scheduler is
+    rebuilt from its own rate function at its position, from the new base rates (the optimizer's
+    ``initial_lr``, which a scheduler built at a position starts from), and replaces the old one inside
+    accelerate's wrapper, so the wrapper's checkpointing saves the new one.
     """
-    pairs = [(models.ebm_opt, models.ebm_sched, cfg.train.ebm_lr)]
+    pairs = [(models.ebm_sched, cfg.train.ebm_lr)]
     if models.init_opt is not None:
-        pairs.append((models.init_opt, models.init_sched, cfg.train.init_lr))
-    for optimizer, accelerated, lr in pairs:
-        scheduler = getattr(accelerated, "scheduler", accelerated)
-        for index, group in enumerate(optimizer.param_groups):
-            base = lr * scale
-            group["lr"] *= base / scheduler.base_lrs[index]
-            group["initial_lr"] = base
-            scheduler.base_lrs[index] = base
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        pairs.append((models.init_sched, cfg.train.init_lr))
+    for accelerated, lr in pairs:
+        old = accelerated.scheduler
+        for group in old.optimizer.param_groups:
+            group["initial_lr"] = lr * scale
+        # The constructor takes one step: built at last_epoch - 1, it lands on the current position.
+        accelerated.scheduler = LambdaLR(
+            old.optimizer, old.lr_lambdas, last_epoch=old.last_epoch - 1
+        )
 
 
 def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Module:
