@@ -270,9 +270,10 @@ def log_images(accelerator: Accelerator, paths: list[Path], step: int) -> None:
 FIGURE_PREFIXES = ("ebm/", "init/", "langevin/", "persistent/", "guard/")
 
 
-def export_figures(output_dir: Path) -> dict[str, float]:
-    """The main figures of the last metrics.jsonl record (loss, energy gap, initializer MSE, gradient norms,
-    guard counters) for the exported model card, named as logged; {} when nothing was logged."""
+def export_figures(output_dir: Path, step: int | None = None) -> dict[str, float]:
+    """The main figures of the last metrics.jsonl record (up to ``step``, when given): loss, energy gap,
+    initializer MSE, gradient norms, guard counters, named as logged, for the exported model card; {}
+    when nothing was logged. Reads the file only."""
     path = output_dir / METRICS
     lines = path.read_text().splitlines() if path.is_file() else []
     for line in reversed(lines):
@@ -280,7 +281,9 @@ def export_figures(output_dir: Path) -> dict[str, float]:
             record = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        if isinstance(record, dict) and "event" not in record:
+        if not isinstance(record, dict) or "event" in record:
+            continue
+        if step is None or record.get("step", 0) <= step:
             return {
                 key: float(value)
                 for key, value in record.items()
