@@ -32,6 +32,7 @@ from cdrl.cli.common import (
 from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
 from cdrl.generation import generate_samples, write_folder
 from cdrl.images import save_grid
+from cdrl.training.checkpoint import CHECKPOINT_RE
 from cdrl.utils import check_output_folder, check_writable
 
 if TYPE_CHECKING:
@@ -159,6 +160,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     # Check the flags against the checkpoint's config, and the output path, before loading weights.
+    if CHECKPOINT_RE.fullmatch(args.checkpoint.name) and args.checkpoint.is_dir():
+        raise CLIError(
+            f"--checkpoint {args.checkpoint} is a training checkpoint, not an exported pipeline: export it "
+            f"with `cdrl-export --checkpoint {args.checkpoint} --output DIR`, then sample DIR"
+        )
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = read_model_config(checkpoint)
     if "in_features" in config:
