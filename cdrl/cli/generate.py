@@ -162,8 +162,8 @@ def _main(argv: Sequence[str] | None) -> int:
     # Check the flags against the checkpoint's config, and the output path, before loading weights.
     if CHECKPOINT_RE.fullmatch(args.checkpoint.name) and args.checkpoint.is_dir():
         raise CLIError(
-            f"--checkpoint {args.checkpoint} is a training checkpoint, not an exported pipeline: export it "
-            f"with `cdrl-export --checkpoint {args.checkpoint} --output DIR`, then sample DIR"
+            "--checkpoint: a training checkpoint is not an exported pipeline; export it with "
+            f"`cdrl-export --checkpoint {args.checkpoint} --output DIR`, then pass --checkpoint DIR"
         )
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = read_model_config(checkpoint)
