@@ -108,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.push_to_hub:
             check_hub(cfg, args)
         export_dir = run(cfg, resume=args.resume_from_checkpoint, command=command_line(argv))
+        uploaded = None
         if args.push_to_hub:
-            push_to_hub(export_dir, hub_repo(cfg, args), args.hub_token)
+            uploaded = push_to_hub(export_dir, hub_repo(cfg, args), args.hub_token)
     except (ConfigError, DataError, UsageError, CheckpointError, CLIError, DivergenceError) as err:
         message = " ".join(str(err).split())
     except (MemoryError, RuntimeError) as err:
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print(f"done: pipeline saved to {export_dir}")
-        if args.push_to_hub and is_main_process():
-            print(f"uploaded to https://huggingface.co/{hub_repo(cfg, args)}")
+        if uploaded:
+            print(f"uploaded to https://huggingface.co/{uploaded}")
         return 0
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -162,11 +163,12 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def push_to_hub(folder: Path, repo_id: str, token: str | None) -> None:
+def push_to_hub(folder: Path, repo_id: str, token: str | None) -> str | None:
     """Upload the exported pipeline folder (model card included) to the Hub repository ``repo_id``, created
-    if needed; main process only. A failure is a one-line UsageError: the export stays on disk."""
+    if needed; main process only. Returns the repository's full id (None on other processes). A failure
+    is a one-line UsageError: the export stays on disk."""
     if not is_main_process():
-        return
+        return None
     import huggingface_hub
 
     try:
@@ -178,6 +180,7 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None) -> None:
             token=token,
             ignore_patterns=[OWNER_MARKER],  # our bookkeeping, not the model's
         )
+        return repo_id
     except (OSError, ValueError) as err:  # HfHubHTTPError is an OSError
         raise UsageError(
             f"--push_to_hub: the upload to {repo_id} failed ({' '.join(str(err).split())[:200]}); "

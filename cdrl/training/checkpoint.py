@@ -261,6 +261,8 @@ def load_for_export(
     Raises:
         CheckpointError: not a complete checkpoint-N folder, or weights that do not match the networks.
     """
+    from safetensors import SafetensorError
+
     match = CHECKPOINT_RE.fullmatch(path.name)
     if not path.is_dir() or not match:
         raise CheckpointError(f"{path} is not a checkpoint-N folder of a run")
@@ -289,6 +291,6 @@ def load_for_export(
         _load_ema(ema, load_file(str(path / EMA_WEIGHTS)), info["ema"], torch.device("cpu"))
     except CheckpointError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error_line(err)}") from None
     return int(match[1]), ema
