@@ -270,3 +270,56 @@ def test_the_launchers_accumulation_is_honoured_and_the_flag_wins(tmp_path, monk
     calls.clear()
     assert train_debug(tmp_path / "flag", "--gradient_accumulation_steps", "3", *args) == 0
     assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The divergence guard under accumulation: a refused micro-batch spoils its whole optimizer step.
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["first-micro-batch", "last-micro-batch"])
+def test_a_refused_micro_batch_spoils_its_step_and_leaves_no_gradient_behind(data, bad):
+    from cdrl.training.step import skip_micro_batch
+
+    x, cond = data
+    micro = list(zip(x.chunk(2), cond.chunk(2), strict=True))
+    cfg = load_config(DEBUG, EXACT)
+    schedule = CDRLScheduler.from_training_config(cfg).schedule
+
+    def setup():
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        torch.manual_seed(0)
+        ebm, init = build_models(cfg, (1, 8, 8), ())
+        opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (ebm, init)]
+        scheds = [lr_schedule("constant", opt, 0, 10) for opt in opts]
+        return accelerator, TrainState(*accelerator.prepare(ebm, init, *opts, *scheds))
+
+    def step(accelerator, models, batches):
+        cycle = MicroBatches()
+        for batch in batches:
+            if cycle.spoiled:
+                result = skip_micro_batch(models, accelerator)
+            else:
+                result = train_step(models, batch, cfg, schedule, accelerator)
+            done = cycle.add(result, accelerator)
+        return done
+
+    accelerator, models = setup()
+    before = _params(models)
+    poisoned = list(micro)
+    poisoned[bad] = (torch.full_like(micro[bad][0], float("nan")), micro[bad][1])
+    stats, problem = step(accelerator, models, poisoned)
+    assert problem is not None and "non-finite" in problem
+    after = _params(models)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a spoiled step moved a parameter"
+    assert (
+        models.ebm_sched.scheduler.last_epoch == 0 and models.init_sched.scheduler.last_epoch == 0
+    )
+    # The next step starts from zero gradients: it equals a clean first step on a fresh setup.
+    torch.manual_seed(1)
+    assert step(accelerator, models, micro).problem is None
+    grads = _grads(models)
+    accelerator, fresh = setup()
+    torch.manual_seed(1)
+    assert step(accelerator, fresh, micro).problem is None
+    torch.testing.assert_close(grads, _grads(fresh), rtol=1e-5, atol=1e-7)
