@@ -323,3 +323,27 @@ def test_a_refused_micro_batch_spoils_its_step_and_leaves_no_gradient_behind(dat
     torch.manual_seed(1)
     assert step(accelerator, fresh, micro).problem is None
     torch.testing.assert_close(grads, _grads(fresh), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_accumulate_without_syncing_and_keep_identical_weights(tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 optimizer steps of 2 micro-batches: DDP reduces only on each
+    step's last micro-batch (accelerate's no_sync before it), and both ranks end with the same weights."""
+    from test_distributed import DRIVER, _env, _run, _torchrun
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    run = tmp_path / "run"
+    args = ["--config", DEBUG, "--report_to", "none", "--output_dir", run, "--max_train_steps", "2"]
+    args += ["--gradient_accumulation_steps", "2", "--set", "log.sample_every=0"]
+    cmd = _torchrun(str(driver), str(tmp_path), *map(str, args))
+    proc = _run(cmd, _env(ACCELERATE_USE_CPU="true"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [info["num_processes"] for info in infos] == [2, 2]
+    assert [len(info["batches"]) for info in infos] == [4, 4]  # micro-batches per rank
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+    final = load_file(str(run / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(final[k], rank0[f"ebm.{k}"]) for k in final)
