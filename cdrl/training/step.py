@@ -113,7 +113,9 @@ def train_step(
     micro-batch inside ``accelerator.accumulate``: its gradients (each loss / N) add to those of the
     cycle, and only the cycle's last micro-batch (``accelerator.sync_gradients``) clips, steps both
     optimizers and both LR schedulers, as in diffusers' training examples; ``MicroBatches`` gathers the
-    cycle into one optimizer step. With N = 1 every call is a whole step.
+    cycle into one optimizer step. With N = 1 every call is a whole step. Under fp16 loss scaling, an
+    EBM update that changes the scale (an overflow, or its growth every 2000 steps) comes before the
+    initializer's last backward of the cycle, so that one initializer update mixes two scales.
 
     The divergence guard applies no update when the energies or either loss are non-finite, when the
     energy gap |mean E(y-) - E(y+)| exceeds ``guard.max_energy_gap``, or when the EBM's gradients are
