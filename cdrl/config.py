@@ -135,7 +135,9 @@ class LangevinConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32               # per process (paper: 8 GPUs x 32 = 256)
+    batch_size: int = 32               # per process and micro-batch (paper: 8 GPUs x 32 = 256)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (accelerate's accumulate); the
+    #   steps, checkpoints, EMA and LR schedule count optimizer steps, as in diffusers' training examples
     max_steps: int = 500_000           # optimizer steps
     ebm_lr: float = 1e-4               # Adam
     init_lr: float = 1e-5              # AdamW
@@ -411,6 +413,7 @@ MAX_COUNTS = {
     "langevin.n_steps": MAX_LANGEVIN_STEPS,
     "langevin.sample_steps": MAX_LANGEVIN_STEPS,
     "train.batch_size": 1_000_000,
+    "train.gradient_accumulation_steps": 10_000,
     "train.max_steps": 1_000_000_000,
     "train.warmup_steps": 1_000_000_000,
     "train.persistent_size": 10_000_000,
@@ -438,6 +441,10 @@ def validate(cfg: Config) -> None:
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),
         (cfg.langevin.noise_scale >= 0, "langevin.noise_scale must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (
+            cfg.train.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps must be >= 1",
+        ),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (
             cfg.train.ebm_lr > 0 and cfg.train.init_lr > 0,

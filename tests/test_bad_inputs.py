@@ -36,6 +36,7 @@ SCRIPTS = {
     "inpaint": "cdrl.cli.inpaint",
     "calibrate": "cdrl.cli.calibrate",
     "evaluate": "cdrl.cli.evaluate",
+    "export": "cdrl.cli.export",
 }
 TOY = ["data.name=checkerboard", "ebm.arch=mlp", "initializer.arch=mlp"]
 HUGE = str(2**40)  # samples: 2**40 8x8 images need 256 TiB
@@ -357,7 +358,63 @@ CASES = [
          lambda e: e.train("--set", f"log.num_grid_samples={2**50}"),
          "out of memory (could not allocate 256.0 PiB) with train.batch_size=16 and "
          "log.num_grid_samples=1125899906842624"),
+    # ---- train: gradient accumulation and the Hub (issue 18)
+    Case("train-grad-accum-0", "train", lambda e: e.train("--gradient_accumulation_steps", "0"),
+         "train.gradient_accumulation_steps must be >= 1"),
+    Case("train-grad-accum-10-to-12", "train", lambda e: e.train("--gradient_accumulation_steps", T12),
+         "train.gradient_accumulation_steps must be at most 10,000, got 1,000,000,000,000"),
+    Case("train-grad-accum-not-integer", "train",
+         lambda e: e.train("--gradient_accumulation_steps", "two"),
+         "'train.gradient_accumulation_steps' must be an integer, got 'two'"),
+    Case("train-hub-model-id-without-push", "train", lambda e: e.train("--hub_model_id", "me/digits"),
+         "--hub_model_id needs --push_to_hub"),
+    Case("train-hub-token-without-push", "train", lambda e: e.train("--hub_token", "hf_x"),
+         "--hub_token needs --push_to_hub"),
+    Case("train-hub-token-with-wandb", "train",
+         lambda e: e.train("--push_to_hub", "--hub_token", "hf_x", "--report_to", "wandb"),
+         "--hub_token with --report_to wandb would expose the token"),
+    Case("train-hub-bad-repo-id", "train",
+         lambda e: e.train("--push_to_hub", "--hub_model_id", "a/b/c"),
+         "--hub_model_id 'a/b/c' is not a Hub repository id"),
+    # ---- export (issue 18): cdrl-export --checkpoint RUN/checkpoint-N --output DIR
+    Case("export-missing-output-flag", "export",
+         lambda e: ["--checkpoint", e.copy("finished_run") / "checkpoint-2"],
+         "the following arguments are required: --output"),
+    Case("export-missing-checkpoint", "export",
+         lambda e: ["--checkpoint", e.tmp / "nowhere" / "checkpoint-2", "--output", e.out],
+         "does not exist"),
+    Case("export-run-folder", "export",
+         lambda e: ["--checkpoint", e.copy("finished_run"), "--output", e.out],
+         "is a run folder; give one of its checkpoint-N folders: its newest complete one is"),
+    Case("export-pipeline-folder", "export", lambda e: ["--checkpoint", e.pipeline(), "--output", e.out],
+         "is not a run's checkpoint-N folder"),
+    Case("export-checkpoint-outside-a-run", "export",
+         lambda e: ["--checkpoint", _lone_checkpoint(e), "--output", e.out],
+         "is not inside a run folder"),
+    Case("export-incomplete-checkpoint", "export",
+         lambda e: ["--checkpoint", _without_marker(e) / "checkpoint-2", "--output", e.out],
+         "it has no checkpoint.json (it was not completely written)"),
+    Case("export-output-inside-the-run", "export",
+         lambda e: ["--checkpoint", e.copy("finished_run") / "checkpoint-2",
+                    "--output", e.copy("finished_run") / "exported"],
+         "is inside the run folder"),
+    Case("export-output-over-the-runs-pipeline", "export",
+         lambda e: ["--checkpoint", e.copy("finished_run") / "checkpoint-2",
+                    "--output", e.copy("finished_run") / "pipeline"],
+         "cdrl-export never changes a run"),
+    Case("export-output-not-ours", "export",
+         lambda e: ["--checkpoint", e.copy("finished_run") / "checkpoint-2",
+                    "--output", e.folder("mine", notes=True)],
+         "is a folder cdrl did not write"),
+    Case("export-garbage-ema", "export",
+         lambda e: ["--checkpoint", _garbage_ema(e), "--output", e.out], "cannot be read"),
+    Case("export-config-not-matching-weights", "export",
+         lambda e: ["--checkpoint", _widened_run(e) / "checkpoint-2", "--output", e.out],
+         "does not match its run's config.yaml: model.safetensors (ebm)"),
     # ---- generate
+    Case("generate-training-checkpoint", "generate",
+         lambda e: ["--checkpoint", e.copy("finished_run") / "checkpoint-2", "--output", e.out],
+         "a training checkpoint is not an exported pipeline; export it with `cdrl-export --checkpoint"),
     Case("generate-unknown-flag", "generate",
          lambda e: ["--checkpoint", e.pipeline(), "--output", e.out, "--num_sample", "4"],
          "(did you mean --num_samples?)"),
@@ -596,6 +653,29 @@ def _symlink_loop(env: Env) -> Path:
     (env.tmp / "loop_a").symlink_to(env.tmp / "loop_b")
     (env.tmp / "loop_b").symlink_to(env.tmp / "loop_a")
     return env.tmp / "loop_a"
+
+
+def _lone_checkpoint(env: Env) -> Path:
+    """checkpoint-2 of the finished run, copied into a folder that is not a run."""
+    target = env.folder("loose") / "checkpoint-2"
+    shutil.copytree(env.copy("finished_run") / "checkpoint-2", target)
+    return target
+
+
+def _garbage_ema(env: Env) -> Path:
+    """checkpoint-2 whose ema.safetensors is garbage of the size checkpoint.json records."""
+    checkpoint = env.copy("finished_run") / "checkpoint-2"
+    ema = checkpoint / "ema.safetensors"
+    ema.write_bytes(b"\x00" * ema.stat().st_size)
+    return checkpoint
+
+
+def _widened_run(env: Env) -> Path:
+    """The finished run whose config.yaml now builds a wider EBM than its checkpoints hold."""
+    run = env.copy("finished_run")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("base_channels: 8", "base_channels: 16", 1))
+    return run
 
 
 def _without_marker(env: Env) -> Path:

@@ -15,7 +15,6 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,10 +30,8 @@ from cdrl.cli.common import (
 from cdrl.export import load_pipeline, read_model_config, resolve_checkpoint
 from cdrl.generation import generate_samples, write_folder
 from cdrl.images import save_grid
+from cdrl.training.checkpoint import CHECKPOINT_RE
 from cdrl.utils import atomic_write, check_output_folder, check_writable
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_NUM_SAMPLES = 16  # unconditional sampling
 GRID_MIN_TILE = 32  # grid PNGs upscale small samples (8x8 digits) to at least this many pixels
@@ -158,6 +155,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     # Check the flags against the checkpoint's config, and the output path, before loading weights.
+    if CHECKPOINT_RE.fullmatch(args.checkpoint.name) and args.checkpoint.is_dir():
+        raise CLIError(
+            "--checkpoint: a training checkpoint is not an exported pipeline; export it with "
+            f"`cdrl-export --checkpoint {args.checkpoint} --output DIR`, then pass --checkpoint DIR"
+        )
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = read_model_config(checkpoint)
     if "in_features" in config:

@@ -382,3 +382,52 @@ def _load_ema(
             raise ValueError(f"{EMA_WEIGHTS} does not hold {count} tensors for the {name} EMA")
         value.load_state_dict({**info[name], "shadow_params": [tensors[key] for key in keys]})
         value.to(device)
+
+
+def load_for_export(
+    path: Path, networks: dict[str, torch.nn.Module]
+) -> tuple[int, dict[str, EMAModel]]:
+    """Read checkpoint ``path`` (RUN/checkpoint-N) for an export, changing nothing on disk and with no
+    accelerator: each network of ``networks`` ("ebm", and "init" with an initializer, built from the run's
+    config) gets its saved state (model*.safetensors, checked against it first), and the returned EMAs,
+    keyed the same, hold the EMA weights of ema.safetensors. Nothing is unpickled.
+
+    Returns:
+        The checkpoint's step, and the EMAs.
+
+    Raises:
+        CheckpointError: not a complete checkpoint-N folder, or weights that do not match the networks.
+    """
+    from safetensors import SafetensorError
+
+    match = CHECKPOINT_RE.fullmatch(path.name)
+    if not path.is_dir() or not match:
+        raise CheckpointError(f"{path} is not a checkpoint-N folder of a run")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    names = list(networks)
+    expected = ["model.safetensors"] + [f"model_{i}.safetensors" for i in range(1, len(names))]
+    stored = sorted(p.name for p in path.glob("model*.safetensors"))
+    if stored != expected:
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(stored)} networks ({', '.join(stored) or 'none'}) but its "
+            f"run's config.yaml builds {len(names)}"
+        )
+    try:
+        for name, file in zip(names, expected, strict=True):
+            network = networks[name]
+            mismatch = weights_mismatch(network.state_dict(), path / file)
+            if mismatch is not None:
+                raise CheckpointError(
+                    f"checkpoint {path} does not match its run's config.yaml: {file} ({name}): {mismatch}"
+                )
+            network.load_state_dict(load_file(str(path / file)))
+        info = json.loads((path / CHECKPOINT_MARKER).read_text())
+        ema = {name: EMAModel(network.parameters()) for name, network in networks.items()}
+        _load_ema(ema, load_file(str(path / EMA_WEIGHTS)), info["ema"], torch.device("cpu"))
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error_line(err)}") from None
+    return int(match[1]), ema

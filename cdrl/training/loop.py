@@ -11,20 +11,22 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdrl import precision as prec
 from cdrl.calibration import calibrate_on_dataset
-from cdrl.config import Config, flat
+from cdrl.config import MAX_COUNTS, Config, flat
 from cdrl.data import load_dataset
 from cdrl.export import export_pipeline
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
@@ -38,7 +40,9 @@ from cdrl.training.checkpoint import (
 from cdrl.training.curves import CURVES_FILE, plot_curves
 from cdrl.training.guard import GuardState, check_final_state, on_bad_step
 from cdrl.training.run_dir import (
+    export_figures,
     hold_run_lock,
+    log_images,
     log_metrics,
     prepare_output_dir,
     release_run_lock,
@@ -57,30 +61,31 @@ from cdrl.training.state import (
     refresh_ema_copy,
     scale_learning_rates,
 )
-from cdrl.training.step import train_step
+from cdrl.training.step import MicroBatches, skip_micro_batch, train_step
 from cdrl.utils import ConfigError, DataError, UsageError, error_line
 
 logger = get_logger(__name__)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def run(cfg: Config, *, resume: str | None = None) -> Path:
+def run(cfg: Config, *, resume: str | None = None, command: str | None = None) -> Path:
     """Train with ``cfg``, holding the run folder's lock; returns the exported pipeline folder.
 
     Args:
         resume: 'latest', a checkpoint-N folder, or None (a fresh run into a new or empty folder).
+        command: the command line that started the run, for the exported model card.
 
     Raises:
         UsageError, ConfigError, DataError, CheckpointError: bad input, before anything is written.
         DivergenceError: training diverged and the guard could not recover.
     """
     try:
-        return _run(cfg, resume)
+        return _run(cfg, resume, command)
     finally:
         release_run_lock(Path(cfg.log.output_dir))
 
 
-def _run(cfg: Config, resume: str | None) -> Path:
+def _run(cfg: Config, resume: str | None, command: str | None) -> Path:
     # The output folder, the data and the accelerator, checked before anything is built.
     output_dir = Path(cfg.log.output_dir)
     prepare_output_dir(output_dir, resume)
@@ -88,21 +93,11 @@ def _run(cfg: Config, resume: str | None) -> Path:
         check_resume_config(output_dir, cfg)
     if output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:  # one process trains a run
         hold_run_lock(output_dir)
-    dataset = load_dataset(cfg.data, split="train")
-    if len(dataset) < cfg.train.batch_size:
-        raise DataError(
-            f"data set '{cfg.data.name}' has {len(dataset)} examples, fewer than train.batch_size={cfg.train.batch_size}"
-        )
-    condition_sizes = tuple(dataset.condition_sizes) if cfg.data.class_conditional else ()
-    if cfg.data.class_conditional and not condition_sizes:
-        raise ConfigError(
-            f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels; "
-            "for a 2-D toy set data.attributes: [xband, yband]"
-        )
     report_to = _tracker(cfg.log.report_to)
     try:
         accelerator = Accelerator(
             mixed_precision=accelerator_precision(cfg),
+            **_accumulation(cfg),
             log_with=report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
@@ -120,6 +115,25 @@ def _run(cfg: Config, resume: str | None) -> Path:
             "`accelerate launch --cpu ...` or set ACCELERATE_USE_CPU=1 for torchrun"
         )
     cfg.train.mixed_precision = str(accelerator.mixed_precision)  # what runs: config.yaml, the step
+    micro_batches = accelerator.gradient_accumulation_steps
+    if not 1 <= micro_batches <= MAX_COUNTS["train.gradient_accumulation_steps"]:
+        raise UsageError(
+            f"gradient accumulation over {micro_batches} micro-batches (ACCELERATE_GRADIENT_ACCUMULATION_STEPS); "
+            f"give 1 to {MAX_COUNTS['train.gradient_accumulation_steps']:,}"
+        )
+    cfg.train.gradient_accumulation_steps = micro_batches
+    # The data, prepared by the main process first (a download happens once), checked before anything is built.
+    dataset = _load_data(cfg, accelerator)
+    if len(dataset) < cfg.train.batch_size:
+        raise DataError(
+            f"data set '{cfg.data.name}' has {len(dataset)} examples, fewer than train.batch_size={cfg.train.batch_size}"
+        )
+    condition_sizes = tuple(dataset.condition_sizes) if cfg.data.class_conditional else ()
+    if cfg.data.class_conditional and not condition_sizes:
+        raise ConfigError(
+            f"data.class_conditional=true, but data set '{cfg.data.name}' has no labels; "
+            "for a 2-D toy set data.attributes: [xband, yband]"
+        )
     set_seed(cfg.train.seed, device_specific=True)
     if accelerator.device.type == "cuda":
         prec.set_tf32(cfg.train.tf32)
@@ -193,19 +207,28 @@ def _run(cfg: Config, resume: str | None) -> Path:
         )
         return handler, bar
 
-    # Train.
+    # Train. A step is an optimizer step: ``micro_batches`` batches, the last cycle of an epoch shorter when
+    # they do not divide the epoch (accelerate's accumulate syncs at the loader's end, as in diffusers).
     sums: dict[str, Tensor] = {}
     n_sum, t_start = 0, time.time()
     handler = bar = None
+    steps_per_epoch = math.ceil(len(loader) / micro_batches)
+    cycle = MicroBatches()
     try:
         while step < cfg.train.max_steps:
-            epoch, skip = divmod(step, len(loader))
+            epoch, done = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
+            skip = done * micro_batches
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
-                stats, problem = train_step(
-                    models, batch, cfg, schedule, accelerator, condition_sizes
-                )
+                if cycle.spoiled:  # an earlier micro-batch of this step was refused: no update
+                    result = skip_micro_batch(models, accelerator)
+                else:
+                    result = train_step(models, batch, cfg, schedule, accelerator, condition_sizes)
+                result = cycle.add(result, accelerator)
+                if result is None:  # accumulating: the optimizer step is not complete yet
+                    continue
+                stats, problem = result
                 if bar is None:
                     handler, bar = start()
                 step += 1
@@ -241,7 +264,10 @@ def _run(cfg: Config, resume: str | None) -> Path:
                     sums, n_sum = {}, 0
                 grid_due = cfg.log.sample_every and step % cfg.log.sample_every == 0
                 if grid_due and accelerator.is_main_process:
-                    save_samples(ema_pipeline(), x_grid, grid_cond, output_dir / "samples", step)
+                    grids = save_samples(
+                        ema_pipeline(), x_grid, grid_cond, output_dir / "samples", step
+                    )
+                    log_images(accelerator, grids, step)
                 # Checkpoint, but never a diverging state (in the middle of a streak of bad steps).
                 every = cfg.log.checkpointing_steps
                 if every and step % every == 0 and guard.streak == 0:
@@ -260,11 +286,13 @@ def _run(cfg: Config, resume: str | None) -> Path:
         if accelerator.is_main_process:
             pipeline = ema_pipeline()
             say(f"step {step}: sampling the final grid into {output_dir / 'samples'}")
-            save_samples(pipeline, x_grid, grid_cond, output_dir / "samples", step)
+            grids = save_samples(pipeline, x_grid, grid_cond, output_dir / "samples", step)
+            log_images(accelerator, grids, step)
             if condition_sizes:  # the implicit classifier's offsets, for negation="posterior"
                 say("calibrating the implicit classifier's offsets on training examples")
                 calibrate_on(pipeline, dataset, cfg)
-            export_pipeline(pipeline, cfg, export_dir)
+            figures = export_figures(output_dir)
+            export_pipeline(pipeline, cfg, export_dir, step=step, command=command, figures=figures)
             say(f"exported the EMA pipeline to {export_dir}")
             # A run too short to have logged a step has no curves yet.
             with contextlib.suppress(ValueError):
@@ -308,6 +336,30 @@ def calibrate_on(
         pipeline, dataset, cfg.data.scale, num_samples=num_samples, seed=cfg.train.seed
     )
     logger.info(f"calibrated the implicit classifier's offsets on {used} training examples")
+
+
+def _accumulation(cfg: Config) -> dict[str, Any]:
+    """``Accelerator``'s gradient accumulation for ``train.gradient_accumulation_steps``: 1 (the default) lets
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS decide (what `accelerate launch --gradient_accumulation_steps`
+    sets under DeepSpeed); a larger value wins over it (accelerate's environment would win over an int)."""
+    steps = cfg.train.gradient_accumulation_steps
+    if steps == 1:
+        return {"gradient_accumulation_steps": 1}
+    return {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=steps)}
+
+
+def _load_data(cfg: Config, accelerator: Accelerator) -> torch.utils.data.Dataset:
+    """The training set, loaded by the main process first (a CIFAR-10 download happens once), then by the
+    others. An error is raised after the main process has left the barrier, so no process waits forever."""
+    error = None
+    with accelerator.main_process_first():
+        try:
+            dataset = load_dataset(cfg.data, split="train")
+        except ValueError as err:  # ConfigError, DataError
+            error = err
+    if error is not None:
+        raise error
+    return dataset
 
 
 def _tracker(report_to: str) -> str | None:

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -214,14 +216,15 @@ def release_run_lock(output_dir: Path) -> None:
 
 def save_samples(
     pipeline: CDRLPipeline, x_top: Tensor, cond: Tensor | None, folder: Path, step: int
-) -> None:
-    """Grids of the initializer-only chain (K = 0) and the refined chain, from fixed noise."""
+) -> list[Path]:
+    """Grids of the initializer-only chain (K = 0) and the refined chain, from fixed noise; their PNGs."""
     schedule, settings = pipeline.scheduler.schedule, pipeline.scheduler.langevin_settings()
     null = None if cond is None else torch.tensor(pipeline.condition_sizes).expand_as(cond)
     terms = () if cond is None else ((cond, 1.0),)
     kinds = {"refined": settings}
     if pipeline.initializer is not None:
         kinds["init"] = dataclasses.replace(settings, n_steps=0)
+    paths = []
     for name, kind_settings in kinds.items():
         x = sample(
             pipeline.ebm,
@@ -240,3 +243,50 @@ def save_samples(
         else:
             nrow = pipeline.condition_sizes[0] if cond is not None else None
             save_grid(x, path, nrow=nrow, upscale=max(1, 64 // x.shape[-1]))
+        paths.append(path)
+    return paths
+
+
+def log_images(accelerator: Accelerator, paths: list[Path], step: int) -> None:
+    """The sample grids (PNG files) as images of the run's trackers: tensorboard's ``add_image``, wandb's
+    ``wandb.Image``, under ``samples/<kind>`` (init, refined). Main process only; no tracker, nothing."""
+    if not paths or not accelerator.trackers:
+        return
+    images = {f"samples/{path.stem.split('_', 1)[1]}": path for path in paths}
+    for tracker in accelerator.trackers:  # as diffusers' training examples log their validation images
+        if tracker.name == "tensorboard":
+            for tag, path in images.items():
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                tracker.writer.add_image(tag, pixels, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(str(path)) for tag, path in images.items()}, step=step)
+
+
+# The model card's figures: the last logged record's means, without per-level, learning-rate and timing keys.
+FIGURE_PREFIXES = ("ebm/", "init/", "langevin/", "persistent/", "guard/")
+
+
+def export_figures(output_dir: Path, step: int | None = None) -> dict[str, float]:
+    """The main figures of the last metrics.jsonl record (up to ``step``, when given): loss, energy gap,
+    initializer MSE, gradient norms, guard counters, named as logged, for the exported model card; {}
+    when nothing was logged. Reads the file only."""
+    path = output_dir / METRICS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if not isinstance(record, dict) or "event" in record:
+            continue
+        if step is None or record.get("step", 0) <= step:
+            return {
+                key: float(value)
+                for key, value in record.items()
+                if key.startswith(FIGURE_PREFIXES) and isinstance(value, int | float)
+            }
+    return {}

@@ -6,20 +6,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cdrl import precision as prec
-from cdrl.config import Config
+from cdrl.calibration import calibrate_on_dataset
+from cdrl.config import Config, load_config
+from cdrl.data import load_dataset
 from cdrl.models import build_models
+from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.schedule import NoiseSchedule, make_schedule
+from cdrl.training.checkpoint import (
+    CHECKPOINT_RE,
+    checkpoint_problem,
+    list_checkpoints,
+    load_for_export,
+)
 from cdrl.training.persistent import PersistentChains
+from cdrl.training.run_dir import RUN_MARKER
 from cdrl.training.step import TrainState, lr_schedule
-from cdrl.utils import ConfigError, error_line, is_out_of_memory
+from cdrl.utils import CheckpointError, ConfigError, error_line, is_out_of_memory
 
 
 class TrainingSetup(NamedTuple):
@@ -144,19 +156,22 @@ def scale_learning_rates(models: TrainState, cfg: Config, scale: float) -> None:
     """Set both base learning rates to the config's times ``scale``, at the schedule's current position.
 
     Used after a rollback (``scale = guard.lr_factor ** rollbacks``) and on resume (the config's rates
-    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen).
+    win over the checkpoint's, scaled by the rollbacks the checkpoint had seen). Each LR scheduler is
+    rebuilt from its own rate function at its position, from the new base rates (the optimizer's
+    ``initial_lr``, which a scheduler built at a position starts from), and replaces the old one inside
+    accelerate's wrapper, so the wrapper's checkpointing saves the new one.
     """
-    pairs = [(models.ebm_opt, models.ebm_sched, cfg.train.ebm_lr)]
+    pairs = [(models.ebm_sched, cfg.train.ebm_lr)]
     if models.init_opt is not None:
-        pairs.append((models.init_opt, models.init_sched, cfg.train.init_lr))
-    for optimizer, accelerated, lr in pairs:
-        scheduler = getattr(accelerated, "scheduler", accelerated)
-        for index, group in enumerate(optimizer.param_groups):
-            base = lr * scale
-            group["lr"] *= base / scheduler.base_lrs[index]
-            group["initial_lr"] = base
-            scheduler.base_lrs[index] = base
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        pairs.append((models.init_sched, cfg.train.init_lr))
+    for accelerated, lr in pairs:
+        old = accelerated.scheduler
+        for group in old.optimizer.param_groups:
+            group["initial_lr"] = lr * scale
+        # The constructor takes one step: built at last_epoch - 1, it lands on the current position.
+        accelerated.scheduler = LambdaLR(
+            old.optimizer, old.lr_lambdas, last_epoch=old.last_epoch - 1
+        )
 
 
 def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Module:
@@ -172,3 +187,76 @@ def refresh_ema_copy(ema: EMAModel, live: nn.Module, target: nn.Module) -> nn.Mo
                     for _ in range(5):
                         _ = module.weight  # in train mode each access runs one power iteration
     return target.eval()
+
+
+def check_run_checkpoint(path: Path) -> Path:
+    """``path`` if it is a complete checkpoint-N folder inside a run folder (beside its config.yaml).
+
+    Raises:
+        CheckpointError: naming what ``path`` is instead, and the checkpoint to give.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (give a run's checkpoint-N folder)"
+        )
+    if path.is_dir() and (path / RUN_MARKER).is_file():
+        newest = list_checkpoints(path)
+        hint = (
+            f": its newest complete one is {newest[-1][1]}" if newest else ", and it has none yet"
+        )
+        raise CheckpointError(f"{path} is a run folder; give one of its checkpoint-N folders{hint}")
+    if not path.is_dir() or not CHECKPOINT_RE.fullmatch(path.name):
+        raise CheckpointError(f"{path} is not a run's checkpoint-N folder")
+    if not (path.parent / RUN_MARKER).is_file():
+        raise CheckpointError(
+            f"{path} is not inside a run folder: {path.parent / RUN_MARKER} is missing"
+        )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return path
+
+
+def checkpoint_pipeline(
+    path: Path, calibration_samples: int = 4096
+) -> tuple[CDRLPipeline, Config, int]:
+    """The EMA pipeline of a saved step (RUN/checkpoint-N), as the run exports at its end: the networks
+    built from RUN/config.yaml and the training set's shapes, the checkpoint's saved state with its EMA
+    weights over the parameters (``refresh_ema_copy``), and, for a conditional run, the implicit
+    classifier's offsets fitted on training examples. Reads the run; writes nothing.
+
+    Returns:
+        The pipeline (CPU, eval mode), the run's config and the checkpoint's step.
+
+    Raises:
+        CheckpointError: no checkpoint-N folder of a run, an incomplete or unreadable one, or one that
+            does not match its run's config.yaml.
+    """
+    path = Path(path)
+    run_config = check_run_checkpoint(path).parent / RUN_MARKER
+    try:
+        cfg = load_config(run_config, [])
+    except ValueError as err:  # ConfigError
+        raise CheckpointError(f"{run_config}: {' '.join(str(err).split())}") from None
+    try:  # the shapes and conditions the run trained with (and a conditional run's calibration data)
+        dataset = load_dataset(cfg.data, split="train")
+    except ValueError as err:  # ConfigError, DataError
+        raise CheckpointError(
+            f"the training data named in {run_config} cannot be loaded: {' '.join(str(err).split())}"
+        ) from None
+    condition_sizes = tuple(dataset.condition_sizes) if cfg.data.class_conditional else ()
+    ebm, init = build_checked(cfg, tuple(dataset.sample_shape), condition_sizes)
+    networks = {"ebm": ebm} if init is None else {"ebm": ebm, "init": init}
+    step, ema = load_for_export(path, networks)
+    for name, network in networks.items():
+        refresh_ema_copy(ema[name], network, network)
+    pipeline = CDRLPipeline(
+        ebm=ebm, initializer=init, scheduler=CDRLScheduler.from_training_config(cfg)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    if condition_sizes:  # as the run's own export: offsets for negation="posterior"
+        calibrate_on_dataset(
+            pipeline, dataset, cfg.data.scale, num_samples=calibration_samples, seed=cfg.train.seed
+        )
+    return pipeline, cfg, step

@@ -42,6 +42,48 @@ class StepResult(NamedTuple):
     problem: str | None  # why the step was not applied (divergence guard), or None
 
 
+class MicroBatches:
+    """The micro-batches of one optimizer step (``train.gradient_accumulation_steps``): their stats and the
+    first problem among them, which spoils the whole step (no update, one bad step for the guard)."""
+
+    def __init__(self) -> None:
+        self.stats: list[dict[str, Tensor]] = []
+        self.problem: str | None = None
+
+    @property
+    def spoiled(self) -> bool:
+        """Whether a micro-batch of the current step was refused (the rest need no compute)."""
+        return self.problem is not None
+
+    def add(self, result: StepResult, accelerator: Accelerator) -> StepResult | None:
+        """Record a micro-batch's result; the optimizer step's, once this micro-batch completed it."""
+        self.stats.append(result.stats)
+        self.problem = self.problem or result.problem
+        if not accelerator.sync_gradients:
+            return None
+        done = StepResult(merge_stats(self.stats), self.problem)
+        self.stats, self.problem = [], None
+        return done
+
+
+def merge_stats(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One optimizer step's stats from its micro-batches' (equal sizes): per-level sums add up, maxima
+    (``*/max_abs``) take the largest, everything else is the mean over the micro-batches that have it
+    (the gradient norms: only the last one)."""
+    if len(parts) == 1:
+        return parts[0]
+    merged: dict[str, Tensor] = {}
+    for key in dict.fromkeys(key for part in parts for key in part):
+        values = torch.stack([part[key] for part in parts if key in part])
+        if key.startswith("level/"):
+            merged[key] = values.sum(0)
+        elif key.endswith("/max_abs"):
+            merged[key] = values.amax(0)
+        else:
+            merged[key] = values.mean(0)
+    return merged
+
+
 def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
     """Linear warmup, then constant, cosine or linear decay to 0 at ``total`` (diffusers' ``get_scheduler``)."""
     name = "constant_with_warmup" if name == "constant" else name
@@ -67,6 +109,14 @@ def train_step(
 ) -> StepResult:
     """One cooperative update of the EBM and the initializer (CDRL Alg. 1), unless the guard refuses it.
 
+    Under gradient accumulation (``accelerator.gradient_accumulation_steps`` N > 1) a call is one
+    micro-batch inside ``accelerator.accumulate``: its gradients (each loss / N) add to those of the
+    cycle, and only the cycle's last micro-batch (``accelerator.sync_gradients``) clips, steps both
+    optimizers and both LR schedulers, as in diffusers' training examples; ``MicroBatches`` gathers the
+    cycle into one optimizer step. With N = 1 every call is a whole step. Under fp16 loss scaling, an
+    EBM update that changes the scale (an overflow, or its growth every 2000 steps) comes before the
+    initializer's last backward of the cycle, so that one initializer update mixes two scales.
+
     The divergence guard applies no update when the energies or either loss are non-finite, when the
     energy gap |mean E(y-) - E(y+)| exceeds ``guard.max_energy_gap``, or when the EBM's gradients are
     non-finite. The initializer's backward runs after the EBM's update (fp16 loss scaling needs one
@@ -77,6 +127,33 @@ def train_step(
     Returns:
         The detached stats, and the reason the step was not applied (None when it was).
     """
+    if accelerator.sync_gradients:  # the previous optimizer step is complete: a new cycle starts
+        models.ebm_opt.zero_grad(set_to_none=True)
+        if models.init_opt is not None:
+            models.init_opt.zero_grad(set_to_none=True)
+    with accelerator.accumulate(*_networks(models)):
+        return _micro_batch(models, batch, cfg, schedule, accelerator, condition_sizes)
+
+
+def skip_micro_batch(models: TrainState, accelerator: Accelerator) -> StepResult:
+    """A micro-batch of an optimizer step that an earlier micro-batch spoiled (the guard refused it): it
+    computes nothing and only advances accelerate's accumulation count; the step applies no update."""
+    with accelerator.accumulate(*_networks(models)):
+        return StepResult({}, None)
+
+
+def _networks(models: TrainState) -> list[nn.Module]:
+    return [net for net in (models.ebm, models.initializer) if net is not None]
+
+
+def _micro_batch(
+    models: TrainState,
+    batch: tuple[Tensor, Tensor],
+    cfg: Config,
+    schedule: NoiseSchedule,
+    accelerator: Accelerator,
+    condition_sizes: Sequence[int],
+) -> StepResult:
     x0, cond = batch
     x0 = x0 * cfg.data.scale
     b, T = x0.shape[0], schedule.num_levels
@@ -122,7 +199,7 @@ def train_step(
 
     y_neg = refine(y_init.detach(), x_next, t, cond)
     # At the lowest levels some of the EBM's negatives continue persistent chains (persistent.py).
-    y_ebm_neg = y_neg
+    y_ebm_neg, continued = y_neg, None
     if models.chains is not None:
         y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, refine)
 
@@ -152,8 +229,18 @@ def train_step(
     if problem is not None:
         return StepResult(stats, problem)
 
+    diagnostics = _diagnostics(
+        models, x0, t, T, energy_pos, energy_neg, y_neg, y_init, y_pos, y_ebm_neg, continued
+    )
+    if (
+        not accelerator.sync_gradients
+    ):  # a micro-batch before the cycle's last: its gradients add up
+        accelerator.backward(loss)
+        if init is not None:
+            accelerator.backward(losses["initializer"])
+        return StepResult({**stats, **diagnostics}, None)
+
     # Update the EBM on positives and refined negatives (DRL Eq. (8)), unless its gradients are non-finite.
-    models.ebm_opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     stats["ebm/grad_norm"] = _as_tensor(
         accelerator.clip_grad_norm_(ebm.parameters(), cfg.train.grad_clip)
@@ -167,7 +254,6 @@ def train_step(
 
     # Update the initializer towards the refined samples: cooperative learning (CDRL Eq. (9)).
     if init is not None:
-        models.init_opt.zero_grad(set_to_none=True)
         accelerator.backward(losses["initializer"])
         stats["init/grad_norm"] = _as_tensor(
             accelerator.clip_grad_norm_(init.parameters(), cfg.train.grad_clip)
@@ -178,8 +264,25 @@ def train_step(
             return StepResult(stats, f"{problem} (only the EBM's update was applied)")
         models.init_opt.step()
         models.init_sched.step()
+    stats.update(diagnostics)
+    return StepResult(stats, None)
 
-    # Diagnostics per level: energy gap E(y-) - E(y+) and how far Langevin moved / how noisy y- still is.
+
+def _diagnostics(
+    models: TrainState,
+    x0: Tensor,
+    t: Tensor,
+    T: int,
+    energy_pos: Tensor,
+    energy_neg: Tensor,
+    y_neg: Tensor,
+    y_init: Tensor,
+    y_pos: Tensor,
+    y_ebm_neg: Tensor,
+    continued: Tensor | None,
+) -> dict[str, Tensor]:
+    """Per-level sums of the energy gap E(y-) - E(y+), of how far Langevin moved and of how far y- is from y+."""
+    stats = {}
     with torch.no_grad():
         gap = (energy_neg - energy_pos).detach()
         move = (y_neg - y_init.detach()).flatten(1).norm(dim=1)
@@ -195,7 +298,7 @@ def train_step(
             stats["persistent/share"] = continued.float().mean()
             # the largest |y| among the continued chains: chains that run off show up here first
             stats["persistent/max_abs"] = (y_ebm_neg.flatten(1).abs().amax(1) * continued).amax()
-    return StepResult(stats, None)
+    return stats
 
 
 def value_problem(
