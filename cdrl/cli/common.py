@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cdrl.utils import (
+    MAX_MESSAGE,
     UsageError,
     describe_os_error,
     describe_out_of_memory,
@@ -118,15 +119,17 @@ def run_cli(
     argv: Sequence[str] | None = None,
     *,
     memory_hint: str = "use a smaller --batch_size",
+    errors: tuple[type[BaseException], ...] = (),
+    limit: int = MAX_MESSAGE,
 ) -> int:
     """Call ``main``; turn CLIError (and ValueError from the library) into 'error: ...' and exit code 2.
 
     An allocation failure (a batch too large for the machine) is reported the same way, with
-    ``memory_hint``; outputs are written only once complete (``cdrl.utils.atomic_write``), so nothing is half-written.
+    ``memory_hint``; ``errors`` adds exception types reported the same way (training's divergence); outputs are written only once complete (``cdrl.utils.atomic_write``), so nothing is half-written.
     """
     try:
         return main(argv)
-    except (CLIError, ValueError) as err:
+    except (CLIError, ValueError, *errors) as err:
         message = str(err)
     except OSError as err:  # a path the system refuses: too long, a symlink loop, no permission
         message = describe_os_error(err)
@@ -134,5 +137,5 @@ def run_cli(
         if not is_out_of_memory(err):
             raise
         message = f"{describe_out_of_memory(err)}; {memory_hint}"
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    print(f"error: {one_line(message, limit)}", file=sys.stderr)
     return EXIT_BAD_INPUT

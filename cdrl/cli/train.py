@@ -11,18 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cdrl.cli.common import EXIT_BAD_INPUT, ArgumentParser, CLIError, add_config_overrides
+from cdrl.cli.common import ArgumentParser, CLIError, add_config_overrides, run_cli
 from cdrl.config import DEFAULT_RECIPE, Config, config_path, load_config, recipe_names
 from cdrl.training.guard import DivergenceError
 from cdrl.training.loop import run
+from cdrl.training.signals import TrainingStopped
 from cdrl.utils import (
     OWNER_MARKER,
-    CheckpointError,
-    ConfigError,
-    DataError,
     UsageError,
-    describe_out_of_memory,
-    is_out_of_memory,
 )
 
 FLAG_TO_KEY = {
@@ -97,36 +93,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input or divergence, with a one-line message)."""
-    try:
-        cfg, args = parse_args(argv)
-        if args.dry_run:
-            import yaml
+    """Entry point; returns the exit code: 0, 2 for bad input or divergence (one ``error:`` line), or
+    128 + the signal's number when SIGINT / SIGTERM stopped training after a checkpoint."""
+    return run_cli(
+        _main,
+        argv,
+        memory_hint="lower --train_batch_size or log.num_grid_samples, or narrow the networks",
+        errors=(DivergenceError,),
+        limit=1_000,  # a divergence names the run's checkpoints: paths can be long
+    )
 
-            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-            return 0
-        if args.push_to_hub:
-            check_hub(cfg, args)
-        export_dir = run(cfg, resume=args.resume_from_checkpoint, command=command_line(argv))
-        uploaded = None
-        if args.push_to_hub:
-            uploaded = push_to_hub(export_dir, hub_repo(cfg, args), args.hub_token)
-    except (ConfigError, DataError, UsageError, CheckpointError, CLIError, DivergenceError) as err:
-        message = " ".join(str(err).split())
-    except (MemoryError, RuntimeError) as err:
-        if not is_out_of_memory(err):
-            raise
-        message = (
-            f"{describe_out_of_memory(err)} with train.batch_size={cfg.train.batch_size} and "
-            f"log.num_grid_samples={cfg.log.num_grid_samples}; lower them, or narrow the networks"
-        )
-    else:
-        print(f"done: pipeline saved to {export_dir}")
-        if uploaded:
-            print(f"uploaded to https://huggingface.co/{uploaded}")
+
+def _main(argv: Sequence[str] | None) -> int:
+    cfg, args = parse_args(argv)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    if args.push_to_hub:
+        check_hub(cfg, args)
+    try:
+        export_dir = run(cfg, resume=args.resume_from_checkpoint, command=command_line(argv))
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
+    uploaded = None
+    if args.push_to_hub:
+        uploaded = push_to_hub(export_dir, hub_repo(cfg, args), args.hub_token)
+    print(f"done: pipeline saved to {export_dir}")
+    if uploaded:
+        print(f"uploaded to https://huggingface.co/{uploaded}")
+    return 0
 
 
 def command_line(argv: Sequence[str] | None) -> str:

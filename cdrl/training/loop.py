@@ -42,6 +42,7 @@ from cdrl.training.guard import GuardState, check_final_state, on_bad_step
 from cdrl.training.run_dir import (
     export_figures,
     hold_run_lock,
+    log_event,
     log_images,
     log_metrics,
     prepare_output_dir,
@@ -53,6 +54,7 @@ from cdrl.training.run_dir import (
     summarize,
     warn,
 )
+from cdrl.training.signals import StopRequest, TrainingStopped
 from cdrl.training.state import (
     TrainingSetup,
     accelerator_precision,
@@ -214,7 +216,9 @@ def _run(cfg: Config, resume: str | None, command: str | None) -> Path:
     handler = bar = None
     steps_per_epoch = math.ceil(len(loader) / micro_batches)
     cycle = MicroBatches()
+    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, stop (signals.py)
     try:
+        stop.install()
         while step < cfg.train.max_steps:
             epoch, done = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
@@ -272,8 +276,12 @@ def _run(cfg: Config, resume: str | None, command: str | None) -> Path:
                 every = cfg.log.checkpointing_steps
                 if every and step % every == 0 and guard.streak == 0:
                     _checkpoint(cfg, accelerator, output_dir, step, setup, guard)
+                signum = stop.requested(accelerator)
+                if signum is not None:
+                    raise _stopped(signum, cfg, accelerator, output_dir, step, setup, guard)
                 if step >= cfg.train.max_steps:
                     break
+        stop.restore()
         if bar is None:  # nothing to train (resumed at max_steps)
             handler, bar = start()
         check_final_state(guard, ema, step, output_dir)
@@ -302,9 +310,34 @@ def _run(cfg: Config, resume: str | None, command: str | None) -> Path:
         accelerator.end_training()
         return export_dir
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         stop_log_file(handler)
+
+
+def _stopped(
+    signum: int,
+    cfg: Config,
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    setup: TrainingSetup,
+    guard: GuardState,
+) -> TrainingStopped:
+    """Save checkpoint-N of the step just finished (never a diverging state) for a signal's stop."""
+    saved = [s for s, _ in list_checkpoints(output_dir)]
+    if guard.streak == 0 and (not saved or saved[-1] != step):
+        _checkpoint(cfg, accelerator, output_dir, step, setup, guard)
+        saved.append(step)
+    if saved and saved[-1] == step:
+        where = f"saved {output_dir / f'checkpoint-{step}'}"
+    elif saved:
+        where = f"inside a streak of bad steps: the newest checkpoint is checkpoint-{saved[-1]}"
+    else:
+        where = "inside a streak of bad steps, with no checkpoint yet"
+    log_event(accelerator, output_dir, {"step": step, "event": "stopped", "signal": signum})
+    return TrainingStopped(signum, step, where)
 
 
 def _checkpoint(

@@ -38,6 +38,12 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
+    def install(self) -> StopRequest:
+        return self.__enter__()
+
+    def restore(self) -> None:
+        self.__exit__(None, None, None)
+
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             for signum in SIGNALS:
