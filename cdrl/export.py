@@ -89,7 +89,13 @@ def model_card(
         else "- initializer: none",
         f"- data: `{cfg.data.name}` (train split), data scale {cfg.data.scale}",
         f"- training: {step if step is not None else cfg.train.max_steps} optimizer steps, batch "
-        f"{cfg.train.batch_size} per process, seed {cfg.train.seed}, Langevin K = {cfg.langevin.n_steps}",
+        f"{cfg.train.batch_size} per process"
+        + (
+            f" x {cfg.train.gradient_accumulation_steps} micro-batches"
+            if cfg.train.gradient_accumulation_steps > 1
+            else ""
+        )
+        + f", seed {cfg.train.seed}, Langevin K = {cfg.langevin.n_steps}",
         f"- command: `{command}`" if command else "- command: not recorded",
         "- the full settings: `training_config.yaml` in this folder",
         "",
