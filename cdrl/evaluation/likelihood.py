@@ -404,8 +404,8 @@ def bits_per_dim(
     num_top = top_num_chains or 16 * num_chains
     batches = range(0, n, batch_size)
     bar = tqdm(
-        total=1 + len(batches) * (schedule.num_levels - 1), desc="bits/dim", unit="level",
-        disable=not progress,
+        total=1 + len(batches) * (schedule.num_levels - 1), unit="level", disable=not progress,
+        desc=f"bits/dim (K = {num_intermediate})",
     )  # fmt: skip
 
     top = top_level_log_normalizer(
