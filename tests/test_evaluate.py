@@ -629,3 +629,66 @@ def test_ood_sets_script_writes_inverted_digits_and_noise(tmp_path, capsys):
         ood_sets.run_cli(ood_sets.main, ["--output_dir", str(tmp_path / "bad"), "--num", "0"]) == 2
     )
     assert "--num must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_bpd_convergence_from_the_cli(uncond_checkpoint, tmp_path, capsys):
+    """--bpd_convergence: both figures with their standard errors, the relative change and the verdict
+    in the JSON and the summary; the reported bpd is the 4K figure; the stages say what they do."""
+    out = tmp_path / "conv.json"
+    argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
+    argv += ["--num_examples", 3, "--bpd_num_chains", 2, "--bpd_num_intermediate", 2]
+    code, stdout, stderr = _run([*argv, "--bpd_convergence", "--output", out], capsys)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    conv = result["details"]["bpd_convergence"]
+    assert conv["num_intermediate"] == [2, 8] and conv["tolerance"] == 0.01
+    for key in ("bpd", "bpd_stderr", "nll_nats", "nll_stderr_nats", "per_level_nats"):
+        assert len(conv[key]) == 2, key
+    assert isinstance(conv["converged"], bool) and conv["relative_change"] >= 0
+    assert "1%" in conv["criterion"] and "paired_stderr_nats" in conv
+    metrics = result["metrics"]
+    assert set(metrics) == {"bpd", "nll_nats", "bpd_stderr", "bpd_converged"}
+    assert metrics["bpd"] == conv["bpd"][1] and metrics["bpd_stderr"] == conv["bpd_stderr"][1]
+    assert metrics["bpd_converged"] == conv["converged"]
+    details = result["details"]["bpd"]
+    assert details["num_intermediate"] == 8 and details["num_bins"] == 17
+    assert details["num_examples"] == 3 and "nll_per_example" not in details
+    assert "at K = 8" in stdout and "at K = 2" in stdout and "converged" in stdout
+    assert "bits/dim: 3 examples" in stderr and "energy gradients" in stderr and "4x" in stderr
+    assert "bits/dim (K = 2):" in stderr and "bits/dim (K = 8):" in stderr  # the progress bars
+
+
+def test_bpd_defaults_are_the_sized_ones_and_help_states_the_cost(capsys):
+    import cdrl.evaluation.likelihood as lk
+
+    steps, chains = lk.DEFAULT_NUM_INTERMEDIATE, lk.DEFAULT_NUM_CHAINS
+    defaults = lk.bits_per_dim.__kwdefaults__
+    assert (defaults["num_intermediate"], defaults["num_chains"]) == (steps, chains)
+    text = " ".join(evaluate.build_parser().format_help().split())
+    assert f"(default {steps})" in text and f"(default {chains})" in text
+    assert "examples x (levels - 1) x chains x K" in text and "min on 2 CPU cores" in text
+    assert "--bpd_convergence" in text and "costs 4x" in text
+
+
+def test_first_training_of_the_classifier_says_what_it_does(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_train(**kwargs):
+        calls.append(kwargs)
+        return dc.DigitsClassifier()
+
+    monkeypatch.setattr(dc, "train_digits_classifier", fake_train)
+    dc.load_digits_classifier(tmp_path / "clf")
+    err = capsys.readouterr().err
+    assert calls == [{"progress": True}]
+    assert "training one" in err and "about" in err and "trained the digits classifier in" in err
+    dc.load_digits_classifier(tmp_path / "clf")  # cached: no training, no words
+    assert len(calls) == 1 and capsys.readouterr().err == ""
+
+
+def test_ood_report_shows_a_progress_bar(uncond_pipe, capsys):
+    x = torch.zeros(3, 1, 8, 8)
+    ood_report(uncond_pipe, x, {"noise": x + 0.5}, batch_size=2)
+    assert "ood energies" in capsys.readouterr().err
+    ood_report(uncond_pipe, x, {"noise": x + 0.5}, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from cdrl import data
 from cdrl.utils import atomic_write
-
-logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 DEFAULT_EPOCHS = 20
@@ -250,6 +249,7 @@ def train_digits_classifier(
     lr: float = 3e-3,
     outlier_weight: float = 0.5,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> DigitsClassifier:
     """Train a ``DigitsClassifier`` on the train split of ``digits_split()``, deterministically.
 
@@ -268,6 +268,7 @@ def train_digits_classifier(
         lr: the peak learning rate.
         outlier_weight: weight of the outlier-exposure term; 0 turns it off.
         device: where to train.
+        progress: a progress bar over the epochs on stderr.
 
     Returns:
         The trained classifier, in eval mode.
@@ -287,7 +288,7 @@ def train_digits_classifier(
             opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
         )
         model.train()
-        for _ in range(epochs):
+        for _ in tqdm(range(epochs), desc="digits classifier", unit="epoch", disable=not progress):
             order = torch.randperm(n, generator=generator).to(device)
             for idx in order.split(batch_size):
                 b = idx.numel()
@@ -358,8 +359,16 @@ def load_digits_classifier(
                 f"no digits classifier at {path}; create it with: "
                 f"python -m cdrl.evaluation.digits --output {path}"
             )
-        logger.info("no digits classifier at %s; training one (about half a minute)", path)
-        save_classifier_atomically(train_digits_classifier(), path)
+        print(
+            f"no digits classifier at {path}: training one on the digits training split "
+            f"(once; {DEFAULT_EPOCHS} epochs, about 10-30 s on a CPU)",
+            file=sys.stderr,
+        )
+        start = time.perf_counter()
+        save_classifier_atomically(train_digits_classifier(progress=True), path)
+        print(
+            f"trained the digits classifier in {time.perf_counter() - start:.0f} s", file=sys.stderr
+        )
     return DigitsClassifier.from_pretrained(path).eval()
 
 
@@ -486,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    classifier = train_digits_classifier(seed=args.seed, epochs=args.epochs, device=args.device)
+    classifier = train_digits_classifier(
+        seed=args.seed, epochs=args.epochs, device=args.device, progress=True
+    )
     seconds = time.perf_counter() - start
     _, _, x_test, y_test = digits_split()
     accuracy = evaluate_accuracy(classifier, x_test, y_test)

@@ -9,11 +9,13 @@ than a random out-of-distribution one (0.5: no separation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from cdrl.guidance import composed, null_condition
 from cdrl.sampling import frozen
@@ -23,7 +25,13 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def lowest_level_energy(pipeline: CDRLPipeline, x0: Tensor, *, batch_size: int = 256) -> Tensor:
+def lowest_level_energy(
+    pipeline: CDRLPipeline,
+    x0: Tensor,
+    *,
+    batch_size: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> Tensor:
     """Energies E(sqrt(alpha_1) x_0, u'_0) of clean data under the level-0 EBM (DRL Eq. (5) at t = 0).
 
     A class-conditional EBM is evaluated with the null label: the unconditional model.
@@ -32,6 +40,7 @@ def lowest_level_energy(pipeline: CDRLPipeline, x0: Tensor, *, batch_size: int =
         pipeline: a ``CDRLPipeline`` (its EBM, schedule and data scale are used).
         x0: (n, ...) data in data units (images in [-1, 1]).
         batch_size: examples per forward.
+        on_batch: called with the number of examples after each forward (a progress bar's update).
 
     Returns:
         (n,) float64 energies on the CPU (the network's output, not divided by the Langevin temperature).
@@ -50,6 +59,8 @@ def lowest_level_energy(pipeline: CDRLPipeline, x0: Tensor, *, batch_size: int =
             null = null_condition(sizes, b, device) if sizes else None
             levels = torch.full((b,), noise_level, device=device)
             energies.append(composed(ebm, y, levels, null=null).double().cpu())
+            if on_batch is not None:
+                on_batch(b)
     return torch.cat(energies) if energies else torch.zeros(0, dtype=torch.float64)
 
 
@@ -82,6 +93,7 @@ def ood_report(
     x_out: dict[str, Tensor],
     *,
     batch_size: int = 256,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Lowest-level energies of held-out in-distribution data and of OOD sets, and each set's AUROC.
 
@@ -90,6 +102,7 @@ def ood_report(
         x_in: (n, ...) held-out in-distribution data in data units.
         x_out: {name: (m, ...) OOD data in data units}.
         batch_size: examples per forward.
+        progress: a progress bar on stderr over the examples of every set.
 
     Returns:
         JSON-ready: ``in_distribution`` ({num_examples, energy_mean, energy_std}) and ``out_of_distribution``
@@ -104,10 +117,15 @@ def ood_report(
             "energy_std": std,
         }
 
-    energy_in = lowest_level_energy(pipeline, x_in, batch_size=batch_size)
+    total = len(x_in) + sum(len(x) for x in x_out.values())
+    with tqdm(total=total, desc="ood energies", unit="example", disable=not progress) as bar:
+        energy_in = lowest_level_energy(pipeline, x_in, batch_size=batch_size, on_batch=bar.update)
+        energies = {
+            name: lowest_level_energy(pipeline, x, batch_size=batch_size, on_batch=bar.update)
+            for name, x in x_out.items()
+        }
     report: dict[str, Any] = {"in_distribution": summary(energy_in), "out_of_distribution": {}}
-    for name, x in x_out.items():
-        energy_out = lowest_level_energy(pipeline, x, batch_size=batch_size)
+    for name, energy_out in energies.items():
         report["out_of_distribution"][name] = {
             **summary(energy_out),
             "auroc": auroc(energy_in, energy_out),
