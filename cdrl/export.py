@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,9 +210,11 @@ def calibrate_checkpoint(
     num_samples: int = 4096,
     seed: int = 0,
     device: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Fit a conditional checkpoint's offsets on its training data (``training_config.yaml``) and store them
-    in its ``scheduler/scheduler_config.json`` (written atomically). Returns the pipeline folder."""
+    in its ``scheduler/scheduler_config.json`` (written atomically); ``progress`` says on stderr what it
+    fits before the work. Returns the pipeline folder."""
     folder = resolve_checkpoint(path)
     pipeline = load_pipeline(folder, device)
     if not pipeline.condition_sizes:
@@ -227,6 +230,12 @@ def calibrate_checkpoint(
         dataset = load_dataset(cfg.data, split="train")
     except (ConfigError, OSError) as err:
         raise CheckpointError(f"{config_path}: {' '.join(str(err).split())}") from None
+    if progress:
+        print(
+            f"calibrating on up to {num_samples:,} of {len(dataset):,} training examples at each of "
+            f"{pipeline.scheduler.schedule.num_levels} levels",
+            file=sys.stderr,
+        )
     calibrate_on_dataset(pipeline, dataset, cfg.data.scale, num_samples=num_samples, seed=seed)
     scheduler_json = folder / "scheduler" / "scheduler_config.json"
     stored = json.loads(scheduler_json.read_text())
