@@ -203,10 +203,10 @@ def network_problem(config: Any, model_class: type) -> str | None:
             items = value if isinstance(value, list | tuple) else None
             element = _flag if default and isinstance(default[0], bool) else _count(1, 1_000_000)
             verdict = (
-                "must be a list" if items is None else next(
-                    (f"entries {v}" for v in map(element, items) if v is not True), True
-                )
-            )  # fmt: skip
+                "must be a list"
+                if items is None
+                else next((f"entries {v}" for v in map(element, items) if v is not True), True)
+            )
         else:
             continue
         if verdict is not True:
@@ -257,7 +257,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-
 def read_json(path: Path) -> Any:
     """A JSON file's value; ValueError naming the file when it cannot be read or parsed."""
     import json
@@ -287,6 +286,8 @@ def check_device(device: str | torch.device | None) -> None:
         if parsed.index is not None and parsed.index >= count:
             raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s)")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise UsageError(
+            f"--device {device}: MPS is not available on this machine; use --device cpu"
+        )
     elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"--device {device}: cdrl runs on cpu, cuda or mps")

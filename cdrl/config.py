@@ -68,124 +68,145 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem}{where}"[:200]
 
 
-# fmt: off
 @dataclass
 class DataConfig:
-    name: str = "digits"               # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
-    data_dir: str | None = None        # local copy (cifar10: the torchvision root; folder: the image folder)
-    download: bool = True              # cifar10: let torchvision download into data_dir when missing
-    image_size: int | None = None      # folder: resize/center-crop to this size (None: keep the files' size)
-    channels: int | None = None        # folder: 1 (grayscale) or 3 (RGB); None: 3
-    random_flip: bool = False          # random horizontal flip (natural images only; never for digits)
-    scale: float = 1.0                 # the model sees data * scale (2-D toys: 4.0, as the official toy example)
-    toy_size: int = 50_000             # 2-D toys: number of points drawn once, with data.seed
-    seed: int = 0                      # data generation / split seed
-    num_workers: int = 0               # DataLoader workers
-    class_conditional: bool = False    # feed class labels to both networks (CDRL Sec. 3.4)
-    uncond_prob: float = 0.1           # probability that a label is replaced by the null label (CFG training)
-    attributes: list[str] = field(default_factory=list)  # binary conditions: digits [thickness]; toys [xband, yband]
+    # digits | mnist5k | cifar10 | folder | 8gaussians | checkerboard | moons | rings
+    name: str = "digits"
+    # local copy (cifar10: the torchvision root; folder: the image folder)
+    data_dir: str | None = None
+    download: bool = True  # cifar10: let torchvision download into data_dir when missing
+    # folder: resize/center-crop to this size (None: keep the files' size)
+    image_size: int | None = None
+    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); None: 3
+    random_flip: bool = False  # random horizontal flip (natural images only; never for digits)
+    scale: float = 1.0  # the model sees data * scale (2-D toys: 4.0, as the official toy example)
+    toy_size: int = 50_000  # 2-D toys: number of points drawn once, with data.seed
+    seed: int = 0  # data generation / split seed
+    num_workers: int = 0  # DataLoader workers
+    class_conditional: bool = False  # feed class labels to both networks (CDRL Sec. 3.4)
+    # probability that a label is replaced by the null label (CFG training)
+    uncond_prob: float = 0.1
+    # binary conditions: digits [thickness]; toys [xband, yband]
+    attributes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cdrl", "drl"] = "cdrl"  # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
-    num_levels: int = 6                # T, number of EBMs / recovery steps
-    logsnr_min: float = -5.1           # cdrl: lambda at the noisiest level (CDRL App. A.1)
-    logsnr_max: float = 9.8            # cdrl: lambda at level 0
-    beta_start: float = 1e-4           # drl: DDPM beta_1
-    beta_end: float = 0.02             # drl: DDPM beta_N
-    num_diffusion_steps: int = 1000    # drl: N
+    # cdrl: truncated cosine log-SNR; drl: sub-sampled linear betas
+    kind: Literal["cdrl", "drl"] = "cdrl"
+    num_levels: int = 6  # T, number of EBMs / recovery steps
+    logsnr_min: float = -5.1  # cdrl: lambda at the noisiest level (CDRL App. A.1)
+    logsnr_max: float = 9.8  # cdrl: lambda at level 0
+    beta_start: float = 1e-4  # drl: DDPM beta_1
+    beta_end: float = 0.02  # drl: DDPM beta_N
+    num_diffusion_steps: int = 1000  # drl: N
 
 
 @dataclass
 class EBMConfig:
     arch: Literal["resnet", "mlp"] = "resnet"
-    base_channels: int = 128           # resnet: width of the first resolution; also the time-embedding width
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # per resolution (32, 16, 8, 4)
-    num_res_blocks: int = 8            # residual blocks per resolution (mlp: per width)
-    hidden: int = 128                  # mlp: hidden width
-    spectral_norm: bool = True         # on every conv/linear except the head (DRL App. B.1)
+    base_channels: int = 128  # resnet: width of the first resolution; also the time-embedding width
+    # per resolution (32, 16, 8, 4)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 8  # residual blocks per resolution (mlp: per width)
+    hidden: int = 128  # mlp: hidden width
+    spectral_norm: bool = True  # on every conv/linear except the head (DRL App. B.1)
 
 
 @dataclass
 class InitializerConfig:
     arch: Literal["unet", "mlp", "none"] = "unet"  # none: DRL (chains start at x_{t+1})
     block_out_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])  # attention at 16, 8
-    layers_per_block: int = 4          # diffusers layout; 4 gives CDRL's 3.8M parameters
+    # attention at 16, 8
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    layers_per_block: int = 4  # diffusers layout; 4 gives CDRL's 3.8M parameters
     dropout: float = 0.1
     norm_num_groups: int = 32
     attention_head_dim: int = 32
-    hidden: int = 128                  # mlp: hidden width
-    num_blocks: int = 2                # mlp: residual blocks
+    hidden: int = 128  # mlp: hidden width
+    num_blocks: int = 2  # mlp: residual blocks
 
 
 @dataclass
 class LangevinConfig:
-    n_steps: int = 15                  # K per level (CDRL: 15; DRL: 30)
-    sample_steps: int | None = None    # K when sampling from the exported model (None: n_steps)
-    b2: float = 4e-4                   # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
-    step_scale: float = 1.0            # multiplies every s_t; 1.0 = paper
-    tempered: bool = True              # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
-    noise: bool = True                 # Langevin noise (False: gradient descent, for diagnostics)
-    noise_scale: float = 1.0           # multiplies the Langevin noise when sampling (DRL test time: 0.99); training uses 1
-    tweedie: bool = True               # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
-    tweedie_b2: float = 2e-4           # b^2 that scales the score in the Tweedie step (official code: 2e-4)
+    n_steps: int = 15  # K per level (CDRL: 15; DRL: 30)
+    sample_steps: int | None = None  # K when sampling from the exported model (None: n_steps)
+    b2: float = 4e-4  # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
+    step_scale: float = 1.0  # multiplies every s_t; 1.0 = paper
+    # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
+    tempered: bool = True
+    noise: bool = True  # Langevin noise (False: gradient descent, for diagnostics)
+    # multiplies the Langevin noise when sampling (DRL test time: 0.99); training uses 1
+    noise_scale: float = 1.0
+    # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
+    tweedie: bool = True
+    tweedie_b2: float = 2e-4  # b^2 that scales the score in the Tweedie step (official code: 2e-4)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32               # per process and micro-batch (paper: 8 GPUs x 32 = 256)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (accelerate's accumulate); the
+    batch_size: int = 32  # per process and micro-batch (paper: 8 GPUs x 32 = 256)
+    # micro-batches per optimizer step (accelerate's accumulate); the
+    gradient_accumulation_steps: int = 1
     #   steps, checkpoints, EMA and LR schedule count optimizer steps, as in diffusers' training examples
-    max_steps: int = 500_000           # optimizer steps
-    ebm_lr: float = 1e-4               # Adam
-    init_lr: float = 1e-5              # AdamW
+    max_steps: int = 500_000  # optimizer steps
+    ebm_lr: float = 1e-4  # Adam
+    init_lr: float = 1e-5  # AdamW
     init_weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 10_000         # linear warmup of both learning rates
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup (diffusers get_scheduler)
-    grad_clip: float = 1.0             # max grad norm, both networks
-    ema_decay: float = 0.9999          # EMA of both networks, used for sampling and export
-    ema_warmup: bool = False           # diffusers EMAModel's decay warmup (useful for short runs)
-    variance_reduction: bool = True    # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
-    init_data_weight: float = 0.0      # extra initializer regression of its mean onto a data target (0 = paper); see README
-    init_data_target: Literal["paired", "posterior_mean"] = "paired"  # that target in y-space: sqrt(alpha_{t+1}) times
+    warmup_steps: int = 10_000  # linear warmup of both learning rates
+    # after warmup (diffusers get_scheduler)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float = 1.0  # max grad norm, both networks
+    ema_decay: float = 0.9999  # EMA of both networks, used for sampling and export
+    ema_warmup: bool = False  # diffusers EMAModel's decay warmup (useful for short runs)
+    variance_reduction: bool = True  # shared eps for the (x_t, x_{t+1}) pair (CDRL App. A.3)
+    # extra initializer regression of its mean onto a data target (0 = paper); see README
+    init_data_weight: float = 0.0
+    # that target in y-space: sqrt(alpha_{t+1}) times
+    init_data_target: Literal["paired", "posterior_mean"] = "paired"
     #   paired: the x_t drawn with x_{t+1} (under shared noise, its mean given x_{t+1} is DDIM's, not the recovery mean)
     #   posterior_mean: the DDPM posterior mean mu~(x_0, x_{t+1}), right under any coupling (docs/method.md §13)
-    persistent_levels: int = 0         # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
-    persistent_fraction: float = 0.5   # share of those levels' examples whose negative comes from a persistent chain
-    persistent_size: int = 256         # chains per persistent level (per process), split evenly among label values
-    persistent_reset: float = 0.05     # probability that a chosen chain restarts from the example's fresh chain
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: accelerate launch / accelerate config
+    # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
+    persistent_levels: int = 0
+    # share of those levels' examples whose negative comes from a persistent chain
+    persistent_fraction: float = 0.5
+    # chains per persistent level (per process), split evenly among label values
+    persistent_size: int = 256
+    # probability that a chosen chain restarts from the example's fresh chain
+    persistent_reset: float = 0.05
+    # auto: accelerate launch / accelerate config
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     #   decide (no when neither says); the run's config.yaml records the precision used. bf16 also runs the
     #   training Langevin forwards in bf16
-    tf32: bool = True                  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.precision.set_tf32)
-    channels_last: bool = False        # NHWC conv weights (faster tensor-core convs on GPU)
-    compile: bool = False              # torch.compile both networks in place (cdrl.precision.maybe_compile); slow first steps
+    tf32: bool = True  # CUDA: TF32 in float32 matmuls and cuDNN convs (cdrl.precision.set_tf32)
+    channels_last: bool = False  # NHWC conv weights (faster tensor-core convs on GPU)
+    # torch.compile both networks in place (cdrl.precision.maybe_compile); slow first steps
+    compile: bool = False
     seed: int = 0
 
 
 @dataclass
 class GuardConfig:
-    enabled: bool = True               # skip bad steps and roll back (False: stop at the first bad step)
-    max_energy_gap: float = 1e3        # |mean E(y-) - E(y+)| above this is a bad step (healthy digits/toy runs: below 1)
-    max_bad_steps: int = 10            # consecutive bad steps before rolling back to the last checkpoint
-    lr_factor: float = 0.5             # both learning rates are multiplied by this at each rollback
-    max_rollbacks: int = 3             # rollbacks allowed in a run; the next one stops training (exit code 2)
+    enabled: bool = True  # skip bad steps and roll back (False: stop at the first bad step)
+    # |mean E(y-) - E(y+)| above this is a bad step (healthy digits/toy runs: below 1)
+    max_energy_gap: float = 1e3
+    max_bad_steps: int = 10  # consecutive bad steps before rolling back to the last checkpoint
+    lr_factor: float = 0.5  # both learning rates are multiplied by this at each rollback
+    max_rollbacks: int = 3  # rollbacks allowed in a run; the next one stops training (exit code 2)
 
 
 @dataclass
 class LogConfig:
     output_dir: str = "runs/cdrl"
-    log_every: int = 100               # steps between metric lines (JSONL, trackers)
-    sample_every: int = 5_000          # steps between sample grids (0: only at the end)
-    num_grid_samples: int = 64         # samples per grid (a square number)
-    sample_seed: int = 1234            # fixed noise for comparable grids
+    log_every: int = 100  # steps between metric lines (JSONL, trackers)
+    sample_every: int = 5_000  # steps between sample grids (0: only at the end)
+    num_grid_samples: int = 64  # samples per grid (a square number)
+    sample_seed: int = 1234  # fixed noise for comparable grids
     checkpointing_steps: int = 10_000  # steps between resumable checkpoints (0: only at the end)
     checkpoints_total_limit: int | None = 3
-    report_to: str = "tensorboard"     # tensorboard | wandb | none (JSONL is always written)
+    report_to: str = "tensorboard"  # tensorboard | wandb | none (JSONL is always written)
 
 
 @dataclass
@@ -198,7 +219,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
-# fmt: on
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the recipes, installed with the package
@@ -515,7 +535,7 @@ def validate(cfg: Config) -> None:
             )
             >= 1,
             "initializer.layers_per_block, norm_num_groups, attention_head_dim and hidden must be >= 1",
-        ),  # fmt: skip
+        ),
         (0.0 <= cfg.initializer.dropout < 1.0, "initializer.dropout must be in [0, 1)"),
         (cfg.guard.max_energy_gap > 0, "guard.max_energy_gap must be > 0 (.inf turns it off)"),
         (cfg.guard.max_bad_steps >= 1, "guard.max_bad_steps must be >= 1"),

@@ -321,7 +321,9 @@ class ImageFolderDataset(Dataset):
                 else:  # alpha dropped, palette looked up, colour to luma for 1 channel
                     image = image.convert("L" if self.channels == 1 else "RGB")
         except (OSError, ValueError, SyntaxError) as err:
-            raise DataError(f"cannot read image {path} ({error_line(err, named=True)}); remove it") from None
+            raise DataError(
+                f"cannot read image {path} ({error_line(err, named=True)}); remove it"
+            ) from None
         if self.image_size is not None:
             image = _resize_center_crop(image, self.image_size)
         if image.mode == "F":  # values in [0, 1]
@@ -351,7 +353,9 @@ def _check_image(path: Path) -> tuple[int, int]:
             size = image.size
             image.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path} ({error_line(err, named=True)}); remove or fix it") from None
+        raise DataError(
+            f"cannot read image {path} ({error_line(err, named=True)}); remove or fix it"
+        ) from None
     return size
 
 

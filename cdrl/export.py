@@ -61,7 +61,11 @@ def model_card(
     import cdrl
 
     def count(network) -> str:
-        return "none" if network is None else f"{sum(p.numel() for p in network.parameters()):,} parameters"
+        return (
+            "none"
+            if network is None
+            else f"{sum(p.numel() for p in network.parameters()):,} parameters"
+        )
 
     conditional = bool(pipeline.condition_sizes)
     kind = "DRL (no initializer)" if pipeline.initializer is None else "CDRL"
@@ -73,7 +77,9 @@ def model_card(
         "tags:",
         "- energy-based-model",
         "- cdrl",
-        "- unconditional-image-generation" if not conditional else "- class-conditional-image-generation",
+        "- unconditional-image-generation"
+        if not conditional
+        else "- class-conditional-image-generation",
         "---",
         "",
         f"# {kind} model on `{cfg.data.name}`",
@@ -108,7 +114,7 @@ def model_card(
         'pipe = CDRLPipeline.from_pretrained("path/to/this/folder")',
         "images = pipe(batch_size=16).images",
         "# or, with diffusers alone (cdrl installed): the folder is a community pipeline",
-        "# DiffusionPipeline.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)",
+        '# DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         "```",
         "",
         "## Measured at export",
@@ -143,7 +149,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         )
     for part in ("ebm", "scheduler"):
         if not (folder / part).is_dir():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: the {part}/ folder is missing")
+            raise CheckpointError(
+                f"checkpoint {folder} is incomplete: the {part}/ folder is missing"
+            )
     return folder
 
 
@@ -186,7 +194,9 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     try:
         pipeline.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise CheckpointError(f"device {device!r} cannot be used: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"device {device!r} cannot be used: {str(err).splitlines()[0]}"
+        ) from None
     return pipeline
 
 
@@ -218,7 +228,9 @@ def calibrate_checkpoint(
     folder = resolve_checkpoint(path)
     pipeline = load_pipeline(folder, device)
     if not pipeline.condition_sizes:
-        raise CheckpointError(f"{folder} is an unconditional model: there are no conditions to calibrate")
+        raise CheckpointError(
+            f"{folder} is an unconditional model: there are no conditions to calibrate"
+        )
     config_path = folder / "training_config.yaml"
     if not config_path.is_file():
         raise CheckpointError(

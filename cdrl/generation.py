@@ -94,7 +94,6 @@ def write_folder(
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-
 # ---------------------------------------------------------------- inpainting
 
 

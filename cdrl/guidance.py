@@ -31,7 +31,9 @@ ConditionalNet = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 NEGATIONS = ("linear", "posterior")
 
 
-def null_condition(sizes: Sequence[int], batch: int, device: torch.device | str | None = None) -> Tensor:
+def null_condition(
+    sizes: Sequence[int], batch: int, device: torch.device | str | None = None
+) -> Tensor:
     """(batch, K) long, every condition at its null token: index ``sizes[k]`` of condition k (one past its
     last class; the label-dropout token of training and the unconditional row of guidance)."""
     return torch.tensor(list(sizes), dtype=torch.long, device=device).expand(batch, -1).clone()

@@ -72,8 +72,12 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1) -> 
 
     channels = images.shape[-1]
     nrow = nrow or max(1, math.isqrt(len(images)))
-    grid = tv_make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
-                        nrow=nrow, padding=padding, pad_value=0)  # fmt: skip
+    grid = tv_make_grid(
+        torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
+        nrow=nrow,
+        padding=padding,
+        pad_value=0,
+    )
     return grid[:channels].permute(1, 2, 0).numpy()
 
 

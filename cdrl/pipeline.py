@@ -206,7 +206,9 @@ class CDRLPipeline(DiffusionPipeline):
         """diffusers' ``save_pretrained`` (safetensors), plus what lets ``DiffusionPipeline.from_pretrained``
         load the folder as a community pipeline: ``PIPELINE_MODULE.py`` and its name in model_index.json."""
         if kwargs.get("push_to_hub"):
-            raise ValueError("save the pipeline, then upload the folder (cdrl-train --push_to_hub does both)")
+            raise ValueError(
+                "save the pipeline, then upload the folder (cdrl-train --push_to_hub does both)"
+            )
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         index_path = folder / "model_index.json"
@@ -283,9 +285,18 @@ class CDRLPipeline(DiffusionPipeline):
         """
         device = self.device
         self._check_arguments(
-            batch_size, num_langevin_steps, langevin_noise_scale, guidance_scale, image, mask_image,
-            num_samples_per_image, resample, class_labels, compose, output_type,
-        )  # fmt: skip
+            batch_size,
+            num_langevin_steps,
+            langevin_noise_scale,
+            guidance_scale,
+            image,
+            mask_image,
+            num_samples_per_image,
+            resample,
+            class_labels,
+            compose,
+            output_type,
+        )
         guidance_scale, resample = float(guidance_scale), int(resample)
         known = known_mask = None
         if image is not None:
@@ -339,12 +350,21 @@ class CDRLPipeline(DiffusionPipeline):
             ebm = prec.AutocastModule(ebm, dtype)
             initializer = None if initializer is None else prec.AutocastModule(initializer, dtype)
         x = sample(
-            ebm, initializer, schedule, x_top, settings, null=null, terms=terms,
-            generator=generator, known=known, known_mask=known_mask, resample=resample,
+            ebm,
+            initializer,
+            schedule,
+            x_top,
+            settings,
+            null=null,
+            terms=terms,
+            generator=generator,
+            known=known,
+            known_mask=known_mask,
+            resample=resample,
             negation=negation,
             condition_offsets=self._condition_offsets(device) if negation == "posterior" else None,
             callback=lambda t, k, y: bar.update(1),
-        )  # fmt: skip
+        )
         bar.close()
         images = self._postprocess(x / self.scheduler.config.data_scale, output_type)
         if not return_dict:
@@ -352,9 +372,19 @@ class CDRLPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
     def _check_arguments(
-        self, batch_size, num_langevin_steps, langevin_noise_scale, guidance_scale, image, mask_image,
-        num_samples_per_image, resample, class_labels, compose, output_type,
-    ) -> None:  # fmt: skip
+        self,
+        batch_size,
+        num_langevin_steps,
+        langevin_noise_scale,
+        guidance_scale,
+        image,
+        mask_image,
+        num_samples_per_image,
+        resample,
+        class_labels,
+        compose,
+        output_type,
+    ) -> None:
         """Refuse bad values and combinations in which one argument would be silently ignored."""
         check_int("batch_size", batch_size, minimum=1, maximum=MAX_SAMPLES)
         check_int("num_samples_per_image", num_samples_per_image, minimum=1, maximum=MAX_SAMPLES)

@@ -244,10 +244,18 @@ def reverse_step(
         ebm, lvl, null=null, terms=terms, negation=negation, offsets=_at_level(condition_offsets, t)
     )
     y = refine(
-        fn, y, x_next, lvl, n_steps=settings.n_steps, noise=settings.noise,
-        noise_scale=settings.noise_scale, known=known_y, known_mask=known_mask, generator=generator,
+        fn,
+        y,
+        x_next,
+        lvl,
+        n_steps=settings.n_steps,
+        noise=settings.noise,
+        noise_scale=settings.noise_scale,
+        known=known_y,
+        known_mask=known_mask,
+        generator=generator,
         callback=callback,
-    )  # fmt: skip
+    )
     return y / scale
 
 
@@ -330,15 +338,32 @@ def sample(
                     alpha = float(schedule.alphas[t + 1])
                     x_next = alpha**0.5 * x + (1.0 - alpha) ** 0.5 * randn_like(x, generator)
                 x = reverse_step(
-                    ebm, initializer, schedule, x_next, t, settings, null=null, terms=terms,
-                    generator=generator, known=known, known_mask=known_mask, callback=step_callback,
-                    negation=negation, condition_offsets=condition_offsets,
-                )  # fmt: skip
+                    ebm,
+                    initializer,
+                    schedule,
+                    x_next,
+                    t,
+                    settings,
+                    null=null,
+                    terms=terms,
+                    generator=generator,
+                    known=known,
+                    known_mask=known_mask,
+                    callback=step_callback,
+                    negation=negation,
+                    condition_offsets=condition_offsets,
+                )
         if settings.tweedie:
             x = tweedie_denoise(
-                ebm, schedule, x, settings, null=null, terms=terms, negation=negation,
+                ebm,
+                schedule,
+                x,
+                settings,
+                null=null,
+                terms=terms,
+                negation=negation,
                 condition_offsets=condition_offsets,
-            )  # fmt: skip
+            )
     if known is not None:
         x = known_mask * known + (1.0 - known_mask) * x
     return x

@@ -112,9 +112,8 @@ def git_sha(cwd: str | Path | None = None) -> str:
 # ------------------------------------------------------------------------------------------------------
 # All-or-nothing writes: the one home of temp-and-rename.
 
-OWNER_MARKER = (
-    ".cdrl-output"  # written into every output folder we own; a folder without it is the user's
-)
+# Written into every output folder we own; a folder without it is the user's.
+OWNER_MARKER = ".cdrl-output"
 _TMP, _OLD = "cdrl-tmp-", "cdrl-old-"
 
 
@@ -316,7 +315,6 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
-
 
 
 # ---------------------------------------------------------------- outputs

@@ -69,7 +69,14 @@ def train_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> dict[str, fl
             run.parent.mkdir(parents=True, exist_ok=True)
             print("+", shlex.join(cmd), flush=True)
             log = open(run.parent / f"{run.name}.train.log", "w")  # noqa: SIM115 (closed below)
-            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()))  # fmt: skip
+            running.append(
+                (
+                    run,
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                    log,
+                    time.time(),
+                )
+            )
         time.sleep(5)
         for item in list(running):
             run, proc, log, start = item
@@ -118,8 +125,10 @@ def evaluate_run(
 
 
 def markdown(results: dict[str, Any]) -> str:
-    rows = ["| arm | seed | K | confident | classes | largest | digits-FID (train) | copies |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| arm | seed | K | confident | classes | largest | digits-FID (train) | copies |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, seeds in results.items():
         for seed, by_k in seeds.items():
             for r in by_k.values():
@@ -128,9 +137,11 @@ def markdown(results: dict[str, Any]) -> str:
                     if r.get("noise_scale") is None
                     else f"{r['K']} (noise {r['noise_scale']:g})"
                 )
-                rows.append(f"| {name} | {seed} | {k} | {r['confident_fraction']:.3f} | "
-                            f"{r['classes_present']} | {r['max_class_fraction']:.3f} | "
-                            f"{r['fid']:.2f} | {r['copy_fraction']:.3f} |")  # fmt: skip
+                rows.append(
+                    f"| {name} | {seed} | {k} | {r['confident_fraction']:.3f} | "
+                    f"{r['classes_present']} | {r['max_class_fraction']:.3f} | "
+                    f"{r['fid']:.2f} | {r['copy_fraction']:.3f} |"
+                )
     return "\n".join(rows)
 
 
@@ -144,16 +155,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--output", type=Path, default=None, help="JSON of every figure")
-    parser.add_argument("--noise_scale", type=float, nargs="+", default=None,
-                        help="Langevin noise scales to sample at (default: the exported one)")  # fmt: skip
-    parser.add_argument("--eval_k", type=int, nargs="+", default=None,
-                        help="K values to sample at (default: the sampling K, the training K and 0)")  # fmt: skip
+    parser.add_argument(
+        "--noise_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Langevin noise scales to sample at (default: the exported one)",
+    )
+    parser.add_argument(
+        "--eval_k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="K values to sample at (default: the sampling K, the training K and 0)",
+    )
     args = parser.parse_args(argv)
     arms = dict(parse_arm(a) for a in args.arm)
 
     runs = {(name, seed): args.runs_dir / f"{name}-s{seed}" for name in arms for seed in args.seeds}
-    jobs = [(run, train_command(args.config, run, seed, arms[name]))
-            for (name, seed), run in runs.items() if not (run / "pipeline").is_dir()]  # fmt: skip
+    jobs = [
+        (run, train_command(args.config, run, seed, arms[name]))
+        for (name, seed), run in runs.items()
+        if not (run / "pipeline").is_dir()
+    ]
     seconds = train_all(jobs, args.parallel)
 
     classifier = load_digits_classifier(None)
@@ -174,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     if args.output is not None:
-        payload = {"arms": arms, "seeds": args.seeds, "train_seconds": seconds, "results": results,
-                   "command": shlex.join([sys.executable, *sys.argv]), "table": table}  # fmt: skip
+        payload = {
+            "arms": arms,
+            "seeds": args.seeds,
+            "train_seconds": seconds,
+            "results": results,
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "table": table,
+        }
         args.output.write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -127,8 +127,12 @@ def sample_ebm(
     """(n, c, h, w) samples in [-1, 1] with K = ``n_steps``; batch i is seeded ``seed + i``."""
     chunks = []
     for index, start in enumerate(range(0, n, batch_size)):
-        out = pipeline(batch_size=min(batch_size, n - start), num_langevin_steps=n_steps,
-                       generator=torch.Generator().manual_seed(seed + index), output_type="pt")  # fmt: skip
+        out = pipeline(
+            batch_size=min(batch_size, n - start),
+            num_langevin_steps=n_steps,
+            generator=torch.Generator().manual_seed(seed + index),
+            output_type="pt",
+        )
         chunks.append(torch.as_tensor(out.images).float().cpu() * 2 - 1)
     return torch.cat(chunks)
 
@@ -168,9 +172,15 @@ def sampler_settings(
                         n: int, k: int = k, sampler: str = sampler, clip: bool = clip
                     ) -> Tensor:
                         return diffusion_baseline.sample_diffusion(
-                            unet, sampler, k, n, torch.Generator().manual_seed(seed),
-                            train_scheduler=train_scheduler, batch_size=batch_size, clip_sample=clip,
-                        )  # fmt: skip
+                            unet,
+                            sampler,
+                            k,
+                            n,
+                            torch.Generator().manual_seed(seed),
+                            train_scheduler=train_scheduler,
+                            batch_size=batch_size,
+                            clip_sample=clip,
+                        )
 
                     name = sampler.upper() + ("-clip" if clip else "")
                     settings.append(("diffusion", name, k, k, draw))
@@ -208,17 +218,30 @@ def evaluate(
         seconds), "reference": the same figures for the real test digits, "grids": the saved PNGs}.
     """
     x_train, _, x_test, _ = digits_split()
-    settings = sampler_settings(folders, cdrl_steps=cdrl_steps, drl_steps=drl_steps, ddpm_steps=ddpm_steps,
-                                ddim_steps=ddim_steps, seed=seed, batch_size=batch_size)  # fmt: skip
+    settings = sampler_settings(
+        folders,
+        cdrl_steps=cdrl_steps,
+        drl_steps=drl_steps,
+        ddpm_steps=ddpm_steps,
+        ddim_steps=ddim_steps,
+        seed=seed,
+        batch_size=batch_size,
+    )
     last = {sampler: steps for _, sampler, steps, _, _ in settings}
     rows, grids = [], []
     for method, sampler, steps, nfe, draw in settings:
         wall, cpu = time.perf_counter(), time.process_time()
         images = draw(num_samples)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        row = {"method": method, "sampler": sampler, "steps": steps, "nfe": nfe,
-               **measure(images, classifier, x_train, x_test, classifier_path),
-               "sampling_wall_s": round(wall, 2), "sampling_cpu_s": round(cpu, 2)}  # fmt: skip
+        row = {
+            "method": method,
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": nfe,
+            **measure(images, classifier, x_train, x_test, classifier_path),
+            "sampling_wall_s": round(wall, 2),
+            "sampling_cpu_s": round(cpu, 2),
+        }
         rows.append(row)
         print(format_row(row), flush=True)
         if grid_prefix is not None and steps == last[sampler]:
@@ -241,8 +264,13 @@ def ebm_train_fn(config: Path, extra: Sequence[str] = ()) -> Callable[[Path, int
     def train(folder: Path, steps: int, *, quiet: bool = False) -> dict[str, Any]:
         overrides = [f"train.max_steps={steps}", f"log.output_dir={folder}", *extra]
         if quiet:  # a timing run: no grids, checkpoints or trackers inside the loop
-            overrides += ["log.sample_every=0", "log.checkpointing_steps=0", "log.report_to=none",
-                          "log.num_grid_samples=1", f"log.log_every={steps}"]  # fmt: skip
+            overrides += [
+                "log.sample_every=0",
+                "log.checkpointing_steps=0",
+                "log.report_to=none",
+                "log.num_grid_samples=1",
+                f"log.log_every={steps}",
+            ]
         cfg = load_config(config, overrides)
         resume = "latest" if (folder / "config.yaml").is_file() else None
         run(cfg, resume=resume)
@@ -303,13 +331,21 @@ def train_all(
         if "cpu_s_per_step" not in entry:
             short, long = timing_steps[method]
             print(f"timing {method}: {short} and {long} steps", flush=True)
-            entry.update({"cpu_s_per_step": cpu_seconds_per_step(train, short, long),
-                          "timing_steps": [short, long], "num_threads": torch.get_num_threads()})  # fmt: skip
+            entry.update(
+                {
+                    "cpu_s_per_step": cpu_seconds_per_step(train, short, long),
+                    "timing_steps": [short, long],
+                    "num_threads": torch.get_num_threads(),
+                }
+            )
             timing_path.write_text(json.dumps(timing, indent=2))
         entry["minutes"] = minutes
         entry["budget_steps"] = max(1, round(minutes * 60 / entry["cpu_s_per_step"]))
-        print(f"{method}: {entry['cpu_s_per_step']:.4f} CPU s/step -> {entry['budget_steps']} steps in "
-              f"{minutes:g} min", flush=True)  # fmt: skip
+        print(
+            f"{method}: {entry['cpu_s_per_step']:.4f} CPU s/step -> {entry['budget_steps']} steps in "
+            f"{minutes:g} min",
+            flush=True,
+        )
     for method, train in trainers.items():
         folder = runs_dir / method
         if method in skip or (folder / "pipeline" / "model_index.json").is_file():
@@ -317,9 +353,14 @@ def train_all(
         print(f"training {method} for {timing[method]['budget_steps']} steps", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         info = train(folder, timing[method]["budget_steps"])
-        timing[method].update({"train_wall_s": round(time.perf_counter() - wall, 1),
-                               "train_cpu_s": round(time.process_time() - cpu, 1),
-                               "train": info, "git_sha": git_sha()})  # fmt: skip
+        timing[method].update(
+            {
+                "train_wall_s": round(time.perf_counter() - wall, 1),
+                "train_cpu_s": round(time.process_time() - cpu, 1),
+                "train": info,
+                "git_sha": git_sha(),
+            }
+        )
         timing_path.write_text(json.dumps(timing, indent=2))
     return timing
 
@@ -349,10 +390,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return (f"{row['sampler']:<5} steps {row['steps']:>4} NFE {row['nfe']:>4}  confident "
-            f"{row['confident_fraction']:.3f}  classes {row['classes_present']:>2}  largest "
-            f"{row['max_class_fraction']:.3f}  FID {row['fid']:.2f}  copies {row['copy_fraction']:.3f}  "
-            f"{row['sampling_cpu_s']:.1f} CPU s")  # fmt: skip
+    return (
+        f"{row['sampler']:<5} steps {row['steps']:>4} NFE {row['nfe']:>4}  confident "
+        f"{row['confident_fraction']:.3f}  classes {row['classes_present']:>2}  largest "
+        f"{row['max_class_fraction']:.3f}  FID {row['fid']:.2f}  copies {row['copy_fraction']:.3f}  "
+        f"{row['sampling_cpu_s']:.1f} CPU s"
+    )
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -397,9 +440,15 @@ def training_table(timing: dict[str, Any], params: dict[str, int], folders: dict
 
 
 def write_report(
-    path: Path, result: dict[str, Any], *, command: str, timing: dict[str, Any], params: dict[str, int],
-    folders: dict[str, Any], plot_path: Path | None,
-) -> None:  # fmt: skip
+    path: Path,
+    result: dict[str, Any],
+    *,
+    command: str,
+    timing: dict[str, Any],
+    params: dict[str, int],
+    folders: dict[str, Any],
+    plot_path: Path | None,
+) -> None:
     """<name>.md: command, training budget, results table; a ``## Notes`` section already there is kept."""
     notes = ""
     if path.is_file():
@@ -450,9 +499,15 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for ax, key in zip(axes, ("confident_fraction", "fid"), strict=True):
             ax.plot(nfe, [r[key] for r in rows], marker="o", label=sampler)
     ref = result["reference"]
-    for ax, key, title in zip(axes, ("confident_fraction", "fid"),
-                              ("confident fraction (p >= 0.9), higher is better",
-                               "digits FID (classifier features), lower is better"), strict=True):  # fmt: skip
+    for ax, key, title in zip(
+        axes,
+        ("confident_fraction", "fid"),
+        (
+            "confident fraction (p >= 0.9), higher is better",
+            "digits FID (classifier features), lower is better",
+        ),
+        strict=True,
+    ):
         ax.axhline(ref[key], color="gray", linestyle="--", label="real test digits")
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per sample")
@@ -477,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(
             f"--{method}", type=Path, default=None, help=f"trained {method} run or pipeline"
         )
-    parser.add_argument("--train", action="store_true",
-                        help="train the methods not given above into --runs_dir, equal --minutes each")  # fmt: skip
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train the methods not given above into --runs_dir, equal --minutes each",
+    )
     parser.add_argument(
         "--minutes", type=float, default=8.0, help="training budget per method (CPU time)"
     )
@@ -487,8 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drl_config", type=Path, default=ROOT / "configs/digits_drl.yaml")
     parser.add_argument("--diffusion_batch_size", type=int, default=32)
     parser.add_argument("--diffusion_lr", type=float, default=1e-3)
-    parser.add_argument("--timing_steps", type=int, default=100,
-                        help="EBM timing: runs of 20 and 20 + this many steps")  # fmt: skip
+    parser.add_argument(
+        "--timing_steps",
+        type=int,
+        default=100,
+        help="EBM timing: runs of 20 and 20 + this many steps",
+    )
     parser.add_argument("--diffusion_timing_steps", type=int, default=500)
     parser.add_argument("--cdrl_steps", default="3,5,8,15", help="K values for CDRL")
     parser.add_argument("--drl_steps", default="15,30", help="K values for DRL")
@@ -513,14 +575,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "drl": ebm_train_fn(args.drl_config),
             "diffusion": diffusion_train_fn(
                 batch_size=args.diffusion_batch_size, learning_rate=args.diffusion_lr
-            ),  # fmt: skip
+            ),
         }
         n = args.timing_steps
-        timing_steps = {"cdrl": (20, 20 + n), "drl": (20, 20 + n),
-                        "diffusion": (100, 100 + args.diffusion_timing_steps)}  # fmt: skip
+        timing_steps = {
+            "cdrl": (20, 20 + n),
+            "drl": (20, 20 + n),
+            "diffusion": (100, 100 + args.diffusion_timing_steps),
+        }
         given = [m for m in METHODS if folders[m] is not None]
-        timing = train_all(args.runs_dir, minutes=args.minutes, trainers=trainers,
-                           timing_steps=timing_steps, skip=given)  # fmt: skip
+        timing = train_all(
+            args.runs_dir,
+            minutes=args.minutes,
+            trainers=trainers,
+            timing_steps=timing_steps,
+            skip=given,
+        )
         for method in METHODS:
             folders[method] = folders[method] or args.runs_dir / method
     elif (args.runs_dir / "timing.json").is_file():
@@ -529,18 +599,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --cdrl/--drl/--diffusion folders, or --train")
 
     classifier = load_digits_classifier(args.classifier)
-    steps = {key: parse_int_list(getattr(args, key)) for key in
-             ("cdrl_steps", "drl_steps", "ddpm_steps", "ddim_steps")}  # fmt: skip
-    result = evaluate(folders, classifier=classifier, classifier_path=args.classifier, num_samples=args.num_samples, seed=args.seed,
-                      batch_size=args.batch_size, grid_prefix=args.results_dir / args.name, **steps)  # fmt: skip
-    result.update({"num_samples": args.num_samples, "seed": args.seed, "timing": timing,
-                   "folders": {k: None if v is None else str(v) for k, v in folders.items()},
-                   "git_sha": git_sha()})  # fmt: skip
+    steps = {
+        key: parse_int_list(getattr(args, key))
+        for key in ("cdrl_steps", "drl_steps", "ddpm_steps", "ddim_steps")
+    }
+    result = evaluate(
+        folders,
+        classifier=classifier,
+        classifier_path=args.classifier,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        grid_prefix=args.results_dir / args.name,
+        **steps,
+    )
+    result.update(
+        {
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "timing": timing,
+            "folders": {k: None if v is None else str(v) for k, v in folders.items()},
+            "git_sha": git_sha(),
+        }
+    )
     plot_path = None if args.no_plot else plot(result, args.results_dir / f"{args.name}.png")
     argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
     command = f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/compare.py {argv_text}"
-    write_report(args.results_dir / f"{args.name}.md", result, command=command, timing=timing,
-                 params=parameter_counts(folders), folders=folders, plot_path=plot_path)  # fmt: skip
+    write_report(
+        args.results_dir / f"{args.name}.md",
+        result,
+        command=command,
+        timing=timing,
+        params=parameter_counts(folders),
+        folders=folders,
+        plot_path=plot_path,
+    )
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     (args.runs_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.results_dir / (args.name + '.md')}")

@@ -297,8 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sample is not None:
         unet, scheduler = load_diffusion(args.sample)
-        x = sample_diffusion(unet, args.scheduler, args.num_steps, args.num_samples,
-                             torch.Generator().manual_seed(args.seed), train_scheduler=scheduler)  # fmt: skip
+        x = sample_diffusion(
+            unet,
+            args.scheduler,
+            args.num_steps,
+            args.num_samples,
+            torch.Generator().manual_seed(args.seed),
+            train_scheduler=scheduler,
+        )
         print(f"{len(x)} samples, mean {x.mean():.3f}, std {x.std():.3f}")
         if args.grid is not None:
             save_grid(x, args.grid, upscale=4)

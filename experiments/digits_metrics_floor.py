@@ -32,9 +32,14 @@ METRICS = {"fid", "kid", "isc"}
 def measure(a: Tensor, b: Tensor, weights: Path) -> dict[str, float]:
     """FID and KID of ``a`` against ``b`` and the IS of ``a`` ((n, 1, 8, 8) uint8 each)."""
     figures, _ = compute_fidelity(
-        a, Reference.from_images("b", b), metrics=METRICS, extractor=DIGITS_EXTRACTOR,
-        weights_path=weights, batch_size=512, cache_root=None,
-    )  # fmt: skip
+        a,
+        Reference.from_images("b", b),
+        metrics=METRICS,
+        extractor=DIGITS_EXTRACTOR,
+        weights_path=weights,
+        batch_size=512,
+        cache_root=None,
+    )
     return figures
 
 
@@ -69,9 +74,11 @@ def floor(weights: Path, *, repeats: int = 5) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--classifier", type=Path, default=None,
+        "--classifier",
+        type=Path,
+        default=None,
         help="digits classifier folder (default $CDRL_CACHE_DIR/digits_classifier, trained if missing)",
-    )  # fmt: skip
+    )
     parser.add_argument("--repeats", type=int, default=5, help="random halvings per split")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)

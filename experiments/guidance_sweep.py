@@ -198,9 +198,13 @@ def _main(argv: Sequence[str] | None) -> int:
     for scale in args.guidance_scales:
         start = time.perf_counter()
         images = generate_samples(
-            pipe, labels, seeds, guidance_scale=scale, num_langevin_steps=args.num_langevin_steps,
+            pipe,
+            labels,
+            seeds,
+            guidance_scale=scale,
+            num_langevin_steps=args.num_langevin_steps,
             batch_size=args.batch_size,
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - start
         metrics = measure(images, torch.tensor(labels), classifier)
         results.append(

@@ -58,11 +58,13 @@ def probe(
         judged = judge_digits(images, classifier)
         probs = classifier.probabilities(images)
         same = (probs.argmax(dim=1) == labels).double().mean().item()
-        rows.append({
-            "start_level": s,
-            "confident": judged["confident_fraction"],
-            "same_class": float("nan") if s == schedule.num_levels else same,
-        })  # fmt: skip
+        rows.append(
+            {
+                "start_level": s,
+                "confident": judged["confident_fraction"],
+                "same_class": float("nan") if s == schedule.num_levels else same,
+            }
+        )
     return rows
 
 
@@ -86,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = dataclasses.replace(settings, noise_scale=args.langevin_noise_scale)
     _, _, x_test, y_test = digits_split()
     rows = probe(
-        pipe, x_test[: args.num_images], y_test[: args.num_images], load_digits_classifier(),
-        settings=settings, seed=args.seed,
-    )  # fmt: skip
+        pipe,
+        x_test[: args.num_images],
+        y_test[: args.num_images],
+        load_digits_classifier(),
+        settings=settings,
+        seed=args.seed,
+    )
     print("| chain starts at | confident (p >= 0.9) | class of the original kept |")
     print("|---|---|---|")
     for row in rows:

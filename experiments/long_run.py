@@ -115,10 +115,16 @@ def run_level(
 
         record(0, y0)
         refine(
-            fn, y0, x_next, lvl, n_steps=num_steps, noise=settings.noise,
-            noise_scale=settings.noise_scale, generator=generator,
+            fn,
+            y0,
+            x_next,
+            lvl,
+            n_steps=num_steps,
+            noise=settings.noise,
+            noise_scale=settings.noise_scale,
+            generator=generator,
             callback=lambda k, y: record(k + 1, y),
-        )  # fmt: skip
+        )
     return rows, states
 
 

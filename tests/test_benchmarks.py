@@ -84,9 +84,12 @@ def test_langevin_flops_compiled_copy(bench, capsys, tmp_path):
     args = ["--digits_batch", "4", "--matmul_size", "128", "--n_steps", "1", "--rounds", "1"]
     _, plain = run_main(bench, capsys, tmp_path, "langevin_flops", [*args, "--only", "digits"])
     out, compiled = run_main(
-        bench, capsys, tmp_path, "langevin_flops",
+        bench,
+        capsys,
+        tmp_path,
+        "langevin_flops",
         [*args, "--only", "digits", "--compile", "--compile_backend", "eager"],
-    )  # fmt: skip
+    )
     assert "torch.compile'd" in out
     (result,) = compiled["results"]
     assert result["compiled"] and not plain["results"][0]["compiled"]
@@ -172,8 +175,21 @@ def test_throughput(bench, capsys, tmp_path):
 
 
 def test_gpu_cifar10_cpu_fallback_with_the_bf16_path(bench, capsys, tmp_path):
-    args = ["--batch_sizes", "2", "--train_iters", "1", "--warmup", "0", "--sample_batch", "1",
-            "--sample_batches", "1", "--precision", "bf16", "--channels_last"]  # fmt: skip
+    args = [
+        "--batch_sizes",
+        "2",
+        "--train_iters",
+        "1",
+        "--warmup",
+        "0",
+        "--sample_batch",
+        "1",
+        "--sample_batches",
+        "1",
+        "--precision",
+        "bf16",
+        "--channels_last",
+    ]
     out, payload = run_main(bench, capsys, tmp_path, "gpu_cifar10", args)
     assert "CPU fallback" in out
     assert [row.split()[0] for row in table_rows(out)] == ["train", "sample"]
@@ -203,8 +219,12 @@ def test_a_script_runs_as_a_command():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "langevin_overhead.py"), *CPU, *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "threads 1 (OMP_NUM_THREADS=1)" in done.stdout
     assert "overhead %" in done.stdout

@@ -1,4 +1,4 @@
-"""The convergence check of held-out bits/dim (issue 17): ``cdrl.evaluation.likelihood.bpd_convergence``
+"""The convergence check of held-out bits/dim (issue 17): ``cdrl.evaluation.bpd.bpd_convergence``
 and ``convergence_criterion``, pinned on 2-D models whose exact bound is computed on the grid.
 
 The models are the random confining EnergyMLPs of tests/test_density.py (head made non-positive and
@@ -14,12 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cdrl.evaluation.likelihood import (
-    CONVERGENCE_TOLERANCE,
-    bpd_convergence,
-    convergence_criterion,
-    negative_log_likelihood,
-)
+from cdrl.evaluation.bpd import CONVERGENCE_TOLERANCE, bpd_convergence, convergence_criterion
+from cdrl.evaluation.likelihood import negative_log_likelihood
 from cdrl.models import EnergyMLP
 from cdrl.pipeline import CDRLScheduler
 
@@ -47,9 +43,15 @@ def exact_nll(pipe, x: torch.Tensor) -> torch.Tensor:
     """The bound with grid normalizers at the forward draws of a data generator seeded SEED (the draws
     ``bpd_convergence`` makes for vectors: no dequantization, then the forward noise of the one batch)."""
     return negative_log_likelihood(
-        pipe.ebm, pipe.scheduler.schedule, pipe.scheduler.langevin_settings(), x, method="grid",
-        grid_points=GRID_POINTS, top_base=TOP_BOX, generator=torch.Generator().manual_seed(SEED),
-    ).nll  # fmt: skip
+        pipe.ebm,
+        pipe.scheduler.schedule,
+        pipe.scheduler.langevin_settings(),
+        x,
+        method="grid",
+        grid_points=GRID_POINTS,
+        top_base=TOP_BOX,
+        generator=torch.Generator().manual_seed(SEED),
+    ).nll
 
 
 def test_criterion_needs_a_small_move_and_agreement_within_the_standard_errors():
@@ -69,9 +71,15 @@ def test_converged_estimate_agrees_with_the_exact_grid_figure():
     pipe, x = confining_pipeline(0, 10.0), data()
     exact = exact_nll(pipe, x)
     check = bpd_convergence(
-        pipe, x, num_bins=None, seed=SEED, batch_size=NUM_EXAMPLES, num_intermediate=50,
-        num_chains=16, progress=False,
-    )  # fmt: skip
+        pipe,
+        x,
+        num_bins=None,
+        seed=SEED,
+        batch_size=NUM_EXAMPLES,
+        num_intermediate=50,
+        num_chains=16,
+        progress=False,
+    )
     assert check.num_intermediate == (50, 200)
     mean, stderr = exact.mean().item(), exact.std().item() / math.sqrt(NUM_EXAMPLES)
     for nll, se in zip(check.nll_nats, check.nll_stderr_nats, strict=True):
@@ -92,9 +100,15 @@ def test_plain_importance_sampling_on_a_sharp_model_is_not_converged():
     pipe, x = confining_pipeline(1, 40.0), data()
     exact = exact_nll(pipe, x).mean().item()
     check = bpd_convergence(
-        pipe, x, num_bins=None, seed=SEED, batch_size=NUM_EXAMPLES, num_intermediate=1,
-        num_chains=4, progress=False,
-    )  # fmt: skip
+        pipe,
+        x,
+        num_bins=None,
+        seed=SEED,
+        batch_size=NUM_EXAMPLES,
+        num_intermediate=1,
+        num_chains=4,
+        progress=False,
+    )
     assert check.num_intermediate == (1, 4)
     assert not check.converged and check.relative_change > CONVERGENCE_TOLERANCE, check
     assert abs(check.nll_nats[0] - exact) > 0.05 * abs(exact), (check.nll_nats, exact)

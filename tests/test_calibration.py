@@ -52,9 +52,15 @@ def test_offsets_are_the_maximum_likelihood_solution():
     schedule, settings = make_schedule("cdrl", num_levels=3), LangevinConfig()
     cond = _labels()
     offsets = fit_condition_offsets(
-        ConstantEnergy(), schedule, settings, torch.randn(100, 2), cond, SIZES,
-        generator=torch.Generator().manual_seed(0), batch_size=32,
-    )  # fmt: skip
+        ConstantEnergy(),
+        schedule,
+        settings,
+        torch.randn(100, 2),
+        cond,
+        SIZES,
+        generator=torch.Generator().manual_seed(0),
+        batch_size=32,
+    )
     assert [tuple(o.shape) for o in offsets] == [(3, 3), (3, 2)]
     for t in range(3):
         temperature = float(level(schedule, torch.tensor([t]), settings).temperature[0])
@@ -88,8 +94,9 @@ def test_offsets_undo_a_per_condition_energy_shift(mlp_cond_ebm, randomize_outpu
     )
 
     def fit(ebm):
-        return fit_condition_offsets(ebm, schedule, settings, x0, cond, (3,),
-                                     generator=torch.Generator().manual_seed(0))[0]  # fmt: skip
+        return fit_condition_offsets(
+            ebm, schedule, settings, x0, cond, (3,), generator=torch.Generator().manual_seed(0)
+        )[0]
 
     plain, shifted = fit(mlp_cond_ebm), fit(Shifted(mlp_cond_ebm, 0.05))
     moved = (shifted[:, 1:] - plain[:, 1:]).double()
@@ -99,9 +106,23 @@ def test_offsets_undo_a_per_condition_energy_shift(mlp_cond_ebm, randomize_outpu
 def test_fit_checks_its_inputs():
     schedule, settings = make_schedule("cdrl", num_levels=2), LangevinConfig()
     with pytest.raises(ValueError, match=r"cond must be \(n, 2\) labels"):
-        fit_condition_offsets(ConstantEnergy(), schedule, settings, torch.randn(4, 2), torch.zeros(4, dtype=torch.long), SIZES)  # fmt: skip
+        fit_condition_offsets(
+            ConstantEnergy(),
+            schedule,
+            settings,
+            torch.randn(4, 2),
+            torch.zeros(4, dtype=torch.long),
+            SIZES,
+        )
     with pytest.raises(ValueError, match="got 4 examples and 3 labels"):
-        fit_condition_offsets(ConstantEnergy(), schedule, settings, torch.randn(4, 2), torch.zeros(3, 2, dtype=torch.long), SIZES)  # fmt: skip
+        fit_condition_offsets(
+            ConstantEnergy(),
+            schedule,
+            settings,
+            torch.randn(4, 2),
+            torch.zeros(3, 2, dtype=torch.long),
+            SIZES,
+        )
 
 
 def _pipeline(mlp_cond_ebm) -> CDRLPipeline:
@@ -126,8 +147,13 @@ def test_pipeline_stores_offsets_and_posterior_negation_needs_them(mlp_cond_ebm,
     assert stored["condition_offsets"] == [offsets[0].tolist()]
     loaded = CDRLPipeline.from_pretrained(tmp_path / "p")
     loaded.set_progress_bar_config(disable=True)
-    out = loaded(batch_size=4, compose=compose, negation="posterior", output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = loaded(
+        batch_size=4,
+        compose=compose,
+        negation="posterior",
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (4, 2) and torch.isfinite(out).all()
 
 

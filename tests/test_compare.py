@@ -91,9 +91,14 @@ def test_diffusion_baseline_trains_saves_and_samples(tiny_diffusion_run):
     for name, steps in (("ddpm", 4), ("ddim", 3)):
         calls.clear()
         x = diffusion_baseline.sample_diffusion(
-            unet, name, steps, 5, torch.Generator().manual_seed(0), train_scheduler=scheduler,
+            unet,
+            name,
+            steps,
+            5,
+            torch.Generator().manual_seed(0),
+            train_scheduler=scheduler,
             batch_size=3,
-        )  # fmt: skip
+        )
         assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
         assert x.min() >= -1 and x.max() <= 1
         assert calls == [3] * steps + [2] * steps  # one UNet evaluation per step and sample
@@ -116,9 +121,15 @@ def test_diffusion_baseline_trains_saves_and_samples(tiny_diffusion_run):
     # x0-hat at every step, which a 3-step-trained UNet's large predictions make visible.
     def draw(clip):
         return diffusion_baseline.sample_diffusion(
-            unet, "ddim", 3, 5, torch.Generator().manual_seed(0), train_scheduler=scheduler,
-            batch_size=3, clip_sample=clip,
-        )  # fmt: skip
+            unet,
+            "ddim",
+            3,
+            5,
+            torch.Generator().manual_seed(0),
+            train_scheduler=scheduler,
+            batch_size=3,
+            clip_sample=clip,
+        )
 
     assert scheduler.config.clip_sample is True
     assert torch.equal(draw(True), out["ddim"])  # same process, batch and seed: bit-exact
@@ -190,42 +201,88 @@ def test_train_all_budgets_by_cpu_time_and_skips_finished_runs(tmp_path):
 def test_compare_evaluates_tiny_models_end_to_end(
     tmp_path, tiny_ebm, tiny_initializer, classifier, tiny_diffusion_run
 ):
-    cdrl_pipe = CDRLPipeline(ebm=tiny_ebm, initializer=tiny_initializer,
-                             scheduler=CDRLScheduler(n_steps=2))  # fmt: skip
-    drl_pipe = CDRLPipeline(ebm=tiny_ebm, initializer=None,
-                            scheduler=CDRLScheduler(kind="drl", n_steps=2, b2=2e-4, tweedie=False))  # fmt: skip
+    cdrl_pipe = CDRLPipeline(
+        ebm=tiny_ebm, initializer=tiny_initializer, scheduler=CDRLScheduler(n_steps=2)
+    )
+    drl_pipe = CDRLPipeline(
+        ebm=tiny_ebm,
+        initializer=None,
+        scheduler=CDRLScheduler(kind="drl", n_steps=2, b2=2e-4, tweedie=False),
+    )
     cdrl_pipe.save_pretrained(tmp_path / "cdrl/pipeline")
     drl_pipe.save_pretrained(tmp_path / "drl")
     classifier.save_pretrained(tmp_path / "classifier")
     results = tmp_path / "results"
     argv = [
-        "--cdrl", str(tmp_path / "cdrl"), "--drl", str(tmp_path / "drl"),
-        "--diffusion", str(tiny_diffusion_run[0]), "--cdrl_steps", "1,2", "--drl_steps", "1",
-        "--ddpm_steps", "2", "--ddim_steps", "1,2", "--num_samples", "12", "--batch_size", "8",
-        "--classifier", str(tmp_path / "classifier"), "--results_dir", str(results),
-        "--runs_dir", str(tmp_path / "runs"), "--name", "cmp",
-    ]  # fmt: skip
+        "--cdrl",
+        str(tmp_path / "cdrl"),
+        "--drl",
+        str(tmp_path / "drl"),
+        "--diffusion",
+        str(tiny_diffusion_run[0]),
+        "--cdrl_steps",
+        "1,2",
+        "--drl_steps",
+        "1",
+        "--ddpm_steps",
+        "2",
+        "--ddim_steps",
+        "1,2",
+        "--num_samples",
+        "12",
+        "--batch_size",
+        "8",
+        "--classifier",
+        str(tmp_path / "classifier"),
+        "--results_dir",
+        str(results),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "cmp",
+    ]
     assert compare.main(argv) == 0
 
     result = json.loads((tmp_path / "runs/cmp.json").read_text())
     settings = [(r["sampler"], r["steps"], r["nfe"]) for r in result["rows"]]
     # NFE: CDRL 6 K + 1 Tweedie, DRL 6 K, diffusion one UNet call per step.
     # Diffusion with diffusers' default clip_sample ("-clip") and without it (CDRL never clips).
-    assert settings == [("CDRL", 1, 7), ("CDRL", 2, 13), ("DRL", 1, 6), ("DDPM-clip", 2, 2),
-                        ("DDIM-clip", 1, 1), ("DDIM-clip", 2, 2), ("DDPM", 2, 2), ("DDIM", 1, 1),
-                        ("DDIM", 2, 2)]  # fmt: skip
+    assert settings == [
+        ("CDRL", 1, 7),
+        ("CDRL", 2, 13),
+        ("DRL", 1, 6),
+        ("DDPM-clip", 2, 2),
+        ("DDIM-clip", 1, 1),
+        ("DDIM-clip", 2, 2),
+        ("DDPM", 2, 2),
+        ("DDIM", 1, 1),
+        ("DDIM", 2, 2),
+    ]
     for row in result["rows"] + [result["reference"]]:
         assert 0 <= row["confident_fraction"] <= 1 and row["fid"] >= 0
     report = (results / "cmp.md").read_text()
     assert "| cdrl | CDRL | 2 | 13 |" in report and "| diffusion | DDIM | 2 | 2 |" in report
     assert "real test digits" in report and "python experiments/compare.py --cdrl" in report
-    for name in ("cmp.png", "cmp_cdrl_2.png", "cmp_drl_1.png", "cmp_ddpm_2.png", "cmp_ddim_2.png",
-                 "cmp_ddpm-clip_2.png"):  # fmt: skip
+    for name in (
+        "cmp.png",
+        "cmp_cdrl_2.png",
+        "cmp_drl_1.png",
+        "cmp_ddpm_2.png",
+        "cmp_ddim_2.png",
+        "cmp_ddpm-clip_2.png",
+    ):
         assert (results / name).is_file(), name
 
     # A hand-written notes section survives a rewrite of the report.
     (results / "cmp.md").write_text(report + "\n## Notes\nthe grids look fine\n")
-    compare.write_report(results / "cmp.md", result, command="cmd", timing={}, params={},
-                         folders={"cdrl": "x"}, plot_path=None)  # fmt: skip
+    compare.write_report(
+        results / "cmp.md",
+        result,
+        command="cmd",
+        timing={},
+        params={},
+        folders={"cdrl": "x"},
+        plot_path=None,
+    )
     rewritten = (results / "cmp.md").read_text()
     assert rewritten.endswith("## Notes\nthe grids look fine\n") and "cmd" in rewritten

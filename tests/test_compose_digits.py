@@ -87,8 +87,14 @@ def test_main_end_to_end(tmp_path, tiny_cond_ebm):
     from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 
     torch.manual_seed(0)
-    ebm = EnergyResNet(in_channels=1, sample_size=8, base_channels=8, channel_mult=(1, 2),
-                       num_res_blocks=1, condition_sizes=(10, 2))  # fmt: skip
+    ebm = EnergyResNet(
+        in_channels=1,
+        sample_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        condition_sizes=(10, 2),
+    )
     folder = tmp_path / "pipeline"
     CDRLPipeline(ebm, None, CDRLScheduler(num_levels=2, n_steps=1)).save_pretrained(folder)
     out = tmp_path / "results"

@@ -32,10 +32,21 @@ def test_a_count_at_its_bound_is_accepted(key):
 def test_train_refuses_a_step_count_typo_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config", "debug", "--output_dir", str(out),
-         "--max_train_steps", str(10**12)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            "debug",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            str(10**12),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: train.max_steps must be at most 1,000,000,000, got 1,000,000,000,000"]

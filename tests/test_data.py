@@ -412,8 +412,9 @@ def test_tensor_dataset_conditions():
     assert TensorDataset(x, torch.tensor([1, 2, 0]), condition_sizes=(3,), is_image=False)[1][
         1
     ].tolist() == [2]
-    multi = TensorDataset(x, torch.tensor([[1, 0], [2, 1], [0, 1]]), condition_sizes=(3, 2),
-                          is_image=False)  # fmt: skip
+    multi = TensorDataset(
+        x, torch.tensor([[1, 0], [2, 1], [0, 1]]), condition_sizes=(3, 2), is_image=False
+    )
     assert multi[1][1].tolist() == [2, 1] and multi.cond.shape == (3, 2)
 
 
@@ -478,10 +479,17 @@ def test_compose_2d_main(tmp_path):
     from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 
     torch.manual_seed(0)
-    ebm = EnergyMLP(in_features=2, hidden=16, channel_mult=(1, 2), num_res_blocks=1,
-                    condition_sizes=(2, 2))  # fmt: skip
-    initializer = InitializerMLP(in_features=2, hidden=16, num_blocks=1, temb_dim=16,
-                                 norm_num_groups=4, condition_sizes=(2, 2))  # fmt: skip
+    ebm = EnergyMLP(
+        in_features=2, hidden=16, channel_mult=(1, 2), num_res_blocks=1, condition_sizes=(2, 2)
+    )
+    initializer = InitializerMLP(
+        in_features=2,
+        hidden=16,
+        num_blocks=1,
+        temb_dim=16,
+        norm_num_groups=4,
+        condition_sizes=(2, 2),
+    )
     folder = tmp_path / "pipeline"
     CDRLPipeline(ebm, initializer, CDRLScheduler(n_steps=2)).save_pretrained(folder)
     (folder / "training_config.yaml").write_text(
@@ -526,9 +534,11 @@ def _png_rgb16(path, array) -> None:
     rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
-    )  # fmt: skip
+    )
 
 
 def _modes(folder):
@@ -544,10 +554,12 @@ def _modes(folder):
         "grey8": (Image.fromarray(grey8), np.repeat(grey8[..., None] / 255, 3, -1)),
         "rgb8": (Image.fromarray(rgb8), rgb8 / 255),
         "rgba8": (Image.fromarray(np.concatenate([rgb8, alpha], -1)), rgb8 / 255),
-        "la8": (Image.fromarray(np.stack([grey8, alpha[..., 0]], -1), "LA"),
-                np.repeat(grey8[..., None] / 255, 3, -1)),
+        "la8": (
+            Image.fromarray(np.stack([grey8, alpha[..., 0]], -1), "LA"),
+            np.repeat(grey8[..., None] / 255, 3, -1),
+        ),
         "palette": (Image.fromarray(rgb8).quantize(16), None),
-    }  # fmt: skip
+    }
     expected = {}
     for name, (image, values) in files.items():
         sub = folder / name

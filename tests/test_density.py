@@ -18,12 +18,8 @@ from torch import nn
 
 from cdrl.config import Config, LangevinConfig, save_config
 from cdrl.evaluation.ais import annealing_schedule, log_normalizer_ais, log_normalizer_grid
-from cdrl.evaluation.likelihood import (
-    bits_per_dim,
-    dequantize,
-    level_energy_fn,
-    negative_log_likelihood,
-)
+from cdrl.evaluation.bpd import bits_per_dim, dequantize
+from cdrl.evaluation.likelihood import level_energy_fn, negative_log_likelihood
 from cdrl.models import EnergyMLP
 from cdrl.schedule import cdrl_schedule
 
@@ -97,26 +93,40 @@ def test_ais_matches_the_gaussian_closed_form_in_8d():
     m, x = 0.5 * torch.randn(b, dims, generator=gen), 0.5 * torch.randn(b, dims, generator=gen)
     exact = tethered_gaussian_log_z(x, m, v, sigma)
     result = log_normalizer_ais(
-        quadratic(m, v), x, torch.full((b,), sigma), torch.ones(b), num_intermediate=1000,
+        quadratic(m, v),
+        x,
+        torch.full((b,), sigma),
+        torch.ones(b),
+        num_intermediate=1000,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     assert result.log_normalizer.shape == (b,) and result.log_normalizer.dtype == torch.float64
     assert (result.log_normalizer - exact).abs().max() < 0.1
     assert 0.4 < result.acceptance.mean() < 0.8  # the step adaptation reaches its target
     # Plain importance sampling from the tether (K = 1) is far off: the test has teeth.
     plain = log_normalizer_ais(
-        quadratic(m, v), x, torch.full((b,), sigma), torch.ones(b), num_intermediate=1,
+        quadratic(m, v),
+        x,
+        torch.full((b,), sigma),
+        torch.ones(b),
+        num_intermediate=1,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     assert (plain.log_normalizer - exact).abs().mean() > 0.5
 
     # No tether (a marginal EBM) in 4-D, from the base N(0, I): Z = (2 pi v)^(D/2).
     m4 = m[:, :4]
     top = log_normalizer_ais(
-        quadratic(m4, v), torch.zeros(b, 4), torch.ones(b), torch.zeros(b),
-        base_mean=torch.zeros(b, 4), base_std=torch.ones(b), num_intermediate=300,
-        num_chains=64, generator=torch.Generator().manual_seed(2),
-    )  # fmt: skip
+        quadratic(m4, v),
+        torch.zeros(b, 4),
+        torch.ones(b),
+        torch.zeros(b),
+        base_mean=torch.zeros(b, 4),
+        base_std=torch.ones(b),
+        num_intermediate=300,
+        num_chains=64,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert (top.log_normalizer - 2 * math.log(2 * math.pi * v)).abs().max() < 0.1
 
 
@@ -159,9 +169,13 @@ def test_ais_error_shrinks_as_annealing_steps_grow(mlp, schedule):
     errors = []
     for num in (10, 100, 1000):
         ais = log_normalizer_ais(
-            fn, x_next, sigma, tether, num_intermediate=num,
+            fn,
+            x_next,
+            sigma,
+            tether,
+            num_intermediate=num,
             generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        )
         errors.append((ais.log_normalizer - exact).abs().mean().item())
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 0.02 and errors[0] > 2 * errors[2], errors
@@ -235,9 +249,16 @@ def test_bound_with_grid_normalizers_matches_an_independent_exact_computation(
 ):
     x0, reference = bound_case
     result = negative_log_likelihood(
-        mlp, schedule, UNTEMPERED, x0, data_scale=2.0, method="grid", grid_points=GRID_POINTS,
-        top_base=TOP_BOX, generator=torch.Generator().manual_seed(7),
-    )  # fmt: skip
+        mlp,
+        schedule,
+        UNTEMPERED,
+        x0,
+        data_scale=2.0,
+        method="grid",
+        grid_points=GRID_POINTS,
+        top_base=TOP_BOX,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(result.nll, reference, rtol=0, atol=2e-3)
     # The pieces add up, and the data-scale Jacobian is -D log(scale).
     total = result.terms.sum(1) + result.data_scale_nats
@@ -252,9 +273,14 @@ def test_bound_with_ais_normalizers_agrees_with_the_exact_bound(mlp, schedule, b
     the total within 0.1 nats per example (5 tethered levels + the top, each within about 0.05)."""
     x0, reference = bound_case
     result = negative_log_likelihood(
-        mlp, schedule, UNTEMPERED, x0, data_scale=2.0, top_base=TOP_BOX,
+        mlp,
+        schedule,
+        UNTEMPERED,
+        x0,
+        data_scale=2.0,
+        top_base=TOP_BOX,
         generator=torch.Generator().manual_seed(7),
-    )  # fmt: skip
+    )
     assert result.terms.shape == (4, schedule.num_levels)
     assert (result.nll - reference).abs().max() < 0.1, result.nll - reference
     assert torch.isfinite(result.acceptance).all() and (result.ess_fraction > 0).all()
@@ -279,9 +305,12 @@ def test_tempering_divides_the_energy_by_the_level_temperature(mlp, schedule):
     """With tempering, the density is exp(-E / s_t^2): multiplying E by s_t^2 undoes it exactly."""
     x0 = torch.tensor([[0.2, -0.4], [0.6, 0.1]])
     common = dict(
-        data_scale=1.5, method="grid", grid_points=101, top_base=TOP_BOX,
+        data_scale=1.5,
+        method="grid",
+        grid_points=101,
+        top_base=TOP_BOX,
         generator=torch.Generator().manual_seed(3),
-    )  # fmt: skip
+    )
     plain = negative_log_likelihood(mlp, schedule, UNTEMPERED, x0, **common)
     common["generator"] = torch.Generator().manual_seed(3)
     tempered = LangevinConfig(tempered=True)
@@ -310,9 +339,13 @@ def test_bits_per_dim_on_images_reports_the_dequantized_discrete_nll(tiny_pipeli
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 256, (3, 1, 8, 8), generator=gen).float() / 255 * 2 - 1
     out = bits_per_dim(
-        tiny_pipeline, x0, num_intermediate=3, num_chains=2, batch_size=2,
+        tiny_pipeline,
+        x0,
+        num_intermediate=3,
+        num_chains=2,
+        batch_size=2,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     dims = 64
     assert out["dims"] == dims and out["num_examples"] == 3 and len(out["nll_per_example"]) == 3
     assert "256" in out["convention"] and "dequantization" in out["convention"]
@@ -324,16 +357,24 @@ def test_bits_per_dim_on_images_reports_the_dequantized_discrete_nll(tiny_pipeli
     assert len(out["per_level_nats"]) == tiny_pipeline.scheduler.schedule.num_levels
     assert all(math.isfinite(v) for v in out["nll_per_example"])
     again = bits_per_dim(
-        tiny_pipeline, x0, num_intermediate=3, num_chains=2, batch_size=2,
+        tiny_pipeline,
+        x0,
+        num_intermediate=3,
+        num_chains=2,
+        batch_size=2,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     assert (
         again["nll_per_example"] == out["nll_per_example"]
     )  # bit-exact: same seed, batch, process
     proposal = bits_per_dim(
-        tiny_pipeline, x0[:1], num_intermediate=2, num_chains=2, base="proposal",
+        tiny_pipeline,
+        x0[:1],
+        num_intermediate=2,
+        num_chains=2,
+        base="proposal",
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     assert proposal["base"] == "proposal" and math.isfinite(proposal["nll_nats"])
 
 
@@ -366,9 +407,12 @@ class _GaussianDataModel(nn.Module):
 def test_bits_per_dim_on_vectors_is_continuous(mlp_pipeline):
     x0 = torch.tensor([[0.1, 0.2], [-0.3, 0.4], [0.5, -0.6]])
     out = bits_per_dim(
-        mlp_pipeline, x0, num_intermediate=3, num_chains=2,
+        mlp_pipeline,
+        x0,
+        num_intermediate=3,
+        num_chains=2,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     assert out["dequantization_nats"] == 0.0 and "continuous" in out["convention"]
     assert out["bpd"] == pytest.approx(out["nll_nats"] / (2 * math.log(2)))
     assert out["ais_acceptance"][-1] == out["ais_acceptance"][-1]  # the top level ran AIS (not NaN)
@@ -385,9 +429,15 @@ def test_bits_per_dim_on_vectors_is_continuous(mlp_pipeline):
     nll = x.pow(2).sum(1) / (2 * variance) + math.log(2 * math.pi * variance)  # -log N(x; 0, v I)
     # The bound with exact (grid) normalizers is the closed form, per example.
     grid = negative_log_likelihood(
-        model, scheduler.schedule, scheduler.langevin_settings(), x[:4], method="grid",
-        grid_points=GRID_POINTS, top_base=TOP_BOX, generator=torch.Generator().manual_seed(7),
-    )  # fmt: skip
+        model,
+        scheduler.schedule,
+        scheduler.langevin_settings(),
+        x[:4],
+        method="grid",
+        grid_points=GRID_POINTS,
+        top_base=TOP_BOX,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(grid.nll, nll[:4].double(), rtol=0, atol=1e-3)
     # bits_per_dim (AIS normalizers, noisy per example): the mean within 0.3 nats of the closed form
     exact = SimpleNamespace(ebm=model, scheduler=scheduler, initializer=None)

@@ -197,9 +197,10 @@ def test_generate_conditions_a_conditional_model_on_prior_labels(tmp_path, monke
     quality = load_experiment("digits_quality")
     for sizes, name in (((10,), "cond"), ((), "uncond")):
         CDRLPipeline(
-            build_ebm(condition_sizes=sizes), build_initializer(condition_sizes=sizes),
+            build_ebm(condition_sizes=sizes),
+            build_initializer(condition_sizes=sizes),
             CDRLScheduler(num_levels=2, n_steps=1),
-        ).save_pretrained(tmp_path / name)  # fmt: skip
+        ).save_pretrained(tmp_path / name)
     seen = []
     original = CDRLPipeline.__call__
 

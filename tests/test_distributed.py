@@ -112,9 +112,18 @@ def _torchrun(*args: str) -> list[str]:
 
 # Persistent chains at level 0, every level-0 negative from a chain that never restarts: the chains are
 # per-rank state a resume must restore.
-TRAIN_ARGS = ["--config", str(DEBUG), "--report_to", "none", "--set", "train.max_steps=3",
-              "train.persistent_levels=1", "train.persistent_size=4", "train.persistent_fraction=1.0",
-              "train.persistent_reset=0.0"]  # fmt: skip
+TRAIN_ARGS = [
+    "--config",
+    str(DEBUG),
+    "--report_to",
+    "none",
+    "--set",
+    "train.max_steps=3",
+    "train.persistent_levels=1",
+    "train.persistent_size=4",
+    "train.persistent_fraction=1.0",
+    "train.persistent_reset=0.0",
+]
 
 
 @pytest.fixture(scope="module")

@@ -118,13 +118,37 @@ def test_accelerate_launch_mixed_precision_reaches_the_run(tmp_path):
     write_basic_config(mixed_precision="no", save_location=str(config_file))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env["PYTHONPATH"] = str(ROOT)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-              "--cpu", "--num_processes", "1", "--mixed_precision", "bf16", str(ROOT / "train.py"),
-              "--config", "debug", "--report_to", "none", "--max_train_steps", "1",
-              "--set", "log.sample_every=0", "log.num_grid_samples=1"]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        str(ROOT / "train.py"),
+        "--config",
+        "debug",
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "1",
+        "--set",
+        "log.sample_every=0",
+        "log.num_grid_samples=1",
+    ]
     run = tmp_path / "run"
-    proc = subprocess.run([*launch, "--output_dir", str(run)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*launch, "--output_dir", str(run)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
 
@@ -135,8 +159,19 @@ def test_the_launchers_precision_is_the_default_and_a_flag_overrides_it(
 ):
     # What `accelerate launch --mixed_precision bf16` (or `accelerate config`) hands the process.
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    argv = ["--config", "debug", "--output_dir", str(tmp_path / "run"), "--report_to", "none",
-            "--max_train_steps", "1", "--set", "log.sample_every=0", "log.num_grid_samples=1"]  # fmt: skip
+    argv = [
+        "--config",
+        "debug",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "1",
+        "--set",
+        "log.sample_every=0",
+        "log.num_grid_samples=1",
+    ]
     if flag is not None:
         argv += ["--mixed_precision", flag]
     assert main(argv) == 0

@@ -32,25 +32,57 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 SCHEMA_KEYS = {"schema", "metrics", "details", "settings", "versions", "seconds"}
 SETTINGS_KEYS = {
-    "checkpoint", "metrics", "num_samples", "seed", "batch_size", "class_labels", "guidance_scale",
-    "num_langevin_steps", "reference", "heldout", "ood", "num_examples", "feature_extractor",
-    "feature_extractor_weights", "fidelity", "num_processes", "device",
-}  # fmt: skip
+    "checkpoint",
+    "metrics",
+    "num_samples",
+    "seed",
+    "batch_size",
+    "class_labels",
+    "guidance_scale",
+    "num_langevin_steps",
+    "reference",
+    "heldout",
+    "ood",
+    "num_examples",
+    "feature_extractor",
+    "feature_extractor_weights",
+    "fidelity",
+    "num_processes",
+    "device",
+}
 VERSION_KEYS = {
-    "cdrl", "git", "python", "torch", "torchvision", "torch_fidelity", "diffusers", "accelerate", "numpy",
-}  # fmt: skip
+    "cdrl",
+    "git",
+    "python",
+    "torch",
+    "torchvision",
+    "torch_fidelity",
+    "diffusers",
+    "accelerate",
+    "numpy",
+}
 
 
 def _build_pipeline(condition_sizes: tuple[int, ...], data_scale: float = 1.0) -> CDRLPipeline:
     torch.manual_seed(0)
     ebm = EnergyResNet(
-        in_channels=1, sample_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        in_channels=1,
+        sample_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
         condition_sizes=condition_sizes,
-    ).eval()  # fmt: skip
+    ).eval()
     initializer = InitializerUNet(
-        in_channels=1, sample_size=8, block_out_channels=(8, 16), attention_levels=(False, True),
-        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, condition_sizes=condition_sizes,
-    ).eval()  # fmt: skip
+        in_channels=1,
+        sample_size=8,
+        block_out_channels=(8, 16),
+        attention_levels=(False, True),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        condition_sizes=condition_sizes,
+    ).eval()
     with torch.no_grad():  # a non-trivial proposal mean (the output layer is zero-initialized)
         for param in initializer.parameters():
             if param.abs().max() == 0:
@@ -131,8 +163,12 @@ def test_json_schema_and_figures(uncond_checkpoint, weights, tmp_path, capsys):
     assert settings["metrics"] == ["fid", "kid", "isc"] and settings["num_samples"] == 24
     assert settings["checkpoint"] == str(uncond_checkpoint) and settings["num_langevin_steps"] == 2
     assert settings["reference"] == {
-        "spec": "digits-test", "kind": "registered", "size": 360, "shape": [1, 8, 8], "num_bins": 17,
-    }  # fmt: skip
+        "spec": "digits-test",
+        "kind": "registered",
+        "size": 360,
+        "shape": [1, 8, 8],
+        "num_bins": 17,
+    }
     assert settings["feature_extractor"] == "digits-classifier"
     assert settings["feature_extractor_weights"] == str(weights)
     assert (
@@ -194,7 +230,9 @@ def test_conditional_accuracy_and_guidance(cond_checkpoint, weights, tmp_path, c
     assert result["settings"]["guidance_scale"] == 2.0 and result["settings"]["reference"] is None
 
 
-def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weights, monkeypatch, tmp_path, capsys):  # fmt: skip
+def test_accuracy_counts_the_requested_labels(
+    cond_checkpoint, classifier, weights, monkeypatch, tmp_path, capsys
+):
     # Swap the samples for real test digits: with the matching labels the accuracy is the classifier's.
     from cdrl.evaluation.digits import digits_split
 
@@ -210,7 +248,9 @@ def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weigh
     monkeypatch.setattr(evaluate, "sample_images", fake_sample_images)
     out = tmp_path / "acc.json"
     argv = ["--checkpoint", cond_checkpoint, "--class_labels", 2, 7, "--num_samples", 6]
-    code, _, stderr = _run([*argv, "--metrics", "accuracy", "--digits_classifier", weights, "--output", out], capsys)  # fmt: skip
+    code, _, stderr = _run(
+        [*argv, "--metrics", "accuracy", "--digits_classifier", weights, "--output", out], capsys
+    )
     assert code == 0, stderr
     # by hand, not through the library's accuracy code: the classifier's argmax against the labels
     with torch.no_grad():
@@ -219,7 +259,9 @@ def test_accuracy_counts_the_requested_labels(cond_checkpoint, classifier, weigh
     assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(expected)
 
 
-def test_digits_classifier_is_trained_on_first_use(uncond_checkpoint, classifier, cache_dir, monkeypatch, tmp_path, capsys):  # fmt: skip
+def test_digits_classifier_is_trained_on_first_use(
+    uncond_checkpoint, classifier, cache_dir, monkeypatch, tmp_path, capsys
+):
     calls = []
 
     def fake_train(**kwargs):
@@ -264,43 +306,43 @@ def _bad_inputs(cond: Path, uncond: Path, vector: Path, tmp: Path) -> dict[str, 
         "unknown metric": (
             ["--checkpoint", uncond, "--metrics", "fid", "fidd", *ref],
             "invalid choice: 'fidd'",
-        ),  # fmt: skip
+        ),
         "unknown reference": (
             ["--checkpoint", uncond, "--reference", "digitz"],
             "unknown reference 'digitz'",
-        ),  # fmt: skip
+        ),
         "reference of another shape": (
             ["--checkpoint", uncond, "--reference", ROOT / "configs/toy2d.yaml"],
             "holds 2-d data",
-        ),  # fmt: skip
+        ),
         "registered reference not found": (
             ["--checkpoint", uncond, "--reference", "cifar10-val", "--data_dir", tmp / "nowhere"],
             "could not be loaded",
-        ),  # fmt: skip
+        ),
         "labels, unconditional model": (
             ["--checkpoint", uncond, "--class_labels", 1, *ref],
             "is unconditional",
-        ),  # fmt: skip
+        ),
         "label out of range": (
             ["--checkpoint", cond, "--class_labels", 10, *ref],
             "outside [0, 10)",
-        ),  # fmt: skip
+        ),
         "guidance without labels": (
             ["--checkpoint", cond, "--guidance_scale", 2, *ref],
             "--guidance_scale needs",
-        ),  # fmt: skip
+        ),
         "output under a file": (
             ["--checkpoint", uncond, *ref, "--output", tmp / "a_file" / "e.json"],
             "is a file, not a folder",
-        ),  # fmt: skip
+        ),
         "unwritable system path": (
             ["--checkpoint", uncond, *ref, "--output", "/proc/cdrl-test/e.json"],
             "cannot be written",
-        ),  # fmt: skip
+        ),
         "output not json": (
             ["--checkpoint", uncond, *ref, "--output", tmp / "e.txt"],
             "must be a .json file",
-        ),  # fmt: skip
+        ),
         "inception weights missing": (
             [
                 "--checkpoint",
@@ -312,7 +354,7 @@ def _bad_inputs(cond: Path, uncond: Path, vector: Path, tmp: Path) -> dict[str, 
                 tmp / "none.pth",
             ],
             "is not a file",
-        ),  # fmt: skip
+        ),
         "inception weights unusable": (
             [
                 "--checkpoint",
@@ -324,42 +366,56 @@ def _bad_inputs(cond: Path, uncond: Path, vector: Path, tmp: Path) -> dict[str, 
                 bogus,
             ],
             "could not be loaded from",
-        ),  # fmt: skip
+        ),
         "inception weights, digits extractor": (
             ["--checkpoint", uncond, *ref, "--inception_weights", bogus],
             "inception extractor",
-        ),  # fmt: skip
+        ),
         "fid without reference": (["--checkpoint", uncond], "needs --reference"),
         "accuracy without labels": (
             ["--checkpoint", cond, "--metrics", "accuracy"],
             "needs --class_labels",
-        ),  # fmt: skip
+        ),
         "ood without ood sets": (
             ["--checkpoint", uncond, "--metrics", "ood", *ref],
             "needs --ood",
-        ),  # fmt: skip
+        ),
         "ood sets without ood": (
             ["--checkpoint", uncond, *ref, "--ood", "digits-train"],
             "--ood needs --metrics ood",
-        ),  # fmt: skip
+        ),
         "unused reference": (
             ["--checkpoint", uncond, "--metrics", "isc", *ref],
             "none of which was asked for",
-        ),  # fmt: skip
+        ),
         "zero samples": (["--checkpoint", uncond, *ref, "--num_samples", 0], "at least 1"),
         "vector model": (["--checkpoint", vector, "--metrics", "isc"], "not images"),
     }
 
 
 BAD_INPUT_CASES = [
-    "missing checkpoint", "unknown metric", "unknown reference", "reference of another shape",
+    "missing checkpoint",
+    "unknown metric",
+    "unknown reference",
+    "reference of another shape",
     "registered reference not found",
-    "labels, unconditional model", "label out of range", "guidance without labels",
-    "output under a file", "unwritable system path", "output not json", "inception weights missing",
-    "inception weights unusable", "inception weights, digits extractor", "fid without reference",
-    "accuracy without labels", "ood without ood sets", "ood sets without ood", "unused reference",
-    "zero samples", "vector model",
-]  # fmt: skip
+    "labels, unconditional model",
+    "label out of range",
+    "guidance without labels",
+    "output under a file",
+    "unwritable system path",
+    "output not json",
+    "inception weights missing",
+    "inception weights unusable",
+    "inception weights, digits extractor",
+    "fid without reference",
+    "accuracy without labels",
+    "ood without ood sets",
+    "ood sets without ood",
+    "unused reference",
+    "zero samples",
+    "vector model",
+]
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +423,9 @@ def vector_checkpoint(tmp_path_factory) -> Path:
     from conftest import build_mlp_ebm, build_mlp_initializer
 
     path = tmp_path_factory.mktemp("vector") / "pipeline"
-    pipe = CDRLPipeline(ebm=build_mlp_ebm(), initializer=build_mlp_initializer(), scheduler=CDRLScheduler())  # fmt: skip
+    pipe = CDRLPipeline(
+        ebm=build_mlp_ebm(), initializer=build_mlp_initializer(), scheduler=CDRLScheduler()
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -400,9 +458,14 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
     def bits_per_dim(pipeline, x0, **kwargs):
         calls.append((pipeline, x0, kwargs))
         nll = [float(k) for k in range(len(x0))]
-        return {"nll_nats": float(np.mean(nll)), "bpd": 1.25, "nll_per_example": nll, "convention": "test"}  # fmt: skip
+        return {
+            "nll_nats": float(np.mean(nll)),
+            "bpd": 1.25,
+            "nll_per_example": nll,
+            "convention": "test",
+        }
 
-    monkeypatch.setattr("cdrl.evaluation.likelihood.bits_per_dim", bits_per_dim)
+    monkeypatch.setattr("cdrl.evaluation.bpd.bits_per_dim", bits_per_dim)
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
     argv += ["--num_examples", 7, "--bpd_num_chains", 3, "--batch_size", 5, "--seed", 2]
@@ -416,14 +479,20 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
     assert "num_intermediate" not in kwargs and isinstance(kwargs["generator"], torch.Generator)
     result = json.loads(out.read_text())
     assert result["metrics"] == {"bpd": 1.25, "nll_nats": 3.0} and "bpd 1.25" in stdout
-    assert result["details"]["bpd"] == {"convention": "test", "num_examples": 7, "num_chains": 3, "num_bins": 17}  # fmt: skip
+    assert result["details"]["bpd"] == {
+        "convention": "test",
+        "num_examples": 7,
+        "num_chains": 3,
+        "num_bins": 17,
+    }
     assert result["settings"]["heldout"]["spec"] == "digits-test"
     assert result["settings"]["num_samples"] is None and "sampling" not in result["seconds"]
 
 
 def test_bpd_with_the_density_module(uncond_checkpoint, tmp_path, capsys):
     pytest.importorskip(
-        "cdrl.evaluation.likelihood", reason="cdrl/evaluation/likelihood.py (bits_per_dim) is not in this checkout"
+        "cdrl.evaluation.bpd",
+        reason="cdrl/evaluation/bpd.py (bits_per_dim) is not in this checkout",
     )
     out = tmp_path / "bpd.json"
     argv = ["--checkpoint", uncond_checkpoint, "--metrics", "bpd", "--heldout", "digits-test"]
@@ -498,7 +567,9 @@ def test_lowest_level_energy_of_a_conditional_model_uses_the_null_label(cond_pip
     with torch.no_grad():
         # the EBM itself on the null label (not cdrl.guidance.composed, which the code under test uses)
         expected = cond_pipe.ebm(x0 * float(schedule.y_scales[0]), levels, null)
-        labelled = cond_pipe.ebm(x0 * float(schedule.y_scales[0]), levels, torch.zeros(3, 1, dtype=torch.long))  # fmt: skip
+        labelled = cond_pipe.ebm(
+            x0 * float(schedule.y_scales[0]), levels, torch.zeros(3, 1, dtype=torch.long)
+        )
     energy = lowest_level_energy(cond_pipe, x0)
     torch.testing.assert_close(energy, expected.double(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(energy, labelled.double())
@@ -507,7 +578,9 @@ def test_lowest_level_energy_of_a_conditional_model_uses_the_null_label(cond_pip
 def test_ood_report_scores_low_energy_as_in_distribution(monkeypatch):
     # An EBM whose energy is |y|^2 / 2: data near 0 are in-distribution, data far from 0 are not.
     pipe = _build_pipeline(())
-    monkeypatch.setattr(pipe.ebm, "forward", lambda y, noise_level, cond=None: 0.5 * y.pow(2).flatten(1).sum(1))  # fmt: skip
+    monkeypatch.setattr(
+        pipe.ebm, "forward", lambda y, noise_level, cond=None: 0.5 * y.pow(2).flatten(1).sum(1)
+    )
     generator = torch.Generator().manual_seed(3)
     x_in = torch.rand(16, 1, 8, 8, generator=generator) * 0.2 - 0.1
     x_far = torch.rand(9, 1, 8, 8, generator=generator) * 0.2 + 0.8
@@ -550,7 +623,9 @@ sys.exit(main(argv))
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_samples_and_figures_of_one(cond_pipe, cond_checkpoint, weights, tmp_path, capsys):  # fmt: skip
+def test_two_processes_give_the_samples_and_figures_of_one(
+    cond_pipe, cond_checkpoint, weights, tmp_path, capsys
+):
     """torchrun, 2 CPU processes (gloo; accelerate launch runs torchrun on GPUs): split, then gathered in order."""
     args = ["--checkpoint", str(cond_checkpoint), "--all_classes", "--num_samples", "9"]
     args += [
@@ -578,7 +653,9 @@ def test_two_processes_give_the_samples_and_figures_of_one(cond_pipe, cond_check
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only the main process computes and writes
     gathered = torch.load(tmp_path / "images.pt")
-    expected = sample_images(cond_pipe, [3, 1, 4, 1, 5, 9, 2], list(range(10, 17)), guidance_scale=2.0)  # fmt: skip
+    expected = sample_images(
+        cond_pipe, [3, 1, 4, 1, 5, 9, 2], list(range(10, 17)), guidance_scale=2.0
+    )
     # every sample once, in order (other processes and batch splits: a pixel may round one level off)
     assert_uint8_close(gathered, expected)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -659,7 +736,7 @@ def test_bpd_convergence_from_the_cli(uncond_checkpoint, tmp_path, capsys):
 
 
 def test_bpd_defaults_are_the_sized_ones_and_help_states_the_cost(capsys):
-    import cdrl.evaluation.likelihood as lk
+    import cdrl.evaluation.bpd as lk
 
     steps, chains = lk.DEFAULT_NUM_INTERMEDIATE, lk.DEFAULT_NUM_CHAINS
     defaults = lk.bits_per_dim.__kwdefaults__

@@ -48,10 +48,16 @@ def split():
 def _metrics(input1, input2=None, weights=None, **kwargs) -> dict[str, float]:
     """torch-fidelity's own entry point with the registered digits extractor, no cache."""
     return torch_fidelity.calculate_metrics(
-        input1=input1, input2=input2, feature_extractor=DIGITS_EXTRACTOR,
-        feature_extractor_weights_path=str(weights), cuda=False, cache=False, verbose=False,
-        save_cpu_ram=True, **kwargs,
-    )  # fmt: skip
+        input1=input1,
+        input2=input2,
+        feature_extractor=DIGITS_EXTRACTOR,
+        feature_extractor_weights_path=str(weights),
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------ the extractor
@@ -60,7 +66,10 @@ def _metrics(input1, input2=None, weights=None, **kwargs) -> dict[str, float]:
 def test_extractor_and_data_sets_are_registered():
     assert FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR] is DigitsFeatureExtractor
     assert DigitsFeatureExtractor.get_provided_features_list() == ("features", "logits")
-    layers = {m: DigitsFeatureExtractor.get_default_feature_layer_for_metric(m) for m in ("fid", "kid", "isc")}  # fmt: skip
+    layers = {
+        m: DigitsFeatureExtractor.get_default_feature_layer_for_metric(m)
+        for m in ("fid", "kid", "isc")
+    }
     assert layers == {"fid": "features", "kid": "features", "isc": "logits"}
     assert {"digits-train", "digits-test", "cifar10-train"} <= set(DATASETS_REGISTRY)
 
@@ -78,7 +87,9 @@ def test_extractor_outputs_match_the_classifier(classifier, weights, split):
     assert_close_float32(features, expected_features)
     assert_close_float32(logits, expected_logits)
     # RGB copies of grey digits give the same features; other sizes and dtypes are refused.
-    (rgb,) = DigitsFeatureExtractor(DIGITS_EXTRACTOR, ["features"], str(weights))(x.expand(-1, 3, -1, -1))  # fmt: skip
+    (rgb,) = DigitsFeatureExtractor(DIGITS_EXTRACTOR, ["features"], str(weights))(
+        x.expand(-1, 3, -1, -1)
+    )
     assert_close_float32(rgb, features)
     with pytest.raises(ValueError, match="8x8"):
         extractor(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
@@ -112,7 +123,10 @@ def test_uint8_view_rounds_like_the_png_writer_and_repeats_grey():
     assert view[0].flatten().tolist() == [round(k * 255 / 63) for k in range(64)]
     rgb = UInt8Images(expected[None], channels=3)[0]
     assert rgb.shape == (3, 8, 8) and all(torch.equal(c, expected[0]) for c in rgb)
-    assert torch.equal(to_uint8(torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3)).flatten(), torch.tensor([0, 128, 255], dtype=torch.uint8))  # fmt: skip
+    assert torch.equal(
+        to_uint8(torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3)).flatten(),
+        torch.tensor([0, 128, 255], dtype=torch.uint8),
+    )
 
 
 # ------------------------------------------------------------------ metrics through torch-fidelity
@@ -128,8 +142,22 @@ def test_fid_and_kid_order_real_halves_below_noise(weights, split):
     generator = torch.Generator().manual_seed(0)
     test = split[2]
     noise = torch.randint(0, 256, (180, *DIGITS), generator=generator, dtype=torch.uint8)
-    real = _metrics(UInt8Images(test[:180]), UInt8Images(test[180:]), weights, fid=True, kid=True, kid_subset_size=100)  # fmt: skip
-    fake = _metrics(UInt8Images(noise), UInt8Images(test[180:]), weights, fid=True, kid=True, kid_subset_size=100)  # fmt: skip
+    real = _metrics(
+        UInt8Images(test[:180]),
+        UInt8Images(test[180:]),
+        weights,
+        fid=True,
+        kid=True,
+        kid_subset_size=100,
+    )
+    fake = _metrics(
+        UInt8Images(noise),
+        UInt8Images(test[180:]),
+        weights,
+        fid=True,
+        kid=True,
+        kid_subset_size=100,
+    )
     assert 0 < real[torch_fidelity.KEY_METRIC_FID] < fake[torch_fidelity.KEY_METRIC_FID] / 5
     assert real[torch_fidelity.KEY_METRIC_KID_MEAN] < fake[torch_fidelity.KEY_METRIC_KID_MEAN] / 5
 
@@ -152,7 +180,9 @@ def test_compute_fidelity_names_figures_and_caches_the_reference(weights, split,
     reference = Reference.from_images("test", test)
     cache = tmp_path / "cache"
     kwargs = dict(extractor=DIGITS_EXTRACTOR, weights_path=weights, cache_root=cache)
-    figures, settings = compute_fidelity(train[:50], reference, metrics={"fid", "kid", "isc"}, **kwargs)  # fmt: skip
+    figures, settings = compute_fidelity(
+        train[:50], reference, metrics={"fid", "kid", "isc"}, **kwargs
+    )
     assert set(figures) == {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in figures.values())
     assert settings["kid_subset_size"] == 50 and settings["isc_splits"] == 10
@@ -162,7 +192,9 @@ def test_compute_fidelity_names_figures_and_caches_the_reference(weights, split,
     assert cached and all(p.startswith(name) for p in cached)
     again, _ = compute_fidelity(train[:50], reference, metrics={"fid", "kid", "isc"}, **kwargs)
     assert again == figures  # from the cached reference features and statistics
-    assert compute_fidelity(test, reference, metrics={"fid"}, **kwargs)[0]["fid"] == pytest.approx(0, abs=1e-3)  # fmt: skip
+    assert compute_fidelity(test, reference, metrics={"fid"}, **kwargs)[0]["fid"] == pytest.approx(
+        0, abs=1e-3
+    )
     with pytest.raises(ValueError, match="reference"):
         compute_fidelity(train[:50], None, metrics={"kid"}, **kwargs)
     with pytest.raises(ValueError, match="subset"):
@@ -174,14 +206,18 @@ def test_cache_names_follow_data_and_extractor_weights(weights, tmp_path):
     base = Reference.from_images("ref", images)
     other = Reference.from_images("ref", images + 1)
     fingerprint = extractor_fingerprint(DIGITS_EXTRACTOR, weights)
-    assert base.cache_name(fingerprint) == Reference.from_images("ref", images.clone()).cache_name(fingerprint)  # fmt: skip
+    assert base.cache_name(fingerprint) == Reference.from_images("ref", images.clone()).cache_name(
+        fingerprint
+    )
     assert base.cache_name(fingerprint) != other.cache_name(fingerprint)
     copy = tmp_path / "copy"
     shutil.copytree(weights, copy)
     assert extractor_fingerprint(DIGITS_EXTRACTOR, copy) == fingerprint  # the content counts
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert extractor_fingerprint(DIGITS_EXTRACTOR, copy) != fingerprint
-    assert "/" not in base.cache_name(fingerprint) and base.cache_name(fingerprint).startswith("cdrl-ref-")  # fmt: skip
+    assert "/" not in base.cache_name(fingerprint) and base.cache_name(fingerprint).startswith(
+        "cdrl-ref-"
+    )
 
 
 def test_digits_accuracy_reads_the_requested_class(classifier, split):
@@ -221,13 +257,24 @@ def test_registered_and_config_references(split):
     config = load_reference(f"{ROOT / 'configs/digits.yaml'}:test", sample_shape=DIGITS)
     assert config.kind == "config" and len(config) == 360
     # the config's data are the same digits, in data units (not rounded to uint8)
-    torch.testing.assert_close(config.data().sort(dim=0).values, torch.sort(digits_split()[2], dim=0).values)  # fmt: skip
+    torch.testing.assert_close(
+        config.data().sort(dim=0).values, torch.sort(digits_split()[2], dim=0).values
+    )
     # bit-exact: both are sklearn's integer pixels scaled by the same float32 formula (no reduction)
     assert torch.equal(test.data(), config.data())  # registered project sets keep exact values too
     train = load_reference(str(ROOT / "configs/digits.yaml"), sample_shape=DIGITS)
     assert len(train) == 1437 and train.identity != config.identity
-    assert test.describe() == {"spec": "digits-test", "kind": "registered", "size": 360, "shape": [1, 8, 8], "num_bins": 17}  # fmt: skip
-    assert train.num_bins == 17 and load_reference(str(ROOT / "configs/toy2d.yaml"), sample_shape=(2,)).num_bins is None  # fmt: skip
+    assert test.describe() == {
+        "spec": "digits-test",
+        "kind": "registered",
+        "size": 360,
+        "shape": [1, 8, 8],
+        "num_bins": 17,
+    }
+    assert (
+        train.num_bins == 17
+        and load_reference(str(ROOT / "configs/toy2d.yaml"), sample_shape=(2,)).num_bins is None
+    )
 
 
 def test_folder_reference_takes_the_model_shape_and_tracks_its_files(tmp_path):

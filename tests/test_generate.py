@@ -30,14 +30,23 @@ NUM_CLASSES = 10
 def _build_pipeline(condition_sizes: tuple[int, ...]) -> CDRLPipeline:
     torch.manual_seed(0)
     ebm = EnergyResNet(
-        in_channels=1, sample_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        in_channels=1,
+        sample_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
         condition_sizes=condition_sizes,
-    ).eval()  # fmt: skip
+    ).eval()
     initializer = InitializerUNet(
-        in_channels=1, sample_size=8, block_out_channels=(8, 16), attention_levels=(False, True),
-        layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+        in_channels=1,
+        sample_size=8,
+        block_out_channels=(8, 16),
+        attention_levels=(False, True),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
         condition_sizes=condition_sizes,
-    ).eval()  # fmt: skip
+    ).eval()
     # The initializer's output layer is zero-initialized (mu(x, c) = x for every c): give it small
     # random weights so that its conditioning, and guidance of its mean, matter too.
     with torch.no_grad():
@@ -255,12 +264,26 @@ def test_guided_energy_gradient(cond_pipe, monkeypatch, guidance_scale):
 
 
 BAD_INPUT_CASES = [
-    "jpg output", "folder of other files", "label too large", "negative label",
-    "negative guidance", "labels, unconditional model", "all classes, unconditional model",
-    "missing checkpoint", "no model_index.json", "no ebm weights", "no scheduler",
-    "parent is a file", "folder under a file", "unwritable system path", "guidance without labels",
-    "num_samples with labels", "zero per class", "labels and all classes", "unknown flag",
-]  # fmt: skip
+    "jpg output",
+    "folder of other files",
+    "label too large",
+    "negative label",
+    "negative guidance",
+    "labels, unconditional model",
+    "all classes, unconditional model",
+    "missing checkpoint",
+    "no model_index.json",
+    "no ebm weights",
+    "no scheduler",
+    "parent is a file",
+    "folder under a file",
+    "unwritable system path",
+    "guidance without labels",
+    "num_samples with labels",
+    "zero per class",
+    "labels and all classes",
+    "unknown flag",
+]
 
 
 def _bad_inputs(cond: Path, uncond: Path, tmp: Path) -> dict[str, list]:
@@ -404,8 +427,19 @@ def test_failure_while_generating_leaves_nothing(cond_checkpoint, tmp_path, caps
     monkeypatch.setattr(CDRLPipeline, "__call__", failing)
     out = tmp_path / "samples"
     with pytest.raises(RuntimeError, match="out of memory"):
-        generate.main(["--checkpoint", str(cond_checkpoint), "--all_classes", "--batch_size", "4",
-                       "--output", str(out), "--device", "cpu"])  # fmt: skip
+        generate.main(
+            [
+                "--checkpoint",
+                str(cond_checkpoint),
+                "--all_classes",
+                "--batch_size",
+                "4",
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
     assert list(tmp_path.iterdir()) == []
 
 

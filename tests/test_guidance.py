@@ -148,9 +148,16 @@ def _level(b, temperature=0.5):
 
     ones = torch.ones(b)
     return Level(
-        noise_level=ones * 0.1, next_noise_level=ones * 0.2, scale=ones, sigma=ones, tether=ones,
-        step_size=ones, temperature=ones * temperature, proposal_std=ones, loss_weight=ones,
-    )  # fmt: skip
+        noise_level=ones * 0.1,
+        next_noise_level=ones * 0.2,
+        scale=ones,
+        sigma=ones,
+        tether=ones,
+        step_size=ones,
+        temperature=ones * temperature,
+        proposal_std=ones,
+        loss_weight=ones,
+    )
 
 
 def test_log_prob_not_matches_the_softmax():
@@ -199,9 +206,13 @@ def test_posterior_negation_energy_is_bounded_where_linear_is_not():
         torch.tensor([0.0, -7.0]),
     ]  # calibrated offsets per condition
     posterior = energy_fn(
-        net, _level(b, tau), null=null, terms=[(not_x0, -2.0)], negation="posterior",
+        net,
+        _level(b, tau),
+        null=null,
+        terms=[(not_x0, -2.0)],
+        negation="posterior",
         offsets=offsets,
-    )  # fmt: skip
+    )
     linear = energy_fn(net, _level(b, tau), null=null, terms=[(not_x0, -2.0)])
     # Posterior: E_null / tau - 2 log p(x != 0 | y), with p from softmax((-E(y, v) + offset_v) / tau) over
     # v = 0, 1 (attribute 0's offsets).
@@ -210,9 +221,13 @@ def test_posterior_negation_energy_is_bounded_where_linear_is_not():
     expected = net(y, None, null) / tau - 2 * log_prob_not(logits, torch.zeros(b, dtype=torch.long))
     assert torch.allclose(posterior(y), expected, atol=1e-5)
     uncalibrated = energy_fn(
-        net, _level(b, tau), null=null, terms=[(not_x0, -2.0)], negation="posterior",
+        net,
+        _level(b, tau),
+        null=null,
+        terms=[(not_x0, -2.0)],
+        negation="posterior",
         offsets=[torch.zeros(2), torch.zeros(2)],
-    )  # fmt: skip
+    )
     assert not torch.allclose(posterior(y), uncalibrated(y))
     with pytest.raises(ValueError, match="cdrl-calibrate"):
         energy_fn(net, _level(b, tau), null=null, terms=[(not_x0, -2.0)], negation="posterior")
@@ -233,9 +248,13 @@ def test_pipeline_posterior_negation(tiny_cond_ebm):
     pipe = CDRLPipeline(ebm=tiny_cond_ebm, initializer=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
-        batch_size=2, compose=[((3,), 2.0), ((5,), -1.0)], negation="posterior",
-        num_langevin_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
-    ).images  # fmt: skip
+        batch_size=2,
+        compose=[((3,), 2.0), ((5,), -1.0)],
+        negation="posterior",
+        num_langevin_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="negation must be one of"):
         pipe(batch_size=2, compose=[((5,), -1.0)], negation="bounded", output_type="pt")

@@ -45,8 +45,14 @@ def test_proposal_mean_is_guided(tiny_cond_initializer, randomize_output):
     x_next = torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     null, cond = _labels(b)
     with torch.no_grad():
-        y = propose(init, x_next, lvl, null=null, terms=((cond, 1 + W),),
-                    generator=torch.Generator().manual_seed(1))  # fmt: skip
+        y = propose(
+            init,
+            x_next,
+            lvl,
+            null=null,
+            terms=((cond, 1 + W),),
+            generator=torch.Generator().manual_seed(1),
+        )
         # the proposal noise is the generator's first draw
         eps = randn_like(x_next, torch.Generator().manual_seed(1))
         mean = y - lvl.proposal_std.view(-1, 1, 1, 1) * eps
@@ -88,8 +94,16 @@ def test_sample_guides_every_levels_proposal_mean():
     x_top = torch.randn(b, 2, generator=torch.Generator().manual_seed(0))
 
     def run(terms):
-        return sample(_ZeroEnergy(), init, schedule, x_top, settings, null=null, terms=terms,
-                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+        return sample(
+            _ZeroEnergy(),
+            init,
+            schedule,
+            x_top,
+            settings,
+            null=null,
+            terms=terms,
+            generator=torch.Generator().manual_seed(1),
+        )
 
     shift = g * (init.offset[cond[:, 0]] - init.offset[null[:, 0]]).double()
     alphas = schedule.alphas_cumprod[1:] / schedule.alphas_cumprod[:-1]
@@ -143,8 +157,16 @@ def test_sample_ends_with_the_guided_tweedie_step(tiny_cond_ebm, tiny_cond_initi
 
     def run(tweedie: bool) -> Tensor:
         settings = LangevinConfig(n_steps=1, tweedie=tweedie)
-        return sample(tiny_cond_ebm, tiny_cond_initializer, schedule, x_top, settings, null=null,
-                      terms=((cond, 1 + W),), generator=torch.Generator().manual_seed(1))  # fmt: skip
+        return sample(
+            tiny_cond_ebm,
+            tiny_cond_initializer,
+            schedule,
+            x_top,
+            settings,
+            null=null,
+            terms=((cond, 1 + W),),
+            generator=torch.Generator().manual_seed(1),
+        )
 
     before = run(False)
     expected = _guided_tweedie(tiny_cond_ebm, schedule, before, null, cond, 2e-4)
@@ -183,8 +205,12 @@ def _stationary_var(pipe: CDRLPipeline, noise_scale: float) -> float:
 def test_langevin_noise_scale_sets_the_stationary_variance(monkeypatch, noise_scale):
     pipe = _quadratic_pipeline(monkeypatch)
     n = 4000
-    x = pipe(batch_size=n, langevin_noise_scale=noise_scale, output_type="pt",
-             generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    x = pipe(
+        batch_size=n,
+        langevin_noise_scale=noise_scale,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     # After 60 steps the start's variance (1, from x_T ~ N(0, I)) is down to 0.81^60 = 3e-6 of
     # itself, far below the stationary variance (2e-3 eta^2): the chain is stationary. The sample
     # variance over n = 4000 x 2 draws has standard error sqrt(2 / 8000) = 1.6% of the variance;
@@ -200,6 +226,10 @@ def test_zero_noise_scale_makes_the_chain_deterministic(monkeypatch):
     pipe = _quadratic_pipeline(monkeypatch, noise_scale=0.0, n_steps=10)
     x = pipe(batch_size=5, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(x, 0.9**10 * x_top, rtol=1e-5, atol=1e-7)
-    noisy = pipe(batch_size=5, langevin_noise_scale=1.0, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    noisy = pipe(
+        batch_size=5,
+        langevin_noise_scale=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert not torch.allclose(noisy, x, atol=1e-3)

@@ -29,13 +29,21 @@ def modules_cache(tmp_path, monkeypatch):
 def exported(tiny_pipeline, tmp_path) -> Path:
     folder = tmp_path / "pipeline"
     cfg = load_config(config_path("debug"), [])
-    export_pipeline(tiny_pipeline, cfg, folder, step=7, command="cdrl-train --config debug",
-                    figures={"ebm/loss": 0.25})  # fmt: skip
+    export_pipeline(
+        tiny_pipeline,
+        cfg,
+        folder,
+        step=7,
+        command="cdrl-train --config debug",
+        figures={"ebm/loss": 0.25},
+    )
     return folder
 
 
 def _sample(pipe, seed=0):
-    return pipe(batch_size=2, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(seed), output_type="pt"
+    ).images
 
 
 def test_diffusers_generic_loader_loads_an_export_and_samples_as_ours_does(exported):

@@ -157,9 +157,12 @@ def test_resampling_keeps_known_pixels_and_repeats_each_level():
 
         pipeline.progress_bar = counting_bar
         outs[r] = pipeline(
-            image=image, mask_image=repaint, resample=r,
-            generator=[torch.Generator().manual_seed(k) for k in range(2)], output_type="pt",
-        ).images  # fmt: skip
+            image=image,
+            mask_image=repaint,
+            resample=r,
+            generator=[torch.Generator().manual_seed(k) for k in range(2)],
+            output_type="pt",
+        ).images
         pipeline.progress_bar = original
         steps[r] = calls[0]
         keep = (repaint == 0).expand_as(outs[r])
@@ -211,9 +214,19 @@ def test_cli_end_to_end(tmp_path, checkpoints, capsys):
     out = tmp_path / "out"
     code, stdout, err = _run(
         capsys,
-        "--checkpoint", checkpoints["uncond"], "--image", tmp_path / "in",
-        "--mask_preset", "left_half", "--num_samples", 3, "--seed", 5, "--output", out,
-    )  # fmt: skip
+        "--checkpoint",
+        checkpoints["uncond"],
+        "--image",
+        tmp_path / "in",
+        "--mask_preset",
+        "left_half",
+        "--num_samples",
+        3,
+        "--seed",
+        5,
+        "--output",
+        out,
+    )
     assert code == 0, err
     assert err == "" and "wrote 2 panels and 6 completions" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -246,9 +259,19 @@ def test_cli_mask_files_batch_independence_and_rerun(tmp_path, checkpoints, caps
     for batch_size, name in ((1, "a"), (64, "b")):
         code, _, err = _run(
             capsys,
-            "--checkpoint", checkpoints["uncond"], "--image", *paths, "--mask", single,
-            "--num_samples", 2, "--batch_size", batch_size, "--output", tmp_path / name,
-        )  # fmt: skip
+            "--checkpoint",
+            checkpoints["uncond"],
+            "--image",
+            *paths,
+            "--mask",
+            single,
+            "--num_samples",
+            2,
+            "--batch_size",
+            batch_size,
+            "--output",
+            tmp_path / name,
+        )
         assert code == 0, err
         outputs.append(tmp_path / name)
     for file in sorted((outputs[0] / "completions").iterdir()):
@@ -259,9 +282,19 @@ def test_cli_mask_files_batch_independence_and_rerun(tmp_path, checkpoints, caps
     bit = _write(tmp_path / "bit.png", mask > 0, mode=None)
     code, _, err = _run(
         capsys,
-        "--checkpoint", checkpoints["uncond"], "--image", paths[0], jpeg, "--mask", single, bit,
-        "--num_samples", 1, "--output", outputs[0],
-    )  # fmt: skip
+        "--checkpoint",
+        checkpoints["uncond"],
+        "--image",
+        paths[0],
+        jpeg,
+        "--mask",
+        single,
+        bit,
+        "--num_samples",
+        1,
+        "--output",
+        outputs[0],
+    )
     assert code == 0, err
     assert "notice: converted colour image" in err and str(jpeg) in err
     manifest = json.loads((outputs[0] / "manifest.json").read_text())
@@ -273,9 +306,21 @@ def test_cli_conditional(tmp_path, checkpoints, capsys):
     paths = _images(tmp_path / "in", count=1)
     code, _, err = _run(
         capsys,
-        "--checkpoint", checkpoints["cond"], "--image", *paths, "--mask_preset", "center",
-        "--class_label", 3, "--guidance_scale", 2.0, "--num_samples", 2, "--output", tmp_path / "o",
-    )  # fmt: skip
+        "--checkpoint",
+        checkpoints["cond"],
+        "--image",
+        *paths,
+        "--mask_preset",
+        "center",
+        "--class_label",
+        3,
+        "--guidance_scale",
+        2.0,
+        "--num_samples",
+        2,
+        "--output",
+        tmp_path / "o",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "o/manifest.json").read_text())["class_label"] == 3
 
@@ -288,9 +333,17 @@ def test_cli_resize_notice(tmp_path, checkpoints, capsys):
     mask_path = _write(tmp_path / "big_mask.png", mask)
     code, _, err = _run(
         capsys,
-        "--checkpoint", checkpoints["uncond"], "--image", image, "--mask", mask_path,
-        "--num_samples", 1, "--output", tmp_path / "out",
-    )  # fmt: skip
+        "--checkpoint",
+        checkpoints["uncond"],
+        "--image",
+        image,
+        "--mask",
+        mask_path,
+        "--num_samples",
+        1,
+        "--output",
+        tmp_path / "out",
+    )
     assert code == 0, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("notice: resized image")
@@ -340,21 +393,36 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "empty folder": (["uncond", "--image", empty, *preset], "holds no PNG or JPEG"),
         "missing image": (["uncond", "--image", tmp / "nope.png", *preset], "does not exist"),
         "mask count": (["uncond", "--image", image, *other, "--mask", *other], "2 masks for 3"),
-        "label unconditional": (["uncond", "--image", image, *preset, "--class_label", 1],
-                                "unconditional"),
-        "label range": (["cond", "--image", image, *preset, "--class_label", 10],
-                        "outside [0, 10)"),
-        "guidance no label": (["cond", "--image", image, *preset, "--guidance_scale", 3],
-                              "needs --class_label"),
+        "label unconditional": (
+            ["uncond", "--image", image, *preset, "--class_label", 1],
+            "unconditional",
+        ),
+        "label range": (
+            ["cond", "--image", image, *preset, "--class_label", 10],
+            "outside [0, 10)",
+        ),
+        "guidance no label": (
+            ["cond", "--image", image, *preset, "--guidance_scale", 3],
+            "needs --class_label",
+        ),
         "bad checkpoint": ([tmp / "in", "--image", image, *preset], "no exported pipeline"),
-    }  # fmt: skip
+    }
 
 
 BAD_INPUTS = (
-    "size mismatch", "rgb mask", "grey mask", "corrupt image", "corrupt mask", "empty folder",
-    "missing image", "mask count", "label unconditional", "label range", "guidance no label",
+    "size mismatch",
+    "rgb mask",
+    "grey mask",
+    "corrupt image",
+    "corrupt mask",
+    "empty folder",
+    "missing image",
+    "mask count",
+    "label unconditional",
+    "label range",
+    "guidance no label",
     "bad checkpoint",
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -378,9 +446,15 @@ def test_cli_refuses_foreign_output_folder(tmp_path, checkpoints, capsys):
     (folder / "thesis.txt").write_text("keep me")
     code, _, err = _run(
         capsys,
-        "--checkpoint", checkpoints["uncond"], "--image", image, "--mask_preset", "center",
-        "--output", folder,
-    )  # fmt: skip
+        "--checkpoint",
+        checkpoints["uncond"],
+        "--image",
+        image,
+        "--mask_preset",
+        "center",
+        "--output",
+        folder,
+    )
     assert code == 2 and "is a folder cdrl did not write" in err
     assert (folder / "thesis.txt").read_text() == "keep me"
 

@@ -51,10 +51,16 @@ def test_known_pixels_hold_the_observation_diffused_with_each_levels_noise(
     monkeypatch.setattr(NoiseSchedule, "q_sample", spy)
     states: dict[int, list[torch.Tensor]] = {}
     out = sample(
-        tiny_ebm, tiny_initializer, schedule, torch.randn(2, 1, 8, 8, generator=gen),
-        LangevinConfig(n_steps=3), known=known, known_mask=known_mask, generator=gen,
+        tiny_ebm,
+        tiny_initializer,
+        schedule,
+        torch.randn(2, 1, 8, 8, generator=gen),
+        LangevinConfig(n_steps=3),
+        known=known,
+        known_mask=known_mask,
+        generator=gen,
         callback=lambda t, k, y: states.setdefault(t, []).append(y.clone()),
-    )  # fmt: skip
+    )
     assert sorted(noises) == sorted(states) == list(range(6))
     for t, per_step in states.items():
         x_t = math.sqrt(ab[t]) * known.double() + math.sqrt(1 - ab[t]) * noises[t].double()
@@ -98,8 +104,13 @@ def test_pipeline_known_pixels_follow_the_forward_marginal_and_end_at_the_observ
 
     monkeypatch.setattr(pipeline_module, "sample", spy)
     n = 256
-    out = pipe(image=image, mask_image=repaint, num_samples_per_image=n, output_type="pt",
-               generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    out = pipe(
+        image=image,
+        mask_image=repaint,
+        num_samples_per_image=n,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(1),
+    ).images
     assert sorted(last) == list(range(schedule.num_levels))
     for t, y in last.items():
         # Standardized, the kept values are N(0, 1) draws: n x 48 = 12288 of them, their mean within

@@ -15,8 +15,18 @@ import cdrl.training.checkpoint as checkpoint_module
 from cdrl.training.checkpoint import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--config", ROOT / "configs/debug.yaml", "--report_to", "none", "--max_train_steps", "8",
-       "--set", "log.sample_every=0", "log.checkpointing_steps=2", "log.checkpoints_total_limit=1"]  # fmt: skip
+RUN = [
+    "--config",
+    ROOT / "configs/debug.yaml",
+    "--report_to",
+    "none",
+    "--max_train_steps",
+    "8",
+    "--set",
+    "log.sample_every=0",
+    "log.checkpointing_steps=2",
+    "log.checkpoints_total_limit=1",
+]
 
 
 def train_pausing_in_pruning(argv: list[str]) -> int:
@@ -40,7 +50,9 @@ def train_pausing_in_pruning(argv: list[str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["renamed", "half-deleted"])
-def test_a_kill_while_pruning_leaves_complete_checkpoints_and_resumes(fresh_process, tmp_path, moment):
+def test_a_kill_while_pruning_leaves_complete_checkpoints_and_resumes(
+    fresh_process, tmp_path, moment
+):
     run = tmp_path / "run"
     io = tmp_path / "io-1"
     process = fresh_process.start(
@@ -59,9 +71,10 @@ def test_a_kill_while_pruning_leaves_complete_checkpoints_and_resumes(fresh_proc
     assert kept and all(checkpoint_problem(folder) is None for folder in kept)
 
     code, _, err = fresh_process.run(
-        "cdrl.cli.train", [*RUN, "--output_dir", run, "--resume_from_checkpoint", "latest"],
+        "cdrl.cli.train",
+        [*RUN, "--output_dir", run, "--resume_from_checkpoint", "latest"],
         tmp_path / "io-2",
-    )  # fmt: skip
+    )
     assert code == 0, err[-2000:]
     assert not list(run.glob(".*-checkpoint-*"))  # the remains were removed
     assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-8"]

@@ -57,9 +57,15 @@ def test_long_chain_matches_the_gaussian_conditional(tether, step, expected_mean
     # 500 steps forget the start) and is stationary at N(mu, tau^2 / (1 - s^2 / (4 tau^2))).
     assert n_steps * step**2 / (2 * tau2) > 9
     y = run_chain(
-        quadratic(m, v), y0, x_next, sigma=sigma, tether=tether, step=step, n_steps=n_steps,
+        quadratic(m, v),
+        y0,
+        x_next,
+        sigma=sigma,
+        tether=tether,
+        step=step,
+        n_steps=n_steps,
         generator=gen,
-    )  # fmt: skip
+    )
     assert y.shape == y0.shape and torch.isfinite(y).all()
     se = (tau2 / (b * d)) ** 0.5
     assert abs(y.mean().item() - expected_mean) < 4 * se
@@ -77,9 +83,13 @@ def test_three_deterministic_steps_by_hand():
         quadratic(1.0, 2.0),
         torch.tensor([[3.0]], dtype=torch.float64),
         torch.zeros(1, 1, dtype=torch.float64),
-        sigma=1.0, tether=1.0, step=0.5, n_steps=3, noise=False,
+        sigma=1.0,
+        tether=1.0,
+        step=0.5,
+        n_steps=3,
+        noise=False,
         callback=lambda k, y: seen.append((k, y.item())),
-    )  # fmt: skip
+    )
     assert seen == [(0, 2.5), (1, 2.09375), (2, 1.763671875)]
     assert y.item() == 1.763671875
 
@@ -111,9 +121,16 @@ def test_noise_free_chain_decreases_the_total_energy():
     values = []
     y0 = 3 * torch.randn(b, 3, generator=gen, dtype=f64)
     langevin_refine(
-        energy, y0, x_next, sigma=sigma, tether=tether, step_size=per_sample(0.3, b, f64),
-        n_steps=20, noise=False, callback=lambda k, y: values.append(total(y)),
-    )  # fmt: skip
+        energy,
+        y0,
+        x_next,
+        sigma=sigma,
+        tether=tether,
+        step_size=per_sample(0.3, b, f64),
+        n_steps=20,
+        noise=False,
+        callback=lambda k, y: values.append(total(y)),
+    )
     values = torch.stack([total(y0), *values])  # (21, b)
     assert (values[1:] < values[:-1]).all()
 
@@ -134,9 +151,15 @@ def test_output_detached_finite_and_parameter_grads_untouched(tiny_ebm):
     x_next = torch.randn(b, 1, 8, 8)
     y0 = (x_next + 0.1 * torch.randn(b, 1, 8, 8)).requires_grad_(True)
     out = run_chain(
-        _ebm_energy(tiny_ebm, b), y0, x_next, sigma=0.3, tether=1.0, step=0.05, n_steps=4,
+        _ebm_energy(tiny_ebm, b),
+        y0,
+        x_next,
+        sigma=0.3,
+        tether=1.0,
+        step=0.05,
+        n_steps=4,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     assert out.shape == y0.shape and out.dtype == y0.dtype
     assert torch.isfinite(out).all()
     assert out.grad_fn is None and not out.requires_grad
@@ -152,9 +175,15 @@ def test_per_sample_generators_make_samples_batch_independent(tiny_ebm):
     def chain(idx):
         b = len(idx)
         return run_chain(
-            _ebm_energy(tiny_ebm, b), x_next[idx].clone(), x_next[idx], sigma=0.3, tether=1.0,
-            step=0.05, n_steps=5, generator=[torch.Generator().manual_seed(seeds[i]) for i in idx],
-        )  # fmt: skip
+            _ebm_energy(tiny_ebm, b),
+            x_next[idx].clone(),
+            x_next[idx],
+            sigma=0.3,
+            tether=1.0,
+            step=0.05,
+            n_steps=5,
+            generator=[torch.Generator().manual_seed(seeds[i]) for i in idx],
+        )
 
     full = chain([0, 1, 2, 3])
     for i in range(4):
@@ -162,9 +191,15 @@ def test_per_sample_generators_make_samples_batch_independent(tiny_ebm):
     torch.testing.assert_close(chain([2, 3]), full[2:], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="generators"):
         run_chain(
-            _ebm_energy(tiny_ebm, 4), x_next, x_next, sigma=0.3, tether=1.0, step=0.05,
-            n_steps=1, generator=[torch.Generator()] * 3,
-        )  # fmt: skip
+            _ebm_energy(tiny_ebm, 4),
+            x_next,
+            x_next,
+            sigma=0.3,
+            tether=1.0,
+            step=0.05,
+            n_steps=1,
+            generator=[torch.Generator()] * 3,
+        )
 
 
 def test_same_generator_seed_same_chain():
@@ -172,9 +207,15 @@ def test_same_generator_seed_same_chain():
 
     def chain():
         return run_chain(
-            quadratic(1.0, 1.0), torch.zeros(5, 2), x_next, sigma=1.0, tether=1.0, step=0.1,
-            n_steps=10, generator=torch.Generator().manual_seed(42),
-        )  # fmt: skip
+            quadratic(1.0, 1.0),
+            torch.zeros(5, 2),
+            x_next,
+            sigma=1.0,
+            tether=1.0,
+            step=0.1,
+            n_steps=10,
+            generator=torch.Generator().manual_seed(42),
+        )
 
     assert torch.equal(chain(), chain())  # bit-exact: same seed, batch and process
 
@@ -194,9 +235,18 @@ def test_known_entries_are_kept_at_every_step():
         states.append(y.clone())
 
     out = run_chain(
-        quadratic(0.5, 1.0), x_next.clone(), x_next, sigma=0.5, tether=1.0, step=0.2, n_steps=6,
-        known=known, known_mask=mask, generator=gen, callback=check,
-    )  # fmt: skip
+        quadratic(0.5, 1.0),
+        x_next.clone(),
+        x_next,
+        sigma=0.5,
+        tether=1.0,
+        step=0.2,
+        n_steps=6,
+        known=known,
+        known_mask=mask,
+        generator=gen,
+        callback=check,
+    )
     assert len(states) == 6
     assert torch.equal(out[keep], known[keep])  # bit-exact: copied, as above
     assert not torch.equal(out[~keep], x_next[~keep])  # the free entries moved
@@ -238,9 +288,14 @@ def _saved_tensor_peaks(ebm, steps=(1, 5, 60)):
         counter = _SavedTensorCounter()
         with saved_tensors_hooks(counter.pack, counter.unpack):
             out = run_chain(
-                _ebm_energy(ebm, b), x_next.clone(), x_next, sigma=0.3, tether=1.0,
-                step=0.05, n_steps=n_steps,
-            )  # fmt: skip
+                _ebm_energy(ebm, b),
+                x_next.clone(),
+                x_next,
+                sigma=0.3,
+                tether=1.0,
+                step=0.05,
+                n_steps=n_steps,
+            )
         assert out.grad_fn is None
         assert counter.live == 0  # nothing outlives the call
         peaks[n_steps], totals[n_steps] = counter.peak, counter.total

@@ -14,8 +14,13 @@ from cdrl.config import ConfigError, load_config
 from cdrl.training.persistent import PersistentChains
 
 ROOT = Path(__file__).resolve().parents[1]
-PCD = ["--set", "train.persistent_levels=2", "train.persistent_fraction=1.0",
-       "train.persistent_size=2", "train.persistent_reset=0.0"]  # fmt: skip
+PCD = [
+    "--set",
+    "train.persistent_levels=2",
+    "train.persistent_fraction=1.0",
+    "train.persistent_size=2",
+    "train.persistent_reset=0.0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +215,15 @@ def test_training_with_persistent_chains_checkpoints_them_and_resumes_exactly(
 def test_resume_with_persistent_chains_across_an_epoch_boundary(tmp_path: Path):
     """48 toy points at batch 16 make an epoch of 3 steps: 0 -> 6 in one go against 0 -> 2 -> 6 resumed
     mid-epoch, so the resumed run must restore the chains and the data order past the epoch's end."""
-    toy = ["data.name=checkerboard", "data.toy_size=48", "ebm.arch=mlp", "initializer.arch=mlp",
-           "ebm.hidden=16", "initializer.hidden=16", "log.sample_every=0"]  # fmt: skip
+    toy = [
+        "data.name=checkerboard",
+        "data.toy_size=48",
+        "ebm.arch=mlp",
+        "initializer.arch=mlp",
+        "ebm.hidden=16",
+        "initializer.hidden=16",
+        "log.sample_every=0",
+    ]
     pcd = [*PCD, *toy]
     one_go, split = tmp_path / "one_go", tmp_path / "split"
     assert train_debug(one_go, "--max_train_steps", "6", *pcd) == 0

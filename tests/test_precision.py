@@ -112,10 +112,16 @@ def test_bf16_langevin_matches_float32_and_keeps_the_state_float32(t):
         for name, f in (("fp32", fn), ("bf16", precision.autocast_energy_fn(fn, BF16))):
             seen = []
             chains[name] = langevin_refine(
-                f, x_next, x_next, sigma=lvl.sigma, tether=lvl.tether, step_size=lvl.step_size,
-                n_steps=15, generator=torch.Generator().manual_seed(1),
+                f,
+                x_next,
+                x_next,
+                sigma=lvl.sigma,
+                tether=lvl.tether,
+                step_size=lvl.step_size,
+                n_steps=15,
+                generator=torch.Generator().manual_seed(1),
                 callback=lambda k, y, seen=seen: seen.append(y.dtype),
-            )  # fmt: skip
+            )
             assert set(seen) == {torch.float32}
     move = (chains["fp32"] - x_next).norm()
     assert move > 0
@@ -128,7 +134,10 @@ def test_autocast_module_returns_float32_and_samples_match_float32(randomize_out
     ebm, init = build_ebm(), randomize_output(build_initializer())
     scheduler = CDRLScheduler(n_steps=3)
     x_top = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    wrapped_ebm, wrapped_init = precision.AutocastModule(ebm, BF16), precision.AutocastModule(init, BF16)
+    wrapped_ebm, wrapped_init = (
+        precision.AutocastModule(ebm, BF16),
+        precision.AutocastModule(init, BF16),
+    )
     noise_level = torch.full((8,), 0.5)
     assert wrapped_ebm(x_top, noise_level).dtype == torch.float32
     assert wrapped_init(x_top, noise_level).dtype == torch.float32
@@ -142,8 +151,9 @@ def test_autocast_module_returns_float32_and_samples_match_float32(randomize_out
 
     def run(e, i):
         settings = scheduler.langevin_settings()
-        return sample(e, i, scheduler.schedule, x_top, settings,
-                      generator=torch.Generator().manual_seed(2))  # fmt: skip
+        return sample(
+            e, i, scheduler.schedule, x_top, settings, generator=torch.Generator().manual_seed(2)
+        )
 
     x32, x16 = run(ebm, init), run(wrapped_ebm, wrapped_init)
     assert x16.dtype == torch.float32 and torch.isfinite(x16).all()

@@ -247,8 +247,10 @@ def test_a_streak_of_nan_steps_rolls_back_with_lower_learning_rates(tmp_path, po
 
     events = _events(out)
     assert [(e["event"], e["step"]) for e in events] == [
-        ("skipped", 5), ("skipped", 6), ("rollback", 6)
-    ]  # fmt: skip
+        ("skipped", 5),
+        ("skipped", 6),
+        ("rollback", 6),
+    ]
     rollback = events[-1]
     assert rollback["to_step"] == 4 and rollback["lr/ebm"] == pytest.approx(0.5e-4)
     lines = _lines(out)
@@ -283,8 +285,14 @@ def test_training_stops_with_one_line_when_rollbacks_do_not_help(tmp_path, poiso
     assert "after 1 rollback(s) with the learning rates scaled by 0.5" in message
     assert f"the last good checkpoint is {out / 'checkpoint-2'}" in message
     events = [(e["event"], e["step"]) for e in _events(out)]
-    assert events == [("skipped", 3), ("skipped", 4), ("rollback", 4), ("skipped", 3),
-                      ("skipped", 4), ("stopped", 4)]  # fmt: skip
+    assert events == [
+        ("skipped", 3),
+        ("skipped", 4),
+        ("rollback", 4),
+        ("skipped", 3),
+        ("skipped", 4),
+        ("stopped", 4),
+    ]
     assert checkpoint_problem(out / "checkpoint-2") is None
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
@@ -331,8 +339,18 @@ def test_with_the_guard_off_the_first_nan_step_stops_training(tmp_path, poison, 
 # ----------------------------------------------------------------------------------------------------------
 # Crash-safe checkpoints: SIGKILL at random moments, then resume.
 
-KILL_RUN = ["--config", DEBUG, "--report_to", "none", "--max_train_steps", "20", "--set", NO_GRIDS,
-            "log.checkpointing_steps=2", "log.checkpoints_total_limit=2"]  # fmt: skip
+KILL_RUN = [
+    "--config",
+    DEBUG,
+    "--report_to",
+    "none",
+    "--max_train_steps",
+    "20",
+    "--set",
+    NO_GRIDS,
+    "log.checkpointing_steps=2",
+    "log.checkpoints_total_limit=2",
+]
 
 
 def _last_step(output_dir: Path) -> int:
@@ -371,8 +389,12 @@ def _wait(condition: Callable[[], bool], process, timeout: float = 120.0) -> Non
 
 # Persistent chains at the two lowest levels, every negative there from a chain that never restarts:
 # the chains are state a resume must restore from the checkpoint, or the losses differ.
-PERSISTENT = ["train.persistent_levels=2", "train.persistent_fraction=1.0",
-              "train.persistent_size=2", "train.persistent_reset=0.0"]  # fmt: skip
+PERSISTENT = [
+    "train.persistent_levels=2",
+    "train.persistent_fraction=1.0",
+    "train.persistent_size=2",
+    "train.persistent_reset=0.0",
+]
 
 
 @pytest.mark.slow
@@ -430,9 +452,10 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     assert _last_step(out) < 20
 
     code, _, err = fresh_process.run(
-        "cdrl.cli.train", [*kill_run, "--output_dir", out, "--resume_from_checkpoint", "latest"],
+        "cdrl.cli.train",
+        [*kill_run, "--output_dir", out, "--resume_from_checkpoint", "latest"],
         tmp_path / "io-final",
-    )  # fmt: skip
+    )
     assert code == 0, err[-3000:]
 
     # The same step count, and the same losses at every step as the uninterrupted run. Bit-exact: the

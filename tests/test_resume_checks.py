@@ -63,14 +63,35 @@ def test_a_resume_that_would_build_another_model_is_refused(run, tmp_path, capsy
 def test_a_resume_may_change_what_does_not_shape_the_model(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    assert train_debug(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "5",
-                       "--set", NO_GRIDS, "train.ebm_lr=1e-5") == 0  # fmt: skip
+    assert (
+        train_debug(
+            out,
+            "--resume_from_checkpoint",
+            "latest",
+            "--max_train_steps",
+            "5",
+            "--set",
+            NO_GRIDS,
+            "train.ebm_lr=1e-5",
+        )
+        == 0
+    )
 
 
 def test_resume_mismatch_compares_every_shaping_key():
-    current = {"schedule": {"num_levels": 2}, "ebm": {"arch": "resnet"}, "initializer": {"arch": "unet"},
-               "data": {"name": "digits", "image_size": None, "channels": None, "scale": 1.0,
-                        "class_conditional": False, "attributes": []}}  # fmt: skip
+    current = {
+        "schedule": {"num_levels": 2},
+        "ebm": {"arch": "resnet"},
+        "initializer": {"arch": "unet"},
+        "data": {
+            "name": "digits",
+            "image_size": None,
+            "channels": None,
+            "scale": 1.0,
+            "class_conditional": False,
+            "attributes": [],
+        },
+    }
     assert resume_mismatch(json.loads(json.dumps(current)), current) is None
     changed = json.loads(json.dumps(current))
     changed["data"]["attributes"] = ["thickness"]
@@ -87,7 +108,10 @@ def _tamper(out: Path, edit) -> None:
 @pytest.mark.parametrize(
     "edit, named",
     [
-        (lambda i: i["guard"].update(rollbacks=10**15), "guard.rollbacks = 1000000000000000, not a count"),
+        (
+            lambda i: i["guard"].update(rollbacks=10**15),
+            "guard.rollbacks = 1000000000000000, not a count",
+        ),
         (lambda i: i["guard"].update(skipped=-1), "guard.skipped = -1, not a count"),
         (lambda i: i.update(step=40), "says step 40, not the step in its name"),
         (lambda i: i["ema"]["ebm"].update(decay=5.0), "ema.ebm.decay = 5.0, not in [0, 1]"),
@@ -95,14 +119,16 @@ def _tamper(out: Path, edit) -> None:
         (lambda i: i["guard"].update(lies=1), "unknown guard counters"),
         (lambda i: i["files"].update({"../../x": 1}), "lists its files wrongly"),
     ],
-)  # fmt: skip
+)
 def test_a_checkpoint_json_that_lies_is_refused_before_use(run, tmp_path, capsys, edit, named):
     out = tmp_path / "run"
     shutil.copytree(run, out)
     _tamper(out, edit)
     assert named in checkpoint_problem(out / "checkpoint-4")
     before = _snapshot(out)
-    code = train_debug(out, "--resume_from_checkpoint", str(out / "checkpoint-4"), "--set", NO_GRIDS)
+    code = train_debug(
+        out, "--resume_from_checkpoint", str(out / "checkpoint-4"), "--set", NO_GRIDS
+    )
     assert code == 2
     errors = _error_lines(capsys)
     assert len(errors) == 1 and named in errors[0], errors
@@ -129,7 +155,9 @@ def test_an_rng_state_of_the_wrong_shape_is_refused_with_one_line(run, tmp_path,
     code = train_debug(out, "--resume_from_checkpoint", "latest", "--set", NO_GRIDS)
     assert code == 2
     errors = _error_lines(capsys)
-    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {out / 'checkpoint-4'} cannot be loaded")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: checkpoint {out / 'checkpoint-4'} cannot be loaded"
+    )
 
 
 def test_marker_problem_accepts_what_save_checkpoint_writes(run):

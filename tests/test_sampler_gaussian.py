@@ -145,9 +145,14 @@ def test_sample_reproduces_every_marginal_of_gaussian_data():
             levels[t] = y / float(exact.scale[t])
 
     out = sample(
-        GaussianEBM(exact), GaussianInitializer(exact), schedule, x_top, settings,
-        generator=gen, callback=keep_last,
-    )  # fmt: skip
+        GaussianEBM(exact),
+        GaussianInitializer(exact),
+        schedule,
+        x_top,
+        settings,
+        generator=gen,
+        callback=keep_last,
+    )
     assert sorted(levels) == list(range(T))
     for t in range(T):
         _check_gaussian(

@@ -265,9 +265,13 @@ def test_sample_callback_walks_down_the_levels(tiny_ebm, tiny_initializer):
     calls = []
     settings = LangevinConfig(n_steps=2)
     x = sample(
-        tiny_ebm, tiny_initializer, schedule, torch.randn(2, 1, 8, 8), settings,
+        tiny_ebm,
+        tiny_initializer,
+        schedule,
+        torch.randn(2, 1, 8, 8),
+        settings,
         callback=lambda t, k, y: calls.append((t, k, y.shape)),
-    )  # fmt: skip
+    )
     assert x.shape == (2, 1, 8, 8) and x.grad_fn is None
     assert [(t, k) for t, k, _ in calls] == [(2, 0), (2, 1), (1, 0), (1, 1), (0, 0), (0, 1)]
 
@@ -283,9 +287,15 @@ def test_inpainting_keeps_known_pixels_exactly(
     mask = torch.zeros(3, 1, 8, 8)
     mask[:, :, :, :4] = 1.0  # left half known
     x = sample(
-        tiny_ebm, tiny_initializer, schedule, torch.randn(3, 1, 8, 8, generator=gen),
-        LangevinConfig(n_steps=3, tweedie=tweedie), known=known, known_mask=mask, generator=gen,
-    )  # fmt: skip
+        tiny_ebm,
+        tiny_initializer,
+        schedule,
+        torch.randn(3, 1, 8, 8, generator=gen),
+        LangevinConfig(n_steps=3, tweedie=tweedie),
+        known=known,
+        known_mask=mask,
+        generator=gen,
+    )
     keep = mask.bool()
     assert torch.equal(x[keep], known[keep])  # bit-exact: known pixels are copied in
     assert torch.isfinite(x).all()
@@ -300,10 +310,15 @@ def test_inpainting_constrains_every_langevin_step(tiny_ebm, tiny_initializer):
     keep = mask.expand_as(known).bool()
     states: dict[int, list[torch.Tensor]] = {}
     sample(
-        tiny_ebm, tiny_initializer, schedule, torch.randn(2, 1, 8, 8),
-        LangevinConfig(n_steps=4), known=known, known_mask=mask,
+        tiny_ebm,
+        tiny_initializer,
+        schedule,
+        torch.randn(2, 1, 8, 8),
+        LangevinConfig(n_steps=4),
+        known=known,
+        known_mask=mask,
         callback=lambda t, k, y: states.setdefault(t, []).append(y[keep].clone()),
-    )  # fmt: skip
+    )
     assert sorted(states) == list(range(6))
     for per_step in states.values():
         assert len(per_step) == 4
@@ -429,7 +444,7 @@ def test_pipeline_bf16_precision_is_close_to_fp32(tiny_pipeline):
             num_langevin_steps=3,
             output_type="pt",
             precision=p,
-        ).images  # fmt: skip
+        ).images
         for p in ("fp32", "bf16")
     }
     assert out["bf16"].dtype == torch.float32

@@ -14,8 +14,18 @@ import pytest
 from cdrl.training.checkpoint import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--config", ROOT / "configs/debug.yaml", "--report_to", "none", "--max_train_steps", "12",
-       "--set", "log.sample_every=0", "log.log_every=1", "log.checkpointing_steps=100"]  # fmt: skip
+RUN = [
+    "--config",
+    ROOT / "configs/debug.yaml",
+    "--report_to",
+    "none",
+    "--max_train_steps",
+    "12",
+    "--set",
+    "log.sample_every=0",
+    "log.log_every=1",
+    "log.checkpointing_steps=100",
+]
 LOSS_KEYS = ("ebm/loss", "ebm/energy_gap", "init/mse")
 
 
@@ -39,7 +49,9 @@ def _last_step(run: Path) -> int:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_the_resume_continues_exactly(fresh_process, tmp_path, sig):
     reference = tmp_path / "reference"
-    code, _, err = fresh_process.run("cdrl.cli.train", [*RUN, "--output_dir", reference], tmp_path / "io-ref")
+    code, _, err = fresh_process.run(
+        "cdrl.cli.train", [*RUN, "--output_dir", reference], tmp_path / "io-ref"
+    )
     assert code == 0, err[-2000:]
 
     run = tmp_path / "run"
@@ -67,9 +79,10 @@ def test_a_signal_saves_a_checkpoint_and_the_resume_continues_exactly(fresh_proc
     assert not list(run.glob(".*-checkpoint-*"))
 
     code, _, err = fresh_process.run(
-        "cdrl.cli.train", [*RUN, "--output_dir", run, "--resume_from_checkpoint", "latest"],
+        "cdrl.cli.train",
+        [*RUN, "--output_dir", run, "--resume_from_checkpoint", "latest"],
         tmp_path / "io-2",
-    )  # fmt: skip
+    )
     assert code == 0, err[-2000:]
     # bit-exact: same seed, one thread, same machine; the checkpoint restores every state bit for bit
     resumed, uninterrupted = _records(run), _records(reference)

@@ -348,9 +348,16 @@ def test_repeated_set_flags_accumulate():
     from cdrl.cli.train import parse_args
 
     cfg, _ = parse_args(
-        ["--config", "configs/toy2d.yaml", "--set", "train.max_steps=7", "langevin.n_steps=3",
-         "--set", "train.lr_schedule=cosine"]
-    )  # fmt: skip
+        [
+            "--config",
+            "configs/toy2d.yaml",
+            "--set",
+            "train.max_steps=7",
+            "langevin.n_steps=3",
+            "--set",
+            "train.lr_schedule=cosine",
+        ]
+    )
     assert cfg.train.max_steps == 7 and cfg.langevin.n_steps == 3
     assert cfg.train.lr_schedule == "cosine"
 

@@ -254,8 +254,14 @@ def test_exported_pipeline_holds_the_ema_weights_not_the_live_ones(tmp_path: Pat
     # three steps: diffusers' EMA decay is min(decay, (1 + n) / (10 + n)), 0.25 at the third update, so
     # the EMA lags the live weights by about a quarter of the last Adam step (~lr = 1e-3 per weight).
     out = tmp_path / "run"
-    overrides = ["train.ema_decay=0.5", "train.ema_warmup=false", "train.warmup_steps=0",
-                 "train.ebm_lr=1e-3", "train.init_lr=1e-3", "log.sample_every=0"]  # fmt: skip
+    overrides = [
+        "train.ema_decay=0.5",
+        "train.ema_warmup=false",
+        "train.warmup_steps=0",
+        "train.ebm_lr=1e-3",
+        "train.init_lr=1e-3",
+        "log.sample_every=0",
+    ]
     assert train_debug(out, "--max_train_steps", "3", "--set", *overrides) == 0
     checkpoint = out / "checkpoint-3"
     ema = load_file(str(checkpoint / "ema.safetensors"))

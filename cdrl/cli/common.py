@@ -112,8 +112,6 @@ def check_finite(args: argparse.Namespace, *names: str) -> None:
             raise CLIError(f"--{name} must be a finite number, got {value}")
 
 
-
-
 def run_cli(
     main: Callable[[Sequence[str] | None], int],
     argv: Sequence[str] | None = None,

@@ -42,14 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (usage errors are one-line CLIErrors)."""
     parser = ArgumentParser(prog="cdrl-generate", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", required=True, type=Path,
+        "--checkpoint",
+        required=True,
+        type=Path,
         help="a pipeline folder (model_index.json), or a run folder holding one in pipeline/",
-    )  # fmt: skip
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--class_labels", type=int, nargs="+", metavar="C",
+        "--class_labels",
+        type=int,
+        nargs="+",
+        metavar="C",
         help="class ids to sample, one grid row each (needs a class-conditional checkpoint)",
-    )  # fmt: skip
+    )
     which.add_argument("--all_classes", action="store_true", help="sample every class 0..n-1")
     parser.add_argument(
         "--num_samples_per_class",
@@ -59,30 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="with classes (default 1)",
     )
     parser.add_argument(
-        "--num_samples", type=int, default=None, metavar="N",
+        "--num_samples",
+        type=int,
+        default=None,
+        metavar="N",
         help=f"without classes: unconditional samples (default {DEFAULT_NUM_SAMPLES})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--guidance_scale", type=float, default=1.0, metavar="S",
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        metavar="S",
         help="classifier-free guidance, diffusers' meaning: 1 = off (plain conditional), 0 = "
         "unconditional, > 1 stronger; the paper's w = S - 1",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--num_langevin_steps", type=int, default=None, metavar="K",
+        "--num_langevin_steps",
+        type=int,
+        default=None,
+        metavar="K",
         help="Langevin steps per noise level (default: the trained value; 0: initializer only)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="sample k uses seed + k (default 0)")
     parser.add_argument(
-        "--output", required=True, type=Path,
+        "--output",
+        required=True,
+        type=Path,
         help="a .png path: one grid, one row per class; otherwise a folder of PNGs + manifest.json",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--batch_size", type=int, default=256, help="samples per forward (default 256)"
     )
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available)",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -98,9 +115,12 @@ def plan_labels(args: argparse.Namespace, condition_sizes: Sequence[int]) -> lis
             f"--guidance_scale must be >= 0 (1 = no guidance), got {args.guidance_scale:g}"
         )
     check_upper_bounds(
-        args, num_samples_per_class=MAX_SAMPLES, num_samples=MAX_SAMPLES, batch_size=MAX_SAMPLES,
+        args,
+        num_samples_per_class=MAX_SAMPLES,
+        num_samples=MAX_SAMPLES,
+        batch_size=MAX_SAMPLES,
         num_langevin_steps=MAX_LANGEVIN_STEPS,
-    )  # fmt: skip
+    )
     check_device(args.device)
     for name in ("num_samples_per_class", "num_samples", "batch_size"):
         value = getattr(args, name)
@@ -174,9 +194,13 @@ def _main(argv: Sequence[str] | None) -> int:
     num_samples = len(labels) if labels is not None else args.num_samples or DEFAULT_NUM_SAMPLES
     seeds = range(args.seed, args.seed + num_samples)  # not a list: --num_samples may be huge
     images = generate_samples(
-        pipe, labels, seeds, guidance_scale=args.guidance_scale,
-        num_langevin_steps=args.num_langevin_steps, batch_size=args.batch_size,
-    )  # fmt: skip
+        pipe,
+        labels,
+        seeds,
+        guidance_scale=args.guidance_scale,
+        num_langevin_steps=args.num_langevin_steps,
+        batch_size=args.batch_size,
+    )
 
     # Write into a temporary sibling, renamed into place only once complete.
     with atomic_write(args.output, folder=not is_grid) as tmp:

@@ -196,9 +196,12 @@ def check_extractor(extractor: str, weights_path: str | Path | None) -> None:
     layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
     try:
         create_feature_extractor(
-            extractor, [layer], cuda=False, verbose=False,
+            extractor,
+            [layer],
+            cuda=False,
+            verbose=False,
             feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        )  # fmt: skip
+        )
     # downloads fail as URLError, HTTPError, timeouts; files as OSError, ...
     except Exception as err:
         where = "downloaded" if weights_path is None else f"loaded from {weights_path}"
@@ -319,9 +322,10 @@ def load_reference(
         # torchvision: RuntimeError when missing, URLError when offline, ...
         except Exception as err:
             hint = (
-                f"check that {root} holds it" if data_dir is not None
+                f"check that {root} holds it"
+                if data_dir is not None
                 else "check the network, or pass --data_dir with a local copy"
-            )  # fmt: skip
+            )
             raise DataError(
                 f"reference {spec!r} could not be loaded ({error_line(err, named=True)}); {hint}"
             ) from None
@@ -473,7 +477,9 @@ def compute_fidelity(
         settings["reference_cache_name"] = cache_name if cache_root is not None else None
     if "kid" in metrics:
         kwargs["kid_subset_size"] = min(KID_SUBSET_SIZE, len(samples), len(reference))
-        settings.update(kid_subsets=FIDELITY_DEFAULTS["kid_subsets"], kid_subset_size=kwargs["kid_subset_size"])  # fmt: skip
+        settings.update(
+            kid_subsets=FIDELITY_DEFAULTS["kid_subsets"], kid_subset_size=kwargs["kid_subset_size"]
+        )
     if "isc" in metrics:
         kwargs["isc_splits"] = min(ISC_SPLITS, len(samples))
         settings["isc_splits"] = kwargs["isc_splits"]
@@ -527,10 +533,14 @@ def sample_images(
         ):
             part = mine[start : start + batch_size]
             x = generate_samples(
-                pipe, None if labels is None else [labels[i] for i in part], [seeds[i] for i in part],
-                guidance_scale=guidance_scale, num_langevin_steps=num_langevin_steps,
-                batch_size=batch_size, progress=False,
-            )  # fmt: skip
+                pipe,
+                None if labels is None else [labels[i] for i in part],
+                [seeds[i] for i in part],
+                guidance_scale=guidance_scale,
+                num_langevin_steps=num_langevin_steps,
+                batch_size=batch_size,
+                progress=False,
+            )
             chunks.append(to_uint8(x))
         local = (
             torch.cat(chunks) if chunks else torch.zeros(0, *pipe.sample_shape, dtype=torch.uint8)

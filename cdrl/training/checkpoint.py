@@ -119,7 +119,9 @@ def marker_problem(info: Any, path: Path) -> str | None:
                 return f"its {CHECKPOINT_MARKER} holds ema.{name}.{key} = {_short(value)}"
         decay = settings.get("decay", 0.0)
         if not isinstance(decay, int | float) or not 0.0 <= decay <= 1.0:
-            return f"its {CHECKPOINT_MARKER} holds ema.{name}.decay = {_short(decay)}, not in [0, 1]"
+            return (
+                f"its {CHECKPOINT_MARKER} holds ema.{name}.decay = {_short(decay)}, not in [0, 1]"
+            )
     return None
 
 
@@ -219,7 +221,9 @@ def save_checkpoint(
     earlier checkpoint intact.
     """
     final = output_dir / f"checkpoint-{step}"
-    agreed = output_dir / f".tmp-checkpoint-{step}"  # every process writes its part into this folder
+    agreed = (
+        output_dir / f".tmp-checkpoint-{step}"
+    )  # every process writes its part into this folder
     if accelerator.is_main_process:
         _remove_leftovers(output_dir)
         # Swapped into place when the block ends (an atomic exchange with an existing checkpoint-N).
@@ -263,7 +267,9 @@ def _remove_leftovers(output_dir: Path) -> None:
     for path in output_dir.glob(".*-checkpoint-*"):
         if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-    for path in output_dir.glob(".checkpoint-*.cdrl-*"):  # atomic_write's asides (no RENAME_EXCHANGE)
+    for path in output_dir.glob(
+        ".checkpoint-*.cdrl-*"
+    ):  # atomic_write's asides (no RENAME_EXCHANGE)
         recover_replace(output_dir / path.name[1:].split(".")[0])
 
 
@@ -311,7 +317,9 @@ def load_checkpoint(
                 f"(torch.load(weights_only=True): {detail}); it was not loaded"
             ) from None
     problem = rng_state_problem(path / f"random_states_{accelerator.process_index}.pkl")
-    if problem is not None:  # accelerate would skip a bad RNG file with an info log: resume inexactly
+    if (
+        problem is not None
+    ):  # accelerate would skip a bad RNG file with an info log: resume inexactly
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
     try:
         info = json.loads((path / CHECKPOINT_MARKER).read_text())

@@ -253,7 +253,9 @@ def log_images(accelerator: Accelerator, paths: list[Path], step: int) -> None:
     if not paths or not accelerator.trackers:
         return
     images = {f"samples/{path.stem.split('_', 1)[1]}": path for path in paths}
-    for tracker in accelerator.trackers:  # as diffusers' training examples log their validation images
+    for (
+        tracker
+    ) in accelerator.trackers:  # as diffusers' training examples log their validation images
         if tracker.name == "tensorboard":
             for tag, path in images.items():
                 with Image.open(path) as image:

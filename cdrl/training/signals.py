@@ -45,7 +45,9 @@ class StopRequest:
         self.__exit__(None, None, None)
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+        if (
+            threading.current_thread() is threading.main_thread()
+        ):  # handlers live in the main thread
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
