@@ -1,6 +1,7 @@
 """cdrl: energy-based generative models trained by cooperative diffusion recovery likelihood (CDRL, DRL)."""
 
 from cdrl.config import Config, load_config
+from cdrl.guidance import Conditioning
 from cdrl.langevin import langevin_refine
 from cdrl.models import EnergyMLP, EnergyResNet, InitializerMLP, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
@@ -10,6 +11,7 @@ from cdrl.schedule import NoiseSchedule, cdrl_schedule, drl_schedule, make_sched
 __all__ = [
     "CDRLPipeline",
     "CDRLScheduler",
+    "Conditioning",
     "Config",
     "EnergyMLP",
     "EnergyResNet",

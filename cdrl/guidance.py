@@ -20,7 +20,7 @@ likelihood leaves them free). The term is bounded: it vanishes once c is unlikel
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from einops import repeat
@@ -29,6 +29,19 @@ from torch import Tensor
 Condition = tuple[Tensor, float]  # (cond (b, K) long, weight)
 ConditionalNet = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 NEGATIONS = ("linear", "posterior")
+Negation = Literal["linear", "posterior"]
+
+
+class Conditioning(NamedTuple):
+    """What conditions a sampler, in one typed argument (k-diffusion's ``extra_args``): the null condition,
+    the weighted terms composed with it (``composed``), how negative weights act, and, for
+    ``negation="posterior"``, the implicit classifier's offsets (one (T, size_k) tensor per condition,
+    ``cdrl.calibration.fit_condition_offsets``). ``Conditioning()`` is unconditional."""
+
+    null: Tensor | None = None  # (b, K) long
+    terms: Sequence[Condition] = ()
+    negation: Negation = "linear"
+    offsets: Sequence[Tensor] | None = None
 
 
 def null_condition(

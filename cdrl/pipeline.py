@@ -34,7 +34,7 @@ from cdrl.checks import (
     scheduler_problem,
 )
 from cdrl.config import Config, LangevinConfig
-from cdrl.guidance import NEGATIONS, null_condition
+from cdrl.guidance import NEGATIONS, Conditioning, null_condition
 from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
@@ -355,14 +355,16 @@ class CDRLPipeline(DiffusionPipeline):
             schedule,
             x_top,
             settings,
-            null=null,
-            terms=terms,
+            cond=Conditioning(
+                null=null,
+                terms=terms,
+                negation=negation,
+                offsets=self._condition_offsets(device) if negation == "posterior" else None,
+            ),
             generator=generator,
             known=known,
             known_mask=known_mask,
             resample=resample,
-            negation=negation,
-            condition_offsets=self._condition_offsets(device) if negation == "posterior" else None,
             callback=lambda t, k, y: bar.update(1),
         )
         bar.close()

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from cdrl.config import LangevinConfig
-from cdrl.guidance import Condition, composed, log_prob_not, split_negated, stacked_conditions
+from cdrl.guidance import (
+    Condition,
+    Conditioning,
+    composed,
+    log_prob_not,
+    split_negated,
+    stacked_conditions,
+)
 from cdrl.langevin import EnergyFn, langevin_refine
 from cdrl.schedule import NoiseSchedule
 from cdrl.utils import expand_as, randn_like
@@ -210,14 +217,11 @@ def reverse_step(
     t: int,
     settings: LangevinConfig,
     *,
-    null: Tensor | None = None,
-    terms: Sequence[Condition] = (),
+    cond: Conditioning | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
-    negation: str = "linear",
-    condition_offsets: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """One recovery step x_{t+1} -> x_t: proposal, K Langevin steps on p(y | x_{t+1}), y / scale (CDRL Alg. 2).
 
@@ -225,11 +229,12 @@ def reverse_step(
         known, known_mask: optional clean observation (b, ...) and its mask (1 = known pixel); the known
             pixels are set to the observation diffused to level t (in y-space) after the proposal and after
             every Langevin step, so only the unknown pixels move.
-        negation, condition_offsets: see ``sample``.
+        cond: see ``sample``.
 
     Returns:
         (b, ...) x_t.
     """
+    null, terms, negation, condition_offsets = cond or Conditioning()
     lvl = level(schedule, torch.full((x_next.shape[0],), t, device=x_next.device), settings)
     scale = expand_as(lvl.scale, x_next)
     known_y = None
@@ -265,15 +270,14 @@ def tweedie_denoise(
     x0: Tensor,
     settings: LangevinConfig,
     *,
-    null: Tensor | None = None,
-    terms: Sequence[Condition] = (),
-    negation: str = "linear",
-    condition_offsets: Sequence[Tensor] | None = None,
+    cond: Conditioning | None = None,
 ) -> Tensor:
     """x0_hat = (x_0 + (1 - alphabar_0) grad log p(x_0)) / sqrt(alphabar_0) (CDRL App. A.2, Tweedie's formula).
 
-    The score is -grad_x E(scale_0 x) / s~^2 with s~ the level-0 step size at b^2 = ``tweedie_b2``.
+    The score is -grad_x E(scale_0 x) / s~^2 with s~ the level-0 step size at b^2 = ``tweedie_b2``, under
+    the conditioning ``cond`` (see ``sample``).
     """
+    null, terms, negation, condition_offsets = cond or Conditioning()
     t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
     tweedie_settings = LangevinConfig(**{**vars(settings), "b2": settings.tweedie_b2})
     lvl = level(schedule, t, tweedie_settings)
@@ -294,14 +298,11 @@ def sample(
     x_top: Tensor,
     settings: LangevinConfig,
     *,
-    null: Tensor | None = None,
-    terms: Sequence[Condition] = (),
+    cond: Conditioning | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     resample: int = 0,
-    negation: str = "linear",
-    condition_offsets: Sequence[Tensor] | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Generate x_0 from x_T: T recovery steps from the top, then the Tweedie step (CDRL Alg. 2).
@@ -311,16 +312,14 @@ def sample(
         schedule: the noise schedule.
         x_top: (b, ...) x_T, usually N(0, I).
         settings: Langevin settings (n_steps, b2, step_scale, tempered, noise, tweedie, tweedie_b2).
-        null, terms: conditioning (see ``cdrl.guidance.composed``).
+        cond: the conditioning (``cdrl.guidance.Conditioning``: null, terms, negation, offsets); None:
+            unconditional. Negative-weight terms act "linear"ly or as a "posterior" NOT (``energy_fn``).
         generator: a generator or one per sample.
         known, known_mask: inpainting constraint (see ``reverse_step``); the output keeps known pixels exactly.
         resample: extra passes per level (RePaint's resampling with jump length 1, Lugmayr et al. 2022): after
             a recovery step x_{t+1} -> x_t, x_t is diffused back by one step, x_{t+1} = sqrt(alpha_{t+1}) x_t
             + sigma_{t+1} eps, and the step is run again, ``resample`` times. It lets the unknown pixels
             harmonize with the known ones; it costs (1 + resample) times the network evaluations.
-        negation: how negative-weight terms act, "linear" or "posterior" (see ``energy_fn``).
-        condition_offsets: for ``negation="posterior"``: one (T, size_k) tensor per condition, the implicit
-            classifier's calibrated offsets (``cdrl.calibration.fit_condition_offsets``).
         callback: called as callback(t, k, y) after Langevin step k at level t.
 
     Returns:
@@ -344,26 +343,14 @@ def sample(
                     x_next,
                     t,
                     settings,
-                    null=null,
-                    terms=terms,
+                    cond=cond,
                     generator=generator,
                     known=known,
                     known_mask=known_mask,
                     callback=step_callback,
-                    negation=negation,
-                    condition_offsets=condition_offsets,
                 )
         if settings.tweedie:
-            x = tweedie_denoise(
-                ebm,
-                schedule,
-                x,
-                settings,
-                null=null,
-                terms=terms,
-                negation=negation,
-                condition_offsets=condition_offsets,
-            )
+            x = tweedie_denoise(ebm, schedule, x, settings, cond=cond)
     if known is not None:
         x = known_mask * known + (1.0 - known_mask) * x
     return x

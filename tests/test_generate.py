@@ -18,6 +18,7 @@ from PIL import Image
 
 from cdrl.cli import generate
 from cdrl.evaluation.digits import digits_split
+from cdrl.guidance import Conditioning
 from cdrl.models import EnergyResNet, InitializerUNet
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import energy_fn, level, sample
@@ -190,7 +191,7 @@ def test_scale_one_is_plain_conditional_sampling(cond_pipe):
     schedule, settings = cond_pipe.scheduler.schedule, cond_pipe.scheduler.langevin_settings()
     cond = torch.tensor(labels)[:, None]
     null = torch.full_like(cond, NUM_CLASSES)
-    for kwargs in ({"null": null, "terms": ((cond, 1.0),)}, {"null": cond, "terms": ()}):
+    for conditioning in (Conditioning(null, ((cond, 1.0),)), Conditioning(null=cond)):
         generators = _generators(3)
         x_top = randn_like(torch.empty(3, 1, 8, 8), generators)
         x = sample(
@@ -200,7 +201,7 @@ def test_scale_one_is_plain_conditional_sampling(cond_pipe):
             x_top,
             settings,
             generator=generators,
-            **kwargs,
+            cond=conditioning,
         )
         # Bit for bit: weight 1 evaluates only the conditional network (no null pass), exactly as a
         # plain conditional model with no guidance machinery.
@@ -241,7 +242,7 @@ def test_guided_energy_gradient(cond_pipe, monkeypatch, guidance_scale):
         generator=_generators(3),
         output_type="pt",
     )
-    null, terms = captured["null"], captured["terms"]
+    null, terms = captured["cond"].null, captured["cond"].terms
 
     settings = cond_pipe.scheduler.langevin_settings()
     lvl = level(cond_pipe.scheduler.schedule, torch.tensor([0, 2, 5]), settings)

@@ -18,6 +18,7 @@ from conftest import NUM_CLASSES, assert_close_float32, build_mlp_ebm
 from torch import Tensor, nn
 
 from cdrl.config import LangevinConfig
+from cdrl.guidance import Conditioning
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
 from cdrl.sampling import level, propose, sample, tweedie_denoise
 from cdrl.schedule import cdrl_schedule
@@ -100,8 +101,7 @@ def test_sample_guides_every_levels_proposal_mean():
             schedule,
             x_top,
             settings,
-            null=null,
-            terms=terms,
+            cond=Conditioning(null=null, terms=terms),
             generator=torch.Generator().manual_seed(1),
         )
 
@@ -139,9 +139,13 @@ def test_tweedie_step_uses_the_guided_energy(tiny_cond_ebm):
     null, cond = _labels(b)
     x = 0.5 * torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     settings = LangevinConfig()
-    out = tweedie_denoise(tiny_cond_ebm, schedule, x, settings, null=null, terms=((cond, 1 + W),))
+    out = tweedie_denoise(
+        tiny_cond_ebm, schedule, x, settings, cond=Conditioning(null=null, terms=((cond, 1 + W),))
+    )
     expected = _guided_tweedie(tiny_cond_ebm, schedule, x, null, cond, settings.tweedie_b2)
-    plain = tweedie_denoise(tiny_cond_ebm, schedule, x, settings, null=null, terms=((cond, 1.0),))
+    plain = tweedie_denoise(
+        tiny_cond_ebm, schedule, x, settings, cond=Conditioning(null=null, terms=((cond, 1.0),))
+    )
     # float32 energies differentiated and scaled by (1 - alphabar_0) / s~_0^2 = 4.3
     assert_close_float32(out, expected, magnitude=10 * float(expected.abs().max()))
     assert (out - plain).abs().max() > 1e-3  # guidance changed the step
@@ -163,8 +167,7 @@ def test_sample_ends_with_the_guided_tweedie_step(tiny_cond_ebm, tiny_cond_initi
             schedule,
             x_top,
             settings,
-            null=null,
-            terms=((cond, 1 + W),),
+            cond=Conditioning(null=null, terms=((cond, 1 + W),)),
             generator=torch.Generator().manual_seed(1),
         )
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdrl.config import Config, save_config
+from cdrl.guidance import Conditioning, null_condition
 from cdrl.images import save_grid, save_scatter
 from cdrl.pipeline import CDRLPipeline
 from cdrl.sampling import sample
@@ -219,8 +220,10 @@ def save_samples(
 ) -> list[Path]:
     """Grids of the initializer-only chain (K = 0) and the refined chain, from fixed noise; their PNGs."""
     schedule, settings = pipeline.scheduler.schedule, pipeline.scheduler.langevin_settings()
-    null = None if cond is None else torch.tensor(pipeline.condition_sizes).expand_as(cond)
-    terms = () if cond is None else ((cond, 1.0),)
+    conditioning = None
+    if cond is not None:
+        null = null_condition(pipeline.condition_sizes, cond.shape[0], cond.device)
+        conditioning = Conditioning(null=null, terms=((cond, 1.0),))
     kinds = {"refined": settings}
     if pipeline.initializer is not None:
         kinds["init"] = dataclasses.replace(settings, n_steps=0)
@@ -232,8 +235,7 @@ def save_samples(
             schedule,
             x_top,
             kind_settings,
-            null=null,
-            terms=terms,
+            cond=conditioning,
             generator=torch.Generator().manual_seed(0),
         )
         path = folder / f"{step:07d}_{name}.png"
