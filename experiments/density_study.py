@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     out["temperatures"] = [float(v) ** 2 for v in pipe.scheduler.schedule.langevin_step_sizes(b2)]
     out["b2"] = b2
     ks = [str(k) for k in args.K]
-    for a, b in zip(ks, ks[1:]):
+    for a, b in zip(ks, ks[1:], strict=False):
         ra, rb = out["budgets"][a], out["budgets"][b]
         print(f"K {a} -> {b}: bpd {ra['bpd']:.3f} -> {rb['bpd']:.3f} "
               f"({100 * (rb['bpd'] - ra['bpd']) / ra['bpd']:+.2f}%)")  # fmt: skip
