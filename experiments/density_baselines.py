@@ -96,7 +96,9 @@ def to_model_range(z: np.ndarray) -> np.ndarray:
     return 2.0 * z / NUM_BINS - 1.0
 
 
-JACOBIAN_NATS = D * math.log(2.0 / NUM_BINS)  # log |det dx'/dz|: -log p_z = -log p_x' - JACOBIAN_NATS
+JACOBIAN_NATS = D * math.log(
+    2.0 / NUM_BINS
+)  # log |det dx'/dz|: -log p_z = -log p_x' - JACOBIAN_NATS
 
 
 def summarize(nll_draws: np.ndarray) -> dict:
@@ -137,7 +139,9 @@ def fit_gmm(z: np.ndarray, k: int, seed: int, reg: float):
     return gmm.fit(z)
 
 
-def gmm_cv(k_train: np.ndarray, ks: list[int], copies: int, seed: int, reg: float) -> dict[int, float]:
+def gmm_cv(
+    k_train: np.ndarray, ks: list[int], copies: int, seed: int, reg: float
+) -> dict[int, float]:
     """5-fold CV on the training digits: mean held-out bits/dim per number of components."""
     from sklearn.model_selection import KFold
 
@@ -157,7 +161,9 @@ def gmm_cv(k_train: np.ndarray, ks: list[int], copies: int, seed: int, reg: floa
 
 
 @torch.no_grad()
-def diffusion_bound(folder: str, x: torch.Tensor, generator: torch.Generator, batch: int = 360) -> dict:
+def diffusion_bound(
+    folder: str, x: torch.Tensor, generator: torch.Generator, batch: int = 360
+) -> dict:
     """Per-example DDPM bound on -log p_x'(x') in nats for both reverse variances; x (n, 1, 8, 8) in [-1, 1)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from diffusion_baseline import load_diffusion
@@ -180,7 +186,9 @@ def diffusion_bound(folder: str, x: torch.Tensor, generator: torch.Generator, ba
     ab = abar[-1]
     x2 = x.double().flatten(1).pow(2).sum(1)
     prior = 0.5 * (D * ((1 - ab) - 1 - torch.log(1 - ab)) + ab * x2)
-    decoder = 0.5 * D * math.log(2 * math.pi * float(betas[0])) + sq_err[:, 0] / (2 * float(alphas[0]))
+    decoder = 0.5 * D * math.log(2 * math.pi * float(betas[0])) + sq_err[:, 0] / (
+        2 * float(alphas[0])
+    )
     ks = torch.arange(1, num)
     btilde = (1 - abar[ks - 1]) / (1 - abar[ks]) * betas[ks]
     out = {}
@@ -202,7 +210,9 @@ def diffusion_bound(folder: str, x: torch.Tensor, generator: torch.Generator, ba
     return out
 
 
-def train_dequantized_diffusion(output_dir: str, *, copies: int, max_steps: int, batch_size: int, seed: int):
+def train_dequantized_diffusion(
+    output_dir: str, *, copies: int, max_steps: int, batch_size: int, seed: int
+):
     """``diffusion_baseline.train_diffusion`` on a pool of ``copies`` dequantized copies of the training digits
     (x' = (k + u) / 17 * 2 - 1, the data the bound scores), with the compare run's other settings."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -219,31 +229,48 @@ def train_dequantized_diffusion(output_dir: str, *, copies: int, max_steps: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=3, help="dequantization draws R")
-    parser.add_argument("--copies", type=int, default=10, help="dequantized copies for the GMM fits")
+    parser.add_argument(
+        "--copies", type=int, default=10, help="dequantized copies for the GMM fits"
+    )
     parser.add_argument("--gmm_components", type=int, nargs="+", default=[1, 2, 3, 5, 8, 10, 15])
     parser.add_argument("--reg_covar", type=float, default=1e-6)
     parser.add_argument("--diffusion", type=str, default=None, help="diffusion_baseline run folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--train_dequantized", type=str, default=None, metavar="DIR",
-                        help="only train the diffusion baseline on dequantized digits into DIR")
+    parser.add_argument(
+        "--train_dequantized",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="only train the diffusion baseline on dequantized digits into DIR",
+    )
     parser.add_argument("--train_copies", type=int, default=50)
-    parser.add_argument("--train_steps", type=int, default=5857, help="the compare run's step count")
+    parser.add_argument(
+        "--train_steps", type=int, default=5857, help="the compare run's step count"
+    )
     parser.add_argument("--train_batch_size", type=int, default=32)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.train_dequantized:
-        summary = train_dequantized_diffusion(args.train_dequantized, copies=args.train_copies,
-                                              max_steps=args.train_steps,
-                                              batch_size=args.train_batch_size, seed=args.seed)
+        summary = train_dequantized_diffusion(
+            args.train_dequantized,
+            copies=args.train_copies,
+            max_steps=args.train_steps,
+            batch_size=args.train_batch_size,
+            seed=args.seed,
+        )
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
         return 0
 
     k_train, k_test = digits_levels("train"), digits_levels("test")
-    print(f"train {k_train.shape}, test {k_test.shape}, levels {int(k_train.min())}..{int(k_train.max())}")
+    print(
+        f"train {k_train.shape}, test {k_test.shape}, levels {int(k_train.min())}..{int(k_train.max())}"
+    )
     results: dict = {"split": {"train": len(k_train), "test": len(k_test)}, "draws": args.draws}
     rng = np.random.default_rng(args.seed)
-    tests = [dequantize(k_test, rng) for _ in range(args.draws)]  # the same R test draws for every model
+    tests = [
+        dequantize(k_test, rng) for _ in range(args.draws)
+    ]  # the same R test draws for every model
 
     # Uniform on [0, 17)^D.
     results["uniform"] = summarize(np.full((args.draws, len(k_test)), D * math.log(NUM_BINS)))
@@ -288,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| model | bits/dim | se(test) | sd(draws) |\n|---|---|---|---|")
     for key, value in results.items():
         if isinstance(value, dict) and "bpd" in value:
-            print(f"| {key} | {value['bpd']:.4f} | {value['se_test']:.4f} | {value['sd_draws']:.4f} |")
+            print(
+                f"| {key} | {value['bpd']:.4f} | {value['se_test']:.4f} | {value['sd_draws']:.4f} |"
+            )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2))

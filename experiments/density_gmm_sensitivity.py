@@ -43,15 +43,22 @@ def main() -> int:
         for seed in (0, 1, 2):
             z = np.concatenate([dequantize(ktr, rng) for _ in range(copies)])
             g = fit_gmm(z, 5, seed, 1e-6)
-            print(f"| full, {copies} dequantized cop{'y' if copies == 1 else 'ies'} | {seed} | {bpd(g.score_samples):.4f} |")
+            print(
+                f"| full, {copies} dequantized cop{'y' if copies == 1 else 'ies'} | {seed} | {bpd(g.score_samples):.4f} |"
+            )
     z = dequantize(ktr, rng)
     for kind in ("diag", "tied"):
         g = GaussianMixture(5, covariance_type=kind, random_state=0).fit(z)
         print(f"| {kind}, 1 copy | 0 | {bpd(g.score_samples):.4f} |")
     g = GaussianMixture(5, random_state=0).fit(to_model_range(z))
     no_jac = float(np.mean([-g.score_samples(to_model_range(t)).mean() for t in tests]) / (D * LN2))
-    jac = float(np.mean([(-g.score_samples(to_model_range(t)) - JACOBIAN_NATS).mean() for t in tests]) / (D * LN2))
-    print(f"| full, 1 copy, fitted on x' in [-1, 1): without / with the Jacobian | 0 | {no_jac:.4f} / {jac:.4f} |")
+    jac = float(
+        np.mean([(-g.score_samples(to_model_range(t)) - JACOBIAN_NATS).mean() for t in tests])
+        / (D * LN2)
+    )
+    print(
+        f"| full, 1 copy, fitted on x' in [-1, 1): without / with the Jacobian | 0 | {no_jac:.4f} / {jac:.4f} |"
+    )
     return 0
 
 

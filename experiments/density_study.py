@@ -54,8 +54,9 @@ def test_digits(num_examples: int | None, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gaussian_decoder_terms(pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator,
-                           variance: float | None = None) -> tuple[torch.Tensor, float]:
+def gaussian_decoder_terms(
+    pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator, variance: float | None = None
+) -> tuple[torch.Tensor, float]:
     """Level 0 as a Gaussian decoder instead of the EBM: p(x_0 | x_1) = N(m(x_1), v I), m the initializer's
     proposal mean (y-space) / sqrt(alpha_1). Returns each example's bound term
     -log N(x_0; m, v) + log q(x_1 | x_0) (nats, (b,)) and v. x: dequantized data in [-1, 1]; the forward
@@ -87,7 +88,9 @@ def train_digits_dequantized(num: int = 512, seed: int = 123) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gaussian_top_terms(pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def gaussian_top_terms(
+    pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """The top level as a Gaussian instead of the marginal EBM: -log N(x_{T-1}; m, s^2 I) with (m, s) the
     moments of q(x_{T-1}) over dequantized *training* digits (``cdrl.density.top_level_base``); x_{T-1}
     the same forward draw as ``negative_log_likelihood`` makes with this generator. (b,) nats."""
@@ -151,9 +154,17 @@ def study(
         for i in range(0, n, batch_size):
             parts.append(
                 negative_log_likelihood(
-                    ebm, schedule, settings, x[i : i + batch_size], data_scale=data_scale,
-                    base=base, initializer=pipe.initializer, num_intermediate=K,
-                    num_chains=num_chains, top_log_normalizer=top_log_z, generator=gen,
+                    ebm,
+                    schedule,
+                    settings,
+                    x[i : i + batch_size],
+                    data_scale=data_scale,
+                    base=base,
+                    initializer=pipe.initializer,
+                    num_intermediate=K,
+                    num_chains=num_chains,
+                    top_log_normalizer=top_log_z,
+                    generator=gen,
                 )  # fmt: skip
             )
         terms = torch.cat([p.terms for p in parts])  # (n, T)
@@ -177,19 +188,37 @@ def study(
         # Level 0 replaced by a Gaussian decoder (same x_0, x_1 when n <= batch_size: one batch).
         if n <= batch_size and pipe.initializer is not None:
             for name, var in (("proposal", None), ("fitted", fitted_var)):
-                g0, v = gaussian_decoder_terms(pipe, x, torch.Generator().manual_seed(seed + 1), var)
-                hybrid = (terms[:, 1:].sum(1) + g0 + parts[0].data_scale_nats + offset) / (dims * math.log(2))
-                rec[f"hybrid_{name}"] = {"variance": v, "level0_term_mean": float(g0.mean()),
-                                         "bpd": float(hybrid.mean()),
-                                         "bpd_se": float(hybrid.std() / math.sqrt(n))}
-                print(f"  level 0 as Gaussian decoder ({name} variance {v:.2e}): term {float(g0.mean()):.1f} nats, "
-                      f"bpd {float(hybrid.mean()):.3f} ± {float(hybrid.std() / math.sqrt(n)):.3f}", flush=True)
+                g0, v = gaussian_decoder_terms(
+                    pipe, x, torch.Generator().manual_seed(seed + 1), var
+                )
+                hybrid = (terms[:, 1:].sum(1) + g0 + parts[0].data_scale_nats + offset) / (
+                    dims * math.log(2)
+                )
+                rec[f"hybrid_{name}"] = {
+                    "variance": v,
+                    "level0_term_mean": float(g0.mean()),
+                    "bpd": float(hybrid.mean()),
+                    "bpd_se": float(hybrid.std() / math.sqrt(n)),
+                }
+                print(
+                    f"  level 0 as Gaussian decoder ({name} variance {v:.2e}): term {float(g0.mean()):.1f} nats, "
+                    f"bpd {float(hybrid.mean()):.3f} ± {float(hybrid.std() / math.sqrt(n)):.3f}",
+                    flush=True,
+                )
             top_g = gaussian_top_terms(pipe, x, torch.Generator().manual_seed(seed + 1))
-            both = (terms[:, 1:-1].sum(1) + g0 + top_g + parts[0].data_scale_nats + offset) / (dims * math.log(2))
-            rec["hybrid_fitted_gaussian_top"] = {"top_term_mean": float(top_g.mean()), "bpd": float(both.mean()),
-                                                 "bpd_se": float(both.std() / math.sqrt(n))}
-            print(f"  ... and the top level as a Gaussian: top term {float(top_g.mean()):.1f} nats, "
-                  f"bpd {float(both.mean()):.3f} ± {float(both.std() / math.sqrt(n)):.3f}", flush=True)
+            both = (terms[:, 1:-1].sum(1) + g0 + top_g + parts[0].data_scale_nats + offset) / (
+                dims * math.log(2)
+            )
+            rec["hybrid_fitted_gaussian_top"] = {
+                "top_term_mean": float(top_g.mean()),
+                "bpd": float(both.mean()),
+                "bpd_se": float(both.std() / math.sqrt(n)),
+            }
+            print(
+                f"  ... and the top level as a Gaussian: top term {float(top_g.mean()):.1f} nats, "
+                f"bpd {float(both.mean()):.3f} ± {float(both.std() / math.sqrt(n)):.3f}",
+                flush=True,
+            )
         out["budgets"][str(K)] = rec
         print(f"K={K}: bpd {rec['bpd']:.3f} ± {rec['bpd_se']:.3f} ({rec['seconds']} s)", flush=True)
         print("  terms (nats): " + " ".join(f"{v:.1f}" for v in rec["term_mean"]), flush=True)
