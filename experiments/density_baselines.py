@@ -4,7 +4,7 @@ the diffusion baseline's variational bound, on the package's own split (``cdrl.d
 Dequantization, stated exactly. A pixel is an integer k in {0, ..., 16} (sklearn's grey levels). It is
 dequantized to z = k + u, u ~ U[0, 1) independently per pixel, so z lies in [0, 17)^D, D = 64, and for any
 density p_z, -log P(k) <= E_u[-log p_z(k + u)] (Theis et al. 2016; the bins have width 1). The models see
-x' = 2 z / 17 - 1 in [-1, 1) (``cdrl.density.dequantize`` with num_bins = 17, the CDRL pipelines' and the
+x' = 2 z / 17 - 1 in [-1, 1) (``cdrl.evaluation.likelihood.dequantize`` with num_bins = 17, the CDRL pipelines' and the
 diffusion UNet's data range); with p_x' the model density there,
 
     -log p_z(z) = -log p_x'(x') - D log(2 / 17)          (Jacobian of z -> x', dx'/dz = 2 / 17 per pixel)
@@ -57,7 +57,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -67,10 +66,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if importlib.util.find_spec("cdrl") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.config import DataConfig  # noqa: E402
-from cdrl.data import load_dataset  # noqa: E402
+from cdrl.config import DataConfig
+from cdrl.data import load_dataset
 
 NUM_BINS = 17
 D = 64

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from density_baselines import (  # noqa: E402
+from density_baselines import (
     JACOBIAN_NATS,
     LN2,
     D,

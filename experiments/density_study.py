@@ -1,7 +1,7 @@
 """Where the digits EBM's bits/dim come from, and whether they converge (issue 17).
 
-For a trained pipeline, the variational bound of ``cdrl.density.negative_log_likelihood`` on dequantized test
-digits (17 levels, ``cdrl.density.dequantize``: x' = (k + u) / 17 * 2 - 1, u ~ U[0, 1); NLL = -log p(x') +
+For a trained pipeline, the variational bound of ``cdrl.evaluation.likelihood.negative_log_likelihood`` on dequantized test
+digits (17 levels, ``cdrl.evaluation.likelihood.dequantize``: x' = (k + u) / 17 * 2 - 1, u ~ U[0, 1); NLL = -log p(x') +
 D log(17 / 2), bits/dim = NLL / (D ln 2); the same convention as ``experiments/density_baselines.py``), with
 every level's AIS run at several annealing budgets K (same seed, so the forward-diffused x_{1:T-1} and the
 dequantization are shared between budgets). Prints each level's mean term in nats and its standard error
@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -25,20 +24,18 @@ from pathlib import Path
 
 import torch
 
-if importlib.util.find_spec("cdrl") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdrl.config import DataConfig  # noqa: E402
-from cdrl.data import load_dataset  # noqa: E402
-from cdrl.density import (  # noqa: E402
-    dequantize,
+from cdrl.config import DataConfig
+from cdrl.data import load_dataset
+from cdrl.evaluation.bpd import dequantize
+from cdrl.evaluation.likelihood import (
     negative_log_likelihood,
     top_level_base,
     top_level_log_normalizer,
 )
-from cdrl.guidance import composed  # noqa: E402
-from cdrl.pipeline import CDRLPipeline  # noqa: E402
-from cdrl.sampling import frozen, level  # noqa: E402
-from cdrl.utils import randn_like  # noqa: E402
+from cdrl.guidance import composed
+from cdrl.pipeline import CDRLPipeline
+from cdrl.sampling import frozen, level
+from cdrl.utils import randn_like
 
 NUM_BINS = 17
 
@@ -92,7 +89,7 @@ def gaussian_top_terms(
     pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """The top level as a Gaussian instead of the marginal EBM: -log N(x_{T-1}; m, s^2 I) with (m, s) the
-    moments of q(x_{T-1}) over dequantized *training* digits (``cdrl.density.top_level_base``); x_{T-1}
+    moments of q(x_{T-1}) over dequantized *training* digits (``cdrl.evaluation.likelihood.top_level_base``); x_{T-1}
     the same forward draw as ``negative_log_likelihood`` makes with this generator. (b,) nats."""
     schedule = pipe.scheduler.schedule
     ds = float(pipe.scheduler.config.data_scale)

@@ -1,11 +1,11 @@
 """``train.py`` on uniformly dequantized digits (issue 17): the lowest level learns the density the bound scores.
 
 The package trains on the 17 grey levels mapped to k / 16 * 2 - 1, a 17-point grid in [-1, 1]; its level 0
-(abar_0 = 0.99995, noise std 0.0074) then learns to snap onto that grid, while ``cdrl.density.bits_per_dim``
+(abar_0 = 0.99995, noise std 0.0074) then learns to snap onto that grid, while ``cdrl.evaluation.bpd.bits_per_dim``
 scores dequantized digits x' = (k + u) / 17 * 2 - 1, u ~ U[0, 1), which lie anywhere in their bin (width
-2 / 17 = 0.118). This wrapper runs ``cdrl.train.main`` unchanged except that the training set's
+2 / 17 = 0.118). This wrapper runs ``cdrl.cli.train.main`` unchanged except that the training set's
 ``__getitem__`` returns a fresh dequantization of each digit on every access (the same map as
-``cdrl.density.dequantize`` with num_bins = 17). Only images with 17 levels are supported.
+``cdrl.evaluation.bpd.dequantize`` with num_bins = 17). Only images with 17 levels are supported.
 
 Usage: the same flags as train.py, e.g.
   python experiments/train_dequantized.py --config digits --output_dir /work/runs/d17_deq --report_to none
@@ -13,18 +13,15 @@ Usage: the same flags as train.py, e.g.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
-if importlib.util.find_spec("cdrl") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cdrl.train as train_module  # noqa: E402
+import cdrl.cli.train as train_cli
+import cdrl.training.loop as loop_module
 
 NUM_BINS = 17
-_load_dataset = train_module.load_dataset
+_load_dataset = loop_module.load_dataset
 
 
 class Dequantized(torch.utils.data.Dataset):
@@ -57,5 +54,5 @@ def load_dequantized(cfg, split: str = "train"):
 
 
 if __name__ == "__main__":
-    train_module.load_dataset = load_dequantized
-    sys.exit(train_module.main())
+    loop_module.load_dataset = load_dequantized
+    sys.exit(train_cli.main())
