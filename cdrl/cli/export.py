@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cdrl.cli.common import ArgumentParser, CLIError, run_cli
 from cdrl.export import export_pipeline
-from cdrl.training.run_dir import export_figures
+from cdrl.training.run_dir import export_figures, run_command
 from cdrl.training.state import check_run_checkpoint, checkpoint_pipeline
 from cdrl.utils import check_output_folder, check_writable
 
@@ -58,7 +58,7 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg,
         args.output,
         step=step,
-        command=None,  # the training command is not stored with a checkpoint
+        command=run_command(args.checkpoint.parent),
         figures=export_figures(args.checkpoint.parent, step),
     )
     print(f"exported step {step} of {args.checkpoint.parent} to {args.output}")

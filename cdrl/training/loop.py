@@ -194,7 +194,9 @@ def _run(cfg: Config, resume: str | None, command: str | None) -> Path:
 
     def start() -> tuple[logging.Handler | None, tqdm]:
         """The run's files, trackers and progress bar, once the first step has worked."""
-        handler = start_run_files(cfg, accelerator, output_dir, None if resume is None else step)
+        handler = start_run_files(
+            cfg, accelerator, output_dir, None if resume is None else step, command
+        )
         if accelerator.is_main_process:
             accelerator.init_trackers("cdrl", config=flat(cfg))
         if resume_path is not None:

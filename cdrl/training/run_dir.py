@@ -71,8 +71,15 @@ def _entries(folder: Path) -> list[Path]:
     ]
 
 
+COMMAND_FILE = "command.txt"  # the command line of each start of the run, one per line
+
+
 def start_run_files(
-    cfg: Config, accelerator: Accelerator, output_dir: Path, resume_step: int | None
+    cfg: Config,
+    accelerator: Accelerator,
+    output_dir: Path,
+    resume_step: int | None,
+    command: str | None = None,
 ) -> logging.Handler | None:
     """Create the run's files once its first step has worked, so that bad input leaves nothing behind.
 
@@ -87,6 +94,9 @@ def start_run_files(
     _STARTED.add(output_dir.resolve())
     save_config(cfg, output_dir / RUN_MARKER)
     (output_dir / "git.txt").write_text(git_sha() + "\n")
+    if command:  # appended: a resumed run keeps the commands of its earlier starts
+        with open(output_dir / COMMAND_FILE, "a") as file:
+            file.write(command + "\n")
     if resume_step is not None:
         truncate_metrics(output_dir / METRICS, resume_step)
     handler = logging.FileHandler(output_dir / "log.txt")
@@ -94,6 +104,13 @@ def start_run_files(
     logging.getLogger(LOGGER_NAME).addHandler(handler)
     logging.getLogger(LOGGER_NAME).setLevel(logging.INFO)
     return handler
+
+
+def run_command(output_dir: Path) -> str | None:
+    """The command line that first started a run (``COMMAND_FILE``), or None when it was not recorded."""
+    path = output_dir / COMMAND_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return lines[0] if lines and lines[0].strip() else None
 
 
 def stop_log_file(handler: logging.Handler | None) -> None:
