@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdrl.utils import UsageError, error_line
+from cdrl.utils import UsageError, error_line, short_repr
 
 MAX_SAMPLES = 10_000_000  # samples per call or command (CIFAR-10 FID uses 50,000)
 MAX_LANGEVIN_STEPS = 100_000  # Langevin steps per level (the papers use 15 to 30)
@@ -163,7 +163,7 @@ def scheduler_problem(config: Any) -> str | None:
         if key in config:
             verdict = rule(config[key])
             if verdict is not True:
-                return f"{key} {verdict}, got {_short(config[key])}"
+                return f"{key} {verdict}, got {short_repr(config[key])}"
     low, high = config.get("logsnr_min", -5.1), config.get("logsnr_max", 9.8)
     if high <= low:
         return f"logsnr_max ({high}) must exceed logsnr_min ({low})"
@@ -210,7 +210,7 @@ def network_problem(config: Any, model_class: type) -> str | None:
         else:
             continue
         if verdict is not True:
-            return f"{name} {verdict}, got {_short(value)}"
+            return f"{name} {verdict}, got {short_repr(value)}"
     return None
 
 
@@ -250,11 +250,6 @@ def _real(low: float | None = None, high: float | None = None, *, open_low=False
 
 def _flag(value: Any):
     return isinstance(value, bool) or "must be true or false"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_json(path: Path) -> Any:

@@ -30,7 +30,6 @@ from cdrl.checks import (
     check_int,
     check_labels,
     check_number,
-    finite_weights_problem,
     scheduler_problem,
 )
 from cdrl.config import Config, LangevinConfig
@@ -39,11 +38,8 @@ from cdrl.sampling import sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
 from cdrl.weights import (
-    WEIGHTS_NAME,
     check_configs,
     check_pipeline_weights,
-    check_weights,
-    networks,
     weights_mismatch,
 )
 
@@ -170,7 +166,8 @@ class CDRLPipeline(DiffusionPipeline):
         if local:
             check_configs(folder)
         verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # unused weights are an error below, not a warning
+        # Unused weights are an error (each network's from_pretrained, SafetensorsOnly), not a warning.
+        diffusers_logging.set_verbosity_error()
         try:
             pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError, RuntimeError):
@@ -179,17 +176,6 @@ class CDRLPipeline(DiffusionPipeline):
             raise
         finally:
             diffusers_logging.set_verbosity(verbosity)
-        if local:
-            for name, part, _ in networks(folder):
-                network = getattr(pipeline, name, None)
-                if network is not None:
-                    check_weights(network.state_dict(), part)
-                    problem = finite_weights_problem(network.state_dict())
-                    if problem is not None:
-                        raise ValueError(
-                            f"{part / WEIGHTS_NAME}: {problem}; the model diverged in training or "
-                            "the file is damaged, so it was not loaded"
-                        )
         return pipeline
 
     @classmethod

@@ -56,6 +56,12 @@ class CheckpointError(ValueError):
     the fix."""
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """A value's repr for a message, cut to ``limit`` characters with '...'."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def short_path(path: str | Path, limit: int = 100) -> str:
     """A path for a message: its middle cut out when it is longer than ``limit`` characters."""
     text = str(path)

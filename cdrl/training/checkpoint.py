@@ -38,6 +38,7 @@ from cdrl.utils import (
     fsync_path,
     is_out_of_memory,
     recover_replace,
+    short_repr,
 )
 from cdrl.weights import weights_mismatch
 
@@ -97,7 +98,7 @@ def marker_problem(info: Any, path: Path) -> str | None:
         return f"its {CHECKPOINT_MARKER} is not a JSON object"
     step = info.get("step")
     if not _counter(step) or (match and step != int(match[1])):
-        return f"its {CHECKPOINT_MARKER} says step {_short(step)}, not the step in its name"
+        return f"its {CHECKPOINT_MARKER} says step {_brief(step)}, not the step in its name"
     if not isinstance(info.get("files"), dict) or not all(
         isinstance(name, str) and "/" not in name and _counter(size)
         for name, size in info["files"].items()
@@ -108,7 +109,7 @@ def marker_problem(info: Any, path: Path) -> str | None:
         return f"its {CHECKPOINT_MARKER} holds unknown guard counters"
     for name, value in guard.items():
         if not _counter(value):
-            return f"its {CHECKPOINT_MARKER} holds guard.{name} = {_short(value)}, not a count"
+            return f"its {CHECKPOINT_MARKER} holds guard.{name} = {_brief(value)}, not a count"
     ema = info.get("ema")
     if not isinstance(ema, dict) or not all(isinstance(v, dict) for v in ema.values()):
         return f"its {CHECKPOINT_MARKER} holds no EMA settings"
@@ -116,22 +117,21 @@ def marker_problem(info: Any, path: Path) -> str | None:
         for key, value in settings.items():
             bad_number = isinstance(value, float) and not math.isfinite(value)
             if bad_number or (isinstance(value, int) and not -MAX_COUNTER <= value <= MAX_COUNTER):
-                return f"its {CHECKPOINT_MARKER} holds ema.{name}.{key} = {_short(value)}"
+                return f"its {CHECKPOINT_MARKER} holds ema.{name}.{key} = {_brief(value)}"
         decay = settings.get("decay", 0.0)
         if not isinstance(decay, int | float) or not 0.0 <= decay <= 1.0:
             return (
-                f"its {CHECKPOINT_MARKER} holds ema.{name}.decay = {_short(decay)}, not in [0, 1]"
+                f"its {CHECKPOINT_MARKER} holds ema.{name}.decay = {_brief(decay)}, not in [0, 1]"
             )
     return None
 
 
+def _brief(value: Any) -> str:
+    return short_repr(value, 40)
+
+
 def _counter(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNTER
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # What shapes the trained model: a resume must use the same values (the run's config.yaml holds them).
@@ -147,7 +147,7 @@ def resume_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str | No
     for section, key in keys:
         before, now = stored.get(section, {}).get(key), current[section].get(key)
         if before != now:
-            return f"{section}.{key} is {_short(now)} now but the run was trained with {_short(before)}"
+            return f"{section}.{key} is {_brief(now)} now but the run was trained with {_brief(before)}"
     return None
 
 
@@ -359,7 +359,7 @@ def rng_state_problem(file: Path) -> str | None:
             return f"{file.name} holds a {key} that cannot be restored ({error_line(err)})"
     step = states.get("step", 0)
     if not _counter(step):
-        return f"{file.name} holds step = {_short(step)}, not a count"
+        return f"{file.name} holds step = {_brief(step)}, not a count"
     for key, value in states.items():
         if key.startswith("torch_") and key != "torch_manual_seed" and torch.cuda.is_available():
             expected = torch.cuda.get_rng_state_all()

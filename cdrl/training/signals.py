@@ -65,9 +65,7 @@ class StopRequest:
     def requested(self, accelerator: Accelerator) -> int | None:
         """The signal any process received (the same answer on every process), or None."""
         mine = self.signum or 0
-        if accelerator.num_processes == 1:
-            return mine or None
-        flag = torch.tensor([mine], device=accelerator.device)
-        agreed = int(accelerator.reduce(flag, reduction="sum").item())
-        # Different signals on different processes (rare): any one of them names the stop.
-        return (mine or min(agreed, max(SIGNALS))) if agreed else None
+        # One answer on every process: the largest signal number any of them got.
+        if accelerator.num_processes > 1:
+            mine = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
+        return mine or None
