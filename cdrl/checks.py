@@ -155,6 +155,8 @@ def scheduler_problem(config: Any) -> str | None:
         "noise_scale": _real(0),
         "tweedie_b2": _real(0, open_low=True),
         "data_scale": _real(0, open_low=True),
+        "clip_sample_range": _real(0, open_low=True),
+        "clip_sample": _flag,
         "tempered": _flag,
         "noise": _flag,
         "tweedie": _flag,

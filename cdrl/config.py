@@ -141,6 +141,10 @@ class LangevinConfig:
     # final denoising step x0 = (x + (1 - alphabar_0) score) / sqrt(alphabar_0)
     tweedie: bool = True
     tweedie_b2: float = 2e-4  # b^2 that scales the score in the Tweedie step (official code: 2e-4)
+    # sampling only (off = paper): clamp the x_0 implied by each proposal mean to +-clip_sample_range and
+    # re-form the mean from it, as diffusers' clip_sample does for x0-hat at every step
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0  # in the model's space: data.scale times the data's [-1, 1]
 
 
 @dataclass
@@ -460,6 +464,7 @@ def validate(cfg: Config) -> None:
         (cfg.langevin.b2 > 0, "langevin.b2 must be > 0"),
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),
         (cfg.langevin.noise_scale >= 0, "langevin.noise_scale must be >= 0"),
+        (cfg.langevin.clip_sample_range > 0, "langevin.clip_sample_range must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (
             cfg.train.gradient_accumulation_steps >= 1,

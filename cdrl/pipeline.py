@@ -72,6 +72,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         noise_scale: float = 1.0,
         tweedie: bool = True,
         tweedie_b2: float = 2e-4,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
         data_scale: float = 1.0,
         condition_offsets: list[list[list[float]]] | None = None,
     ) -> None:
@@ -222,6 +224,7 @@ class CDRLPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_langevin_steps: int | None = None,
         langevin_noise_scale: float | None = None,
+        clip_sample: bool | None = None,
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
         image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
@@ -244,6 +247,8 @@ class CDRLPipeline(DiffusionPipeline):
             num_langevin_steps: K per level (default: the trained value; at most 100,000).
             langevin_noise_scale: multiplies the Langevin noise (default: the stored ``noise_scale``; 0 gives
                 gradient descent on the energy, as some EBM samplers do at test time).
+            clip_sample: clamp the x_0 each proposal mean implies to the data range and re-form the mean,
+                as diffusers' ``clip_sample`` (default: the stored setting, off unless trained with it).
             class_labels: one class id per sample for a class-conditional model; None samples the
                 unconditional model (the null label).
             guidance_scale: classifier-free guidance, diffusers' meaning: 1 = plain conditional, > 1 stronger
@@ -324,8 +329,10 @@ class CDRLPipeline(DiffusionPipeline):
         if negation not in NEGATIONS:
             raise ValueError(f"negation must be one of {', '.join(NEGATIONS)}, got {negation!r}")
         check_generator(generator, batch_size)
+        if clip_sample is not None and not isinstance(clip_sample, bool):
+            raise ValueError(f"clip_sample must be True or False, got {clip_sample!r}")
         settings = self.scheduler.langevin_settings(
-            n_steps=num_langevin_steps, noise_scale=langevin_noise_scale
+            n_steps=num_langevin_steps, noise_scale=langevin_noise_scale, clip_sample=clip_sample
         )
         schedule = self.scheduler.schedule
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)

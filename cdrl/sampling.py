@@ -8,6 +8,7 @@ same chain with a known-pixel constraint; guidance and composition enter through
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -144,17 +145,38 @@ def propose(
     terms: Sequence[Condition] = (),
     generator: torch.Generator | list[torch.Generator] | None = None,
     negation: str = "linear",
+    clip: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The initializer's proposal yhat = mu(x_{t+1}) + std * eps in y-space (CDRL Eq. (8)).
 
     Without an initializer (DRL) the chain starts at x_{t+1} itself. With ``negation="posterior"`` the
     negated terms are left out of the mean (a mean has no posterior to negate): the EBM enforces them.
+    ``clip`` maps the mean before the noise is added (``clip_proposal_mean``).
     """
     if initializer is None:
         return x_next.clone()
     terms, _ = split_negated(terms, null, negation)
     mean = composed(initializer, x_next, lvl.next_noise_level, null=null, terms=terms)
+    if clip is not None:
+        mean = clip(mean)
     return mean + expand_as(lvl.proposal_std, mean) * randn_like(mean, generator)
+
+
+def clip_proposal_mean(
+    schedule: NoiseSchedule, t: int, mean: Tensor, x_next: Tensor, scale: Tensor, limit: float
+) -> Tensor:
+    """The proposal mean (y-space) with the x_0 it implies clamped to [-limit, limit]: diffusers'
+    ``clip_sample`` for a recovery step.
+
+    The mean is read as the DDPM posterior mean sqrt(alpha_{t+1}) mu~(x0_hat, x_{t+1}) (or mu~ itself at
+    the top level, ``scale`` 1), solved for x0_hat, clamped, and formed again (``NoiseSchedule.posterior_mean``
+    is linear in x_0). ``scale``: the level's y-scale, broadcast like ``mean``.
+    """
+    levels = torch.full((x_next.shape[0],), t, dtype=torch.long, device=x_next.device)
+    offset = schedule.posterior_mean(torch.zeros_like(x_next), x_next, levels)
+    slope = schedule.posterior_mean(torch.ones_like(x_next), x_next, levels) - offset
+    x0_hat = ((mean / scale - offset) / slope).clamp(-limit, limit)
+    return scale * (offset + slope * x0_hat)
 
 
 @contextlib.contextmanager
@@ -241,9 +263,26 @@ def reverse_step(
     if known is not None:
         t_batch = torch.full((known.shape[0],), t, device=known.device)
         known_y = scale * schedule.q_sample(known, t_batch, randn_like(known, generator))
+    clip = None
+    if settings.clip_sample:
+        clip = functools.partial(
+            clip_proposal_mean,
+            schedule,
+            t,
+            x_next=x_next,
+            scale=scale,
+            limit=settings.clip_sample_range,
+        )
     with torch.no_grad():
         y = propose(
-            initializer, x_next, lvl, null=null, terms=terms, generator=generator, negation=negation
+            initializer,
+            x_next,
+            lvl,
+            null=null,
+            terms=terms,
+            generator=generator,
+            negation=negation,
+            clip=clip,
         )
     fn = energy_fn(
         ebm, lvl, null=null, terms=terms, negation=negation, offsets=_at_level(condition_offsets, t)

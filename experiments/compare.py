@@ -122,14 +122,22 @@ def ebm_nfe(pipeline: CDRLPipeline, n_steps: int) -> int:
 
 
 def sample_ebm(
-    pipeline: CDRLPipeline, n_steps: int, n: int, *, seed: int, batch_size: int
+    pipeline: CDRLPipeline,
+    n_steps: int,
+    n: int,
+    *,
+    seed: int,
+    batch_size: int,
+    clip_sample: bool = False,
 ) -> Tensor:
-    """(n, c, h, w) samples in [-1, 1] with K = ``n_steps``; batch i is seeded ``seed + i``."""
+    """(n, c, h, w) samples in [-1, 1] with K = ``n_steps``; batch i is seeded ``seed + i``.
+    ``clip_sample``: clamp the x_0 each proposal mean implies (the pipeline's ``clip_sample``)."""
     chunks = []
     for index, start in enumerate(range(0, n, batch_size)):
         out = pipeline(
             batch_size=min(batch_size, n - start),
             num_langevin_steps=n_steps,
+            clip_sample=clip_sample,
             generator=torch.Generator().manual_seed(seed + index),
             output_type="pt",
         )
@@ -154,16 +162,24 @@ def sampler_settings(
             continue
         pipe = CDRLPipeline.from_pretrained(str(resolve_pipeline(folders[method])))
         pipe.set_progress_bar_config(disable=True)
-        for k in steps_list:
+        # CDRL also with its proposals' x0-hat clamped, the counterpart of diffusers' clip_sample
+        clips = (False, True) if pipe.initializer is not None else (False,)
+        for clip in clips:
+            for k in steps_list:
 
-            def draw_ebm(n: int, k: int = k, pipe: CDRLPipeline = pipe) -> Tensor:
-                return sample_ebm(pipe, k, n, seed=seed, batch_size=batch_size)
+                def draw_ebm(
+                    n: int, k: int = k, pipe: CDRLPipeline = pipe, clip: bool = clip
+                ) -> Tensor:
+                    return sample_ebm(
+                        pipe, k, n, seed=seed, batch_size=batch_size, clip_sample=clip
+                    )
 
-            settings.append((method, method.upper(), k, ebm_nfe(pipe, k), draw_ebm))
+                name = method.upper() + ("-clip" if clip else "")
+                settings.append((method, name, k, ebm_nfe(pipe, k), draw_ebm))
     if folders.get("diffusion") is not None:
         unet, train_scheduler = diffusion_baseline.load_diffusion(folders["diffusion"])
         # With diffusers' default clip_sample (x0-hat clamped to [-1, 1] at every step) and without it:
-        # CDRL never clips, so the unclipped sampler is the like-for-like row.
+        # the unclipped rows are like-for-like with CDRL's unclipped ones, the clipped with CDRL-clip.
         for clip in (True, False):
             for sampler, steps_list in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
                 for k in steps_list:
@@ -469,7 +485,7 @@ def write_report(
         "`largest class`: share of the most frequent predicted class; `digits FID`: torch-fidelity's FID on "
         "the classifier's penultimate features (the registered `digits-classifier` extractor) against the "
         "1,437 training digits (the one reference of every digits FID in experiments/results/); `-clip`: "
-        "diffusers' default `clip_sample` (x0-hat clamped to [-1, 1] every step), CDRL never clips; `copies`: share of samples nearer to a training digit than 99% of real "
+        "diffusers' default `clip_sample` (x0-hat clamped to [-1, 1] every step), `CDRL-clip` the same for the x0-hat each CDRL proposal mean implies (`clip_sample`, off by default); `copies`: share of samples nearer to a training digit than 99% of real "
         "test digits are.\n",
     ]
     if plot_path is not None:

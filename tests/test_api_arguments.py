@@ -263,6 +263,8 @@ def test_float16_networks_are_refused_naming_torch_dtype(pipelines, tmp_path):
         ("data_scale", -1.0, "data_scale must be > 0"),
         ("b2", -4e-4, "b2 must be > 0"),
         ("step_scale", 0, "step_scale must be > 0"),
+        ("clip_sample_range", 0.0, "clip_sample_range must be > 0"),
+        ("clip_sample", "yes", "clip_sample must be true or false"),
         ("noise_scale", -1.0, "noise_scale must be >= 0"),
         ("n_steps", -3, "n_steps must be an integer in [0, 100,000]"),
         ("n_steps", 2.5, "n_steps must be an integer"),

@@ -246,10 +246,12 @@ def test_compare_evaluates_tiny_models_end_to_end(
     result = json.loads((tmp_path / "runs/cmp.json").read_text())
     settings = [(r["sampler"], r["steps"], r["nfe"]) for r in result["rows"]]
     # NFE: CDRL 6 K + 1 Tweedie, DRL 6 K, diffusion one UNet call per step.
-    # Diffusion with diffusers' default clip_sample ("-clip") and without it (CDRL never clips).
+    # Diffusion with diffusers' default clip_sample ("-clip") and without it; CDRL likewise.
     assert settings == [
         ("CDRL", 1, 7),
         ("CDRL", 2, 13),
+        ("CDRL-clip", 1, 7),
+        ("CDRL-clip", 2, 13),
         ("DRL", 1, 6),
         ("DDPM-clip", 2, 2),
         ("DDIM-clip", 1, 1),

@@ -224,6 +224,7 @@ def test_override_syntax():
         ("train.max_steps=0", "train.max_steps"),
         ("langevin.b2=0", "langevin.b2"),
         ("langevin.step_scale=-1", "langevin.step_scale"),
+        ("langevin.clip_sample_range=0", "langevin.clip_sample_range"),
         ("train.ebm_lr=0", "train.ebm_lr"),
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("data.uncond_prob=1.5", "data.uncond_prob"),

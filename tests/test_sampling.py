@@ -13,7 +13,15 @@ from torch import nn
 from cdrl.config import Config, LangevinConfig
 from cdrl.guidance import composed
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
-from cdrl.sampling import energy_fn, frozen, level, reverse_step, sample, tweedie_denoise
+from cdrl.sampling import (
+    clip_proposal_mean,
+    energy_fn,
+    frozen,
+    level,
+    reverse_step,
+    sample,
+    tweedie_denoise,
+)
 from cdrl.schedule import cdrl_schedule
 
 NUM_CLASSES = 10  # the conftest's conditional models: condition_sizes=(10,)
@@ -241,6 +249,34 @@ def test_step_scale_changes_the_step_not_the_target():
     scaled = level(schedule, t, LangevinConfig(step_scale=0.5))
     torch.testing.assert_close(scaled.step_size, 0.5 * base.step_size)
     torch.testing.assert_close(scaled.temperature, base.temperature)
+
+
+@pytest.mark.parametrize("t", [0, 3, 5])
+def test_clip_proposal_mean_is_the_posterior_mean_of_the_clamped_x0(t):
+    schedule = cdrl_schedule(6)
+    levels = torch.full((4,), t)
+    scale = schedule.y_scales[t].float()
+    x0 = torch.linspace(-3, 3, 4 * 64).reshape(4, 1, 8, 8)  # a third of it outside [-1, 1]
+    x_next = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
+    mean = scale * schedule.posterior_mean(x0, x_next, levels)
+    clipped = clip_proposal_mean(schedule, t, mean, x_next, scale, 1.0)
+    expected = scale * schedule.posterior_mean(x0.clamp(-1, 1), x_next, levels)
+    torch.testing.assert_close(clipped, expected, rtol=1e-4, atol=1e-4)
+    inside = (x0.abs() <= 1).expand_as(mean)
+    torch.testing.assert_close(clipped[inside], mean[inside], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(clipped, mean, atol=1e-3)
+
+
+def test_clip_sample_changes_samples_only_when_asked(tiny_pipeline, randomize_output):
+    randomize_output(tiny_pipeline.initializer, std=2.0)  # means far outside the data range
+    kwargs = {"batch_size": 4, "num_langevin_steps": 0}
+    plain = pt(tiny_pipeline, generator=torch.Generator().manual_seed(0), **kwargs)
+    off = pt(tiny_pipeline, generator=torch.Generator().manual_seed(0), clip_sample=False, **kwargs)
+    on = pt(tiny_pipeline, generator=torch.Generator().manual_seed(0), clip_sample=True, **kwargs)
+    assert torch.equal(plain, off)  # off by default
+    assert not torch.allclose(plain, on, atol=1e-3)
+    with pytest.raises(ValueError, match="clip_sample must be True or False"):
+        tiny_pipeline(batch_size=1, clip_sample="yes")
 
 
 def test_energy_fn_is_the_tempered_energy(tiny_ebm):
