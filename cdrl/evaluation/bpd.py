@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdrl.data import dequantize
 from cdrl.evaluation.ais import ess_fraction
 from cdrl.evaluation.likelihood import (
     NLLResult,
@@ -31,19 +32,6 @@ CONVERGENCE_TOLERANCE = 0.01  # converged: moves by < 1% when the budget is mult
 
 
 # ------------------------------------------------------------------------------- bits per dim
-
-
-def dequantize(x0: Tensor, num_bins: int, *, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of images in [-1, 1] with ``num_bins`` levels (Theis et al. 2016).
-
-    Each pixel is quantized to k = round((x + 1) / 2 (num_bins - 1)) in {0, ..., num_bins - 1} and spread
-    over its bin: x' = (k + u) / num_bins * 2 - 1, u ~ U(0, 1). Then -log P(k) <= E_u[-log p(x')] +
-    D log(num_bins / 2), the bins being 2 / num_bins wide in [-1, 1].
-    """
-    k = torch.round((x0.clamp(-1, 1) + 1) / 2 * (num_bins - 1))
-    device = generator.device if generator is not None else x0.device
-    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
-    return (k + u) / num_bins * 2 - 1
 
 
 def bits_per_dim(

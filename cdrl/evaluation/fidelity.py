@@ -34,7 +34,7 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
 from cdrl.config import DataConfig, load_config, to_dict
-from cdrl.data import ImageFolderDataset, load_dataset
+from cdrl.data import PIXEL_LEVELS, ImageFolderDataset, load_dataset
 from cdrl.evaluation.digits import DigitsClassifier, digits_classifier_path, load_digits_classifier
 from cdrl.evaluation.fidelity_cache import safe_fidelity_cache
 from cdrl.generation import generate_samples
@@ -57,7 +57,6 @@ PROJECT_DATASETS = {
     "mnist5k-train": ("mnist5k", "train"),
     "mnist5k-test": ("mnist5k", "test"),
 }
-PIXEL_LEVELS = {"digits": 17}  # levels per pixel of data sets that are not 8-bit (digits: 0..16)
 CACHE_VERSION = 1  # part of every cache name: bump it when what a reference's features mean changes
 KID_SUBSET_SIZE = FIDELITY_DEFAULTS["kid_subset_size"]  # 1000, lowered for smaller sets
 ISC_SPLITS = FIDELITY_DEFAULTS["isc_splits"]  # 10, lowered for fewer samples
@@ -332,7 +331,7 @@ def load_reference(
         reference = Reference(spec, "registered", dataset, (), f"registered:{spec}")
     elif config_path is not None:
         cfg = load_config(config_path)
-        cfg.data.random_flip = False  # reference data as they are
+        cfg.data.random_flip = cfg.data.dequantize = False  # reference data as they are
         dataset = load_dataset(cfg.data, split=split)
         identity = json.dumps({"data": to_dict(cfg.data), "split": split}, sort_keys=True)
         if cfg.data.name == "folder":
