@@ -376,6 +376,21 @@ def _config_spec(spec: str) -> tuple[Path | None, Literal["train", "test"]]:
     return Path(path), split
 
 
+def training_split(spec: str) -> str | None:
+    """The spec of the training split of the data ``spec`` names, or None when it has none (a folder).
+
+    'digits-test' -> 'digits-train', 'cifar10-val' -> 'cifar10-train', 'configs/x.yaml[:test]' ->
+    'configs/x.yaml:train'; a training split is its own.
+    """
+    config_path, _ = _config_spec(spec)
+    if config_path is not None:
+        return f"{config_path}:train"
+    if spec in DATASETS_REGISTRY:
+        train = f"{spec.rpartition('-')[0]}-train"
+        return train if train in DATASETS_REGISTRY else None
+    return None
+
+
 def _folder_listing(root: Path) -> str:
     """A digest of a folder's files (relative paths, sizes, modification times)."""
     digest = hashlib.sha256()
