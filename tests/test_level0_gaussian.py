@@ -202,6 +202,9 @@ def test_cli_fits_the_variance_on_the_training_split(checkpoints, tmp_path, caps
     fitted = fit_level0_variance(pipe, x, num_bins=17, generator=torch.Generator().manual_seed(0))
     assert details["level0_variance"] == pytest.approx(fitted, rel=1e-6)
     assert "level 0 as a Gaussian of variance" in stderr and "digits-train" in stderr
+    assert (
+        "2 examples x 4 levels" in stderr
+    )  # AIS at levels 1-4 of 6 (level 0 exact, the top apart)
     assert math.isfinite(json.loads(out.read_text())["metrics"]["bpd"])
     # a given variance is used as it is, and the convergence check keeps it at both budgets
     argv += ["--bpd_level0_variance", 0.02, "--bpd_convergence", "--output", out]

@@ -275,11 +275,12 @@ def _bpd(
     level0 = _level0(args, pipe, inputs.level0_fit)
     steps = args.bpd_num_intermediate or DEFAULT_NUM_INTERMEDIATE
     chains = args.bpd_num_chains or DEFAULT_NUM_CHAINS
-    levels = pipe.scheduler.schedule.num_levels
-    gradients = (len(x) * (levels - 1) + 16) * chains * steps
+    # AIS runs at every tethered level but a Gaussian level 0 (exact), and once for the top level.
+    levels = pipe.scheduler.schedule.num_levels - (2 if level0 else 1)
+    gradients = (len(x) * levels + 16) * chains * steps
     extra = f"; then {CONVERGENCE_FACTOR}x that at K = {CONVERGENCE_FACTOR * steps}"
     print(
-        f"bits/dim: {len(x)} examples x {levels - 1} levels x {chains} chains x K = {steps} annealing "
+        f"bits/dim: {len(x)} examples x {levels} levels x {chains} chains x K = {steps} annealing "
         f"steps (+ the top level): about {gradients:,} energy gradients"
         f"{extra if args.bpd_convergence else ''}",
         file=sys.stderr,
