@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, build_ebm, build_initializer
+from conftest import NUM_CLASSES, _randomize_output, build_ebm, build_initializer
 from PIL import Image
 from torch.distributions import Normal
 
@@ -24,12 +24,8 @@ VARIANCE = 0.01
 
 
 def pipeline(condition_sizes: tuple[int, ...] = (), data_scale: float = 1.0) -> CDRLPipeline:
-    initializer = build_initializer(condition_sizes=condition_sizes)
-    generator = torch.Generator().manual_seed(123)
-    with torch.no_grad():  # a non-trivial mean (the output layer is zero-initialized)
-        for param in initializer.parameters():
-            if param.abs().max() == 0:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    # a non-trivial mean (the output layer is zero-initialized)
+    initializer = _randomize_output(build_initializer(condition_sizes=condition_sizes))
     scheduler = CDRLScheduler(n_steps=3, data_scale=data_scale)
     pipe = CDRLPipeline(
         ebm=build_ebm(condition_sizes=condition_sizes), initializer=initializer, scheduler=scheduler
