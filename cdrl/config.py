@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from cdrl.checks import MAX_LANGEVIN_STEPS
+from cdrl.toys import TOY_NAMES
 from cdrl.utils import ConfigError, atomic_write, short_path
 
 
@@ -88,6 +89,9 @@ class DataConfig:
     uncond_prob: float = 0.1
     # binary conditions: digits [thickness]; toys [xband, yband]
     attributes: list[str] = field(default_factory=list)
+    # images: each access returns (k + u) / L * 2 - 1, u ~ U[0, 1) drawn afresh, for the grey level k of
+    # L (digits 17, 8-bit images 256): uniform dequantization, the data bits/dim scores (not for 2-D toys)
+    dequantize: bool = False
 
 
 @dataclass
@@ -447,6 +451,15 @@ MAX_COUNTS = {
 INFINITE_OK = {"guard.max_energy_gap"}  # .inf turns the energy-gap guard off
 
 
+def check_dequantize(data: DataConfig) -> None:
+    """ConfigError when ``data.dequantize`` is on for data without grey levels (the continuous 2-D toys)."""
+    if data.dequantize and data.name in TOY_NAMES:
+        raise ConfigError(
+            f"data.dequantize needs images with known grey levels, but data.name={data.name} is "
+            "continuous 2-D data; set data.dequantize=false"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message that names the key; every number must be finite (except
     ``INFINITE_OK``)."""
@@ -550,6 +563,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_dequantize(cfg.data)
     for key, limit in MAX_COUNTS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

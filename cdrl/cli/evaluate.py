@@ -14,6 +14,8 @@ and the versions. Images are scored as uint8, rounded as the PNG writers round t
         --output digits.json     # 8x8 models use the offline digits extractor (cdrl/evaluation/fidelity.py)
     cdrl-evaluate --checkpoint runs/digits --metrics bpd --heldout digits-test --bpd_convergence \\
         --output bpd.json        # held-out bits/dim at K and 4K annealing steps, and whether it converged
+    cdrl-evaluate --checkpoint runs/digits_density --metrics bpd --heldout digits-test --bpd_level0 gaussian \\
+        --output bpd.json        # level 0 as an exact Gaussian, its variance fitted on digits-train
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cdrl.cli.common import (
 from cdrl.cli.evaluate_plan import (
     CONVERGENCE_FACTOR,
     FIDELITY_METRICS,
+    LEVEL0_FIT_EXAMPLES,
     SCHEMA,
     Plan,
     build_parser,
@@ -46,6 +49,7 @@ from cdrl.evaluation.bpd import (
     DEFAULT_NUM_CHAINS,
     DEFAULT_NUM_INTERMEDIATE,
     bpd_convergence,
+    fit_level0_variance,
     heldout_bpd,
 )
 from cdrl.evaluation.digits import (
@@ -83,6 +87,7 @@ class Inputs:
 
     reference: Reference | None = None
     heldout: Reference | None = None
+    level0_fit: Reference | None = None  # the training data that fit a Gaussian level 0's variance
     ood: dict[str, Reference] = field(default_factory=dict)
     weights: Path | None = None
 
@@ -104,6 +109,9 @@ def load_inputs(args: argparse.Namespace, plan: Plan) -> Inputs:
     if plan.heldout is not None:
         same = inputs.reference is not None and plan.heldout == args.reference
         inputs.heldout = inputs.reference if same else load(plan.heldout)
+    if plan.level0_fit is not None:
+        same = inputs.reference is not None and plan.level0_fit == args.reference
+        inputs.level0_fit = inputs.reference if same else load(plan.level0_fit)
     for spec in dict.fromkeys(args.ood):
         inputs.ood[spec] = load(spec)
     if plan.extractor == "digits":
@@ -204,7 +212,7 @@ def _main(argv: Sequence[str] | None) -> int:
             subset_indices(len(inputs.heldout), args.num_examples, args.seed)
         )
         if "bpd" in plan.metrics:
-            _bpd(args, pipe, x_heldout, inputs.heldout, figures, details)
+            _bpd(args, pipe, x_heldout, inputs, figures, details)
         if "ood" in plan.metrics:
             x_out = {
                 spec: ref.data(subset_indices(len(ref), args.num_examples, args.seed))
@@ -257,19 +265,22 @@ def _bpd(
     args: argparse.Namespace,
     pipe: Any,
     x: torch.Tensor,
-    heldout: Reference,
+    inputs: Inputs,
     figures: dict[str, Any],
     details: dict[str, Any],
 ) -> None:
     """Held-out bits/dim into ``figures`` and ``details``; with --bpd_convergence at K and 4K."""
+    heldout = inputs.heldout
     num_bins = heldout.num_bins if heldout.is_image else None
+    level0 = _level0(args, pipe, inputs.level0_fit)
     steps = args.bpd_num_intermediate or DEFAULT_NUM_INTERMEDIATE
     chains = args.bpd_num_chains or DEFAULT_NUM_CHAINS
-    levels = pipe.scheduler.schedule.num_levels
-    gradients = (len(x) * (levels - 1) + 16) * chains * steps
+    # AIS runs at every tethered level but a Gaussian level 0 (exact), and once for the top level.
+    levels = pipe.scheduler.schedule.num_levels - (2 if level0 else 1)
+    gradients = (len(x) * levels + 16) * chains * steps
     extra = f"; then {CONVERGENCE_FACTOR}x that at K = {CONVERGENCE_FACTOR * steps}"
     print(
-        f"bits/dim: {len(x)} examples x {levels - 1} levels x {chains} chains x K = {steps} annealing "
+        f"bits/dim: {len(x)} examples x {levels} levels x {chains} chains x K = {steps} annealing "
         f"steps (+ the top level): about {gradients:,} energy gradients"
         f"{extra if args.bpd_convergence else ''}",
         file=sys.stderr,
@@ -283,7 +294,9 @@ def _bpd(
             batch_size=args.batch_size,
             num_intermediate=args.bpd_num_intermediate,
             num_chains=args.bpd_num_chains,
+            **level0,
         )
+        details["bpd"].update(_level0_source(inputs.level0_fit))
         figures["bpd"], figures["nll_nats"] = (
             details["bpd"].pop("bpd"),
             details["bpd"].pop("nll_nats"),
@@ -298,9 +311,11 @@ def _bpd(
         num_intermediate=steps,
         num_chains=chains,
         factor=CONVERGENCE_FACTOR,
+        **level0,
     )
     report = {k: v for k, v in check.reports[1].items() if k not in ("bpd", "nll_nats")}
     details["bpd"] = {**report, **({} if num_bins is None else {"num_bins": num_bins})}
+    details["bpd"].update(_level0_source(inputs.level0_fit))
     details["bpd_convergence"] = {
         **{k: v for k, v in check._asdict().items() if k != "reports"},
         "tolerance": CONVERGENCE_TOLERANCE,
@@ -312,6 +327,39 @@ def _bpd(
     figures["bpd"], figures["nll_nats"] = check.bpd[1], check.nll_nats[1]
     figures["bpd_stderr"] = check.bpd_stderr[1]
     figures["bpd_converged"] = check.converged
+
+
+def _level0(args: argparse.Namespace, pipe: Any, fit: Reference | None) -> dict[str, Any]:
+    """The level-0 options of the bpd functions: {} for the EBM's level 0; for a Gaussian one its variance,
+    given, or fitted on up to ``LEVEL0_FIT_EXAMPLES`` examples of ``fit`` (seeded ``args.seed``)."""
+    if args.bpd_level0 != "gaussian":
+        return {}
+    variance = args.bpd_level0_variance
+    if variance is None:
+        x = fit.data(subset_indices(len(fit), LEVEL0_FIT_EXAMPLES, args.seed))
+        variance = fit_level0_variance(
+            pipe,
+            x,
+            num_bins=fit.num_bins if fit.is_image else None,
+            generator=torch.Generator().manual_seed(args.seed),
+            batch_size=args.batch_size,
+        )
+        print(
+            f"bits/dim: level 0 as a Gaussian of variance {variance:.4g}, fitted on {len(x)} examples "
+            f"of {fit.spec}",
+            file=sys.stderr,
+        )
+    return {"level0": "gaussian", "level0_variance": variance}
+
+
+def _level0_source(fit: Reference | None) -> dict[str, Any]:
+    """Where a fitted level-0 variance came from, for the JSON ({} when none was fitted)."""
+    if fit is None:
+        return {}
+    return {
+        "level0_variance_fitted_on": fit.spec,
+        "level0_fit_examples": min(len(fit), LEVEL0_FIT_EXAMPLES),
+    }
 
 
 def summary(figures: dict[str, Any], convergence: dict[str, Any] | None = None) -> str:

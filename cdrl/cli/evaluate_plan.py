@@ -24,6 +24,7 @@ from cdrl.evaluation.fidelity import (
     DIGITS_SHAPE,
     EXTRACTORS,
     reference_choices,
+    training_split,
 )
 from cdrl.export import read_model_config, resolve_checkpoint
 
@@ -39,6 +40,9 @@ DESCRIPTION = "cdrl-evaluate: sample quality (FID, KID, IS), conditional accurac
 CONVERGENCE_FACTOR = 4  # --bpd_convergence: the estimate at K and at 4K annealing steps
 # The default bpd of the 360 digits test images, 12 levels: 2:52 measured on 1 thread.
 DIGITS_MINUTES = 3
+LEVEL0_FIT_EXAMPLES = (
+    2_048  # --bpd_level0 gaussian: at most this many training examples fit its variance
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"{CONVERGENCE_FACTOR}K figure",
     )
     parser.add_argument(
+        "--bpd_level0",
+        choices=("ebm", "gaussian"),
+        default=None,
+        help="bpd: level 0 as the EBM's recovery conditional, its normalizer by AIS (ebm, the default), or "
+        "as an exact Gaussian decoder N(m(x_1), v I) around the initializer's mean (gaussian: no AIS there; "
+        "the bound of a chain whose last step is that Gaussian)",
+    )
+    parser.add_argument(
+        "--bpd_level0_variance",
+        type=float,
+        default=None,
+        metavar="V",
+        help="bpd: v of --bpd_level0 gaussian, in the model's units squared (default: its maximum-likelihood "
+        f"value on up to {LEVEL0_FIT_EXAMPLES:,} examples of the training split of the held-out data, "
+        "e.g. digits-train for digits-test)",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="torch device (default: the process's accelerate device: cuda if available)",
@@ -198,6 +219,7 @@ class Plan:
     labels: list[int] | None  # one class label per sample, or None (unconditional)
     extractor: str | None  # a key of EXTRACTORS, when a sample metric needs one
     heldout: str | None  # the spec of the held-out data (bpd, ood)
+    level0_fit: str | None = None  # the data that fit the Gaussian level 0's variance (bpd)
 
     @property
     def needs_samples(self) -> bool:
@@ -258,7 +280,21 @@ def plan_evaluation(args: argparse.Namespace) -> Plan:
     if args.digits_classifier is not None and extractor != "digits":
         raise CLIError("--digits_classifier is for the digits extractor (1x8x8 digits models)")
     heldout = (args.heldout or args.reference) if chosen & HELDOUT_METRICS else None
-    return Plan(checkpoint, metrics, sample_shape, labels, extractor, heldout)
+    level0_fit = None
+    if args.bpd_level0 == "gaussian":
+        if not (checkpoint / "initializer").is_dir():
+            raise CLIError(
+                f"--bpd_level0 gaussian needs an initializer (its mean is the decoder's); checkpoint "
+                f"{checkpoint} has none"
+            )
+        if args.bpd_level0_variance is None:
+            level0_fit = training_split(heldout)
+            if level0_fit is None:
+                raise CLIError(
+                    f"--bpd_level0 gaussian fits its variance on the training split of the held-out "
+                    f"data, and {heldout} has none; give --bpd_level0_variance"
+                )
+    return Plan(checkpoint, metrics, sample_shape, labels, extractor, heldout, level0_fit)
 
 
 def _check_values(args: argparse.Namespace) -> None:
@@ -295,7 +331,9 @@ def _check_values(args: argparse.Namespace) -> None:
         raise CLIError(
             "--bpd_convergence needs at least 2 examples (a standard error over examples)"
         )
-    check_finite(args, "guidance_scale")
+    check_finite(args, "guidance_scale", "bpd_level0_variance")
+    if args.bpd_level0_variance is not None and args.bpd_level0_variance <= 0:
+        raise CLIError(f"--bpd_level0_variance must be > 0, got {args.bpd_level0_variance:g}")
     check_device(args.device)
     if args.guidance_scale < 0:
         raise CLIError(
@@ -332,9 +370,17 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
         raise CLIError("--ood needs --metrics ood")
     if args.num_examples is not None and not heldout:
         raise CLIError("--num_examples is for bpd and ood")
-    for flag in ("bpd_num_intermediate", "bpd_num_chains", "bpd_convergence"):
+    for flag in (
+        "bpd_num_intermediate",
+        "bpd_num_chains",
+        "bpd_convergence",
+        "bpd_level0",
+        "bpd_level0_variance",
+    ):
         if getattr(args, flag) not in (None, False) and "bpd" not in chosen:
             raise CLIError(f"--{flag} is for --metrics bpd")
+    if args.bpd_level0_variance is not None and args.bpd_level0 != "gaussian":
+        raise CLIError("--bpd_level0_variance is for --bpd_level0 gaussian")
 
 
 def _plan_labels(

@@ -1,6 +1,6 @@
-"""Bits per dimension of held-out data (docs/method.md §9): dequantization, the bound of
-``cdrl.evaluation.likelihood`` in bits per dimension, held-out evaluation, and the convergence check
-(the estimate at K and 4K annealing steps).
+"""Bits per dimension of held-out data (docs/method.md §9): the bound of ``cdrl.evaluation.likelihood``
+in bits per dimension on dequantized images (``cdrl.data.dequantize``), held-out evaluation, the fitted
+variance of a Gaussian level 0, and the convergence check (the estimate at K and 4K annealing steps).
 """
 
 from __future__ import annotations
@@ -12,15 +12,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdrl.data import dequantize
 from cdrl.evaluation.ais import ess_fraction
 from cdrl.evaluation.likelihood import (
     NLLResult,
+    check_level0,
+    gaussian_level0_terms,
+    level0_decoder_mean,
     level_energy_fn,
     negative_log_likelihood,
     top_level_base,
     top_level_log_normalizer,
 )
 from cdrl.guidance import null_condition
+from cdrl.sampling import frozen
+from cdrl.utils import randn_like
 
 # The held-out defaults (``bits_per_dim``, ``cdrl-evaluate --metrics bpd``), sized so that the 360 digits
 # test images through a 12-level model take minutes on 2 CPU cores: the cost is about
@@ -33,17 +39,59 @@ CONVERGENCE_TOLERANCE = 0.01  # converged: moves by < 1% when the budget is mult
 # ------------------------------------------------------------------------------- bits per dim
 
 
-def dequantize(x0: Tensor, num_bins: int, *, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of images in [-1, 1] with ``num_bins`` levels (Theis et al. 2016).
+def _discrete(x0: Tensor, num_bins: int | None) -> bool:
+    """Whether ``x0`` holds images scored as discrete pixels (dequantized) rather than continuous data."""
+    return x0.dim() == 4 and num_bins is not None
 
-    Each pixel is quantized to k = round((x + 1) / 2 (num_bins - 1)) in {0, ..., num_bins - 1} and spread
-    over its bin: x' = (k + u) / num_bins * 2 - 1, u ~ U(0, 1). Then -log P(k) <= E_u[-log p(x')] +
-    D log(num_bins / 2), the bins being 2 / num_bins wide in [-1, 1].
+
+def fit_level0_variance(
+    pipeline,
+    x0: Tensor,
+    *,
+    num_bins: int | None = 256,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> float:
+    """The maximum-likelihood variance v of the Gaussian level 0 (``likelihood.gaussian_level0_terms``).
+
+    v = the mean over examples and dimensions of (x_0 - m(x_1))^2, with x_1 ~ q(x_1 | x_0) and m the
+    initializer's mean (``likelihood.level0_decoder_mean``; a conditional model's null label), on data
+    prepared as ``bits_per_dim`` prepares it: images dequantized with ``num_bins``, then x_0 = data_scale * x.
+    Fit it on training data, never on the data being scored.
+
+    Args:
+        pipeline: a ``CDRLPipeline`` with an initializer.
+        x0: (n, ...) training data in [-1, 1] (before data_scale).
+        num_bins: levels per pixel for images (ignored for vectors), as for ``bits_per_dim``.
+        generator: the source of the dequantization (first, all of x0) and the forward noise (then, per
+            batch).
+        batch_size: examples per initializer forward.
+
+    Returns:
+        v in the model's units squared.
     """
-    k = torch.round((x0.clamp(-1, 1) + 1) / 2 * (num_bins - 1))
-    device = generator.device if generator is not None else x0.device
-    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
-    return (k + u) / num_bins * 2 - 1
+    initializer, scheduler = pipeline.initializer, pipeline.scheduler
+    if initializer is None:
+        raise ValueError(
+            "a Gaussian level 0 needs the initializer: its proposal mean is the decoder's"
+        )
+    schedule, settings = scheduler.schedule, scheduler.langevin_settings()
+    param = next(initializer.parameters())
+    x = x0.to(param.device, param.dtype)
+    if _discrete(x, num_bins):
+        x = dequantize(x, num_bins, generator=generator)
+    x = x * float(scheduler.config.data_scale)
+    sizes = tuple(initializer.config.get("condition_sizes") or ())
+    alpha1, sigma1 = float(schedule.alphas[1]), float(schedule.sigmas[1])
+    total = 0.0
+    with torch.no_grad(), frozen(initializer):
+        for i in range(0, len(x), batch_size):
+            batch = x[i : i + batch_size]
+            x1 = math.sqrt(alpha1) * batch + sigma1 * randn_like(batch, generator)
+            null = null_condition(sizes, len(batch), x.device) if sizes else None
+            mean = level0_decoder_mean(initializer, schedule, settings, x1, cond=null)
+            total += float((batch - mean).double().pow(2).sum())
+    return total / x.numel()
 
 
 def bits_per_dim(
@@ -60,6 +108,8 @@ def bits_per_dim(
     num_mcmc_steps: int = 1,
     data_generator: torch.Generator | None = None,
     progress: bool = True,
+    level0: Literal["ebm", "gaussian"] = "ebm",
+    level0_variance: float | None = None,
 ) -> dict:
     """Negative log-likelihood and bits per dimension of data under a trained pipeline (docs/method.md §9).
 
@@ -75,7 +125,9 @@ def bits_per_dim(
     intermediate distributions the NLL comes out too low, never too high, on average. The cost is about
     n (T - 1) num_chains num_intermediate num_mcmc_steps energy gradients, plus top_num_chains times
     num_intermediate num_mcmc_steps for the top level (``DEFAULT_NUM_INTERMEDIATE`` and
-    ``DEFAULT_NUM_CHAINS`` are sized for the digits test set on 2 CPU cores).
+    ``DEFAULT_NUM_CHAINS`` are sized for the digits test set on 2 CPU cores). With ``level0="gaussian"``
+    level 0 is the exact Gaussian decoder N(m(x_1), v I) of ``likelihood.gaussian_level0_terms`` (no AIS
+    there): give v from ``fit_level0_variance`` on training data.
 
     Args:
         pipeline: a ``CDRLPipeline`` (its ebm, scheduler and, for base="proposal", initializer).
@@ -92,6 +144,8 @@ def bits_per_dim(
         data_generator: the source of the dequantization and the forward noise (default ``generator``,
             which then only drives AIS): equal seeds give the same data draws at any AIS settings.
         progress: a progress bar on stderr, one step per level of each batch of examples.
+        level0: "ebm" (level 0 by AIS, as every level) or "gaussian" (the exact Gaussian decoder).
+        level0_variance: v of the Gaussian level 0, in the model's units squared.
 
     Returns:
         A JSON-serializable dict: ``nll_nats`` (mean per example), ``bpd``, ``nll_stderr_nats``,
@@ -99,12 +153,14 @@ def bits_per_dim(
         ``per_level_nats`` (mean term of each level t = 0..T-1, the last the marginal EBM: where the nats
         go), ``per_level_energy``, ``per_level_log_normalizer``, ``per_level_jacobian``,
         ``data_scale_nats``, ``dequantization_nats``, ``top_log_normalizer``, ``ais_acceptance`` and
-        ``ais_ess_fraction`` per level, ``num_examples``, ``dims`` and the AIS settings.
+        ``ais_ess_fraction`` per level, ``num_examples``, ``dims``, the AIS settings, ``level0`` and
+        ``level0_variance``.
     """
     ebm, scheduler = pipeline.ebm, pipeline.scheduler
-    initializer = pipeline.initializer if base == "proposal" else None
+    initializer = pipeline.initializer if base == "proposal" or level0 == "gaussian" else None
     if base == "proposal" and initializer is None:
         raise ValueError("base='proposal' needs a pipeline with an initializer")
+    check_level0(level0, level0_variance, initializer, scheduler.schedule.num_levels)
     schedule = scheduler.schedule
     settings = scheduler.langevin_settings()
     data_scale = float(scheduler.config.data_scale)
@@ -112,7 +168,7 @@ def bits_per_dim(
     x0 = x0.to(param.device, param.dtype)
     n, dims = x0.shape[0], x0[0].numel()
     data_gen = generator if data_generator is None else data_generator
-    if x0.dim() == 4 and num_bins is not None:
+    if _discrete(x0, num_bins):
         x = dequantize(x0, num_bins, generator=data_gen)
         offset = dims * math.log(num_bins / 2)
         convention = (
@@ -170,6 +226,8 @@ def bits_per_dim(
             generator=generator,
             forward_generator=data_gen,
             on_level=bar.update,
+            level0=level0,
+            level0_variance=level0_variance,
         )
         results.append(result)
     bar.close()
@@ -205,6 +263,8 @@ def bits_per_dim(
         "top_num_chains": num_top,
         "num_mcmc_steps": num_mcmc_steps,
         "base": base,
+        "level0": level0,
+        "level0_variance": level0_variance,
     }
 
 
@@ -218,6 +278,8 @@ def heldout_bpd(
     num_intermediate: int | None = None,
     num_chains: int | None = None,
     progress: bool = True,
+    level0: Literal["ebm", "gaussian"] | None = None,
+    level0_variance: float | None = None,
 ) -> dict[str, Any]:
     """Bits per dimension of held-out data with ``bits_per_dim``, as ``cdrl-evaluate --metrics bpd`` reports it.
 
@@ -230,12 +292,19 @@ def heldout_bpd(
         batch_size: examples per AIS batch.
         num_intermediate, num_chains: AIS settings; None keeps ``bits_per_dim``'s defaults.
         progress: ``bits_per_dim``'s progress bar.
+        level0, level0_variance: ``bits_per_dim``'s; None keeps its defaults (level 0 by AIS).
 
     Returns:
         ``bpd``, ``nll_nats`` (mean per example) and the rest of ``bits_per_dim``'s report (``convention``,
         ...) but the per-example values; ``num_examples``; the estimator options that were set.
     """
-    given = {"num_intermediate": num_intermediate, "num_chains": num_chains, "num_bins": num_bins}
+    given = {
+        "num_intermediate": num_intermediate,
+        "num_chains": num_chains,
+        "num_bins": num_bins,
+        "level0": level0,
+        "level0_variance": level0_variance,
+    }
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     density = bits_per_dim(
         pipeline,
@@ -296,6 +365,8 @@ def bpd_convergence(
     num_chains: int = DEFAULT_NUM_CHAINS,
     factor: int = 4,
     progress: bool = True,
+    level0: Literal["ebm", "gaussian"] = "ebm",
+    level0_variance: float | None = None,
 ) -> BPDConvergence:
     """``bits_per_dim`` at K = ``num_intermediate`` and at factor x K annealing steps, and the verdict.
 
@@ -303,7 +374,8 @@ def bpd_convergence(
     ``seed``) and independent AIS streams (seeds drawn from ``seed``): the per-example change is the AIS
     estimate's alone. The second run costs ``factor`` times the first. (The K figure differs, within its
     noise, from ``heldout_bpd``'s at the same seed, whose one generator also drives AIS.) Arguments as for
-    ``heldout_bpd``; num_intermediate is K. Returns the figures and ``convergence_criterion``'s verdict.
+    ``heldout_bpd``; num_intermediate is K; a Gaussian level 0 (``level0``, ``level0_variance``) is the
+    same in both runs. Returns the figures and ``convergence_criterion``'s verdict.
     """
     if factor < 2:
         raise ValueError(f"factor must be at least 2, got {factor}")
@@ -318,6 +390,8 @@ def bpd_convergence(
             generator=torch.Generator().manual_seed(s),
             progress=progress,
             data_generator=torch.Generator().manual_seed(seed),
+            level0=level0,
+            level0_variance=level0_variance,
             **({} if num_bins is None else {"num_bins": num_bins}),
         )
         for steps, s in zip((num_intermediate, factor * num_intermediate), seeds, strict=True)
@@ -350,7 +424,10 @@ __all__ = [
     "bpd_convergence",
     "convergence_criterion",
     "dequantize",
+    "fit_level0_variance",
+    "gaussian_level0_terms",
     "heldout_bpd",
+    "level0_decoder_mean",
     "level_energy_fn",
     "negative_log_likelihood",
     "top_level_base",

@@ -34,7 +34,7 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
 from cdrl.config import DataConfig, load_config, to_dict
-from cdrl.data import ImageFolderDataset, load_dataset
+from cdrl.data import PIXEL_LEVELS, ImageFolderDataset, load_dataset
 from cdrl.evaluation.digits import DigitsClassifier, digits_classifier_path, load_digits_classifier
 from cdrl.evaluation.fidelity_cache import safe_fidelity_cache
 from cdrl.generation import generate_samples
@@ -57,7 +57,6 @@ PROJECT_DATASETS = {
     "mnist5k-train": ("mnist5k", "train"),
     "mnist5k-test": ("mnist5k", "test"),
 }
-PIXEL_LEVELS = {"digits": 17}  # levels per pixel of data sets that are not 8-bit (digits: 0..16)
 CACHE_VERSION = 1  # part of every cache name: bump it when what a reference's features mean changes
 KID_SUBSET_SIZE = FIDELITY_DEFAULTS["kid_subset_size"]  # 1000, lowered for smaller sets
 ISC_SPLITS = FIDELITY_DEFAULTS["isc_splits"]  # 10, lowered for fewer samples
@@ -332,7 +331,7 @@ def load_reference(
         reference = Reference(spec, "registered", dataset, (), f"registered:{spec}")
     elif config_path is not None:
         cfg = load_config(config_path)
-        cfg.data.random_flip = False  # reference data as they are
+        cfg.data.random_flip = cfg.data.dequantize = False  # reference data as they are
         dataset = load_dataset(cfg.data, split=split)
         identity = json.dumps({"data": to_dict(cfg.data), "split": split}, sort_keys=True)
         if cfg.data.name == "folder":
@@ -375,6 +374,21 @@ def _config_spec(spec: str) -> tuple[Path | None, Literal["train", "test"]]:
     if not Path(path).is_file():
         raise DataError(f"reference config {path} does not exist")
     return Path(path), split
+
+
+def training_split(spec: str) -> str | None:
+    """The spec of the training split of the data ``spec`` names, or None when it has none (a folder).
+
+    'digits-test' -> 'digits-train', 'cifar10-val' -> 'cifar10-train', 'configs/x.yaml[:test]' ->
+    'configs/x.yaml:train'; a training split is its own.
+    """
+    config_path, _ = _config_spec(spec)
+    if config_path is not None:
+        return f"{config_path}:train"
+    if spec in DATASETS_REGISTRY:
+        train = f"{spec.rpartition('-')[0]}-train"
+        return train if train in DATASETS_REGISTRY else None
+    return None
 
 
 def _folder_listing(root: Path) -> str:

@@ -1,6 +1,7 @@
 """The variational bound on -log p(x) (docs/method.md §9): each level's tempered
 energy, the top level's Gaussian base and normalizer, the per-level terms of the bound with every
-recovery conditional's normalizer from ``cdrl.evaluation.ais``. Bits per dimension: ``cdrl.evaluation.bpd``.
+recovery conditional's normalizer from ``cdrl.evaluation.ais``, or level 0 as an exact Gaussian decoder
+(``gaussian_level0_terms``). Bits per dimension: ``cdrl.evaluation.bpd``.
 
 Sign convention as everywhere in the package: an energy is E, p ∝ exp(-E). Log-normalizers and likelihoods
 are float64, in nats.
@@ -15,6 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cdrl.checks import check_number
 from cdrl.config import LangevinConfig
 from cdrl.evaluation.ais import (
     AISResult,
@@ -31,7 +33,11 @@ from cdrl.utils import randn_like
 
 
 class NLLResult(NamedTuple):
-    """The variational bound on -log p(x) per example, split by level (``negative_log_likelihood``)."""
+    """The variational bound on -log p(x) per example, split by level (``negative_log_likelihood``).
+
+    With ``level0="gaussian"`` level 0's columns are the decoder's (``gaussian_level0_terms``): its energy
+    is the quadratic part, its log_normalizer (D / 2) log(v / sigma_1^2), its Jacobian 0, AIS figures NaN.
+    """
 
     nll: Tensor  # (b,) float64 nats: the bound on -log p(x), data_scale Jacobian included
     terms: Tensor  # (b, T) float64 nats: each level's term, t = 0..T-1 (T-1 is the marginal EBM)
@@ -159,6 +165,62 @@ def top_level_log_normalizer(
         )
 
 
+def level0_decoder_mean(
+    initializer: nn.Module,
+    schedule: NoiseSchedule,
+    settings: LangevinConfig,
+    x1: Tensor,
+    *,
+    cond: Tensor | None = None,
+) -> Tensor:
+    """m(x_1) = mu(x_1) / sqrt(alpha_1): the initializer's level-0 proposal mean (y-space, CDRL Eq. (8))
+    mapped back to x_0. x1 (b, ...) in the model's units; cond (b, K) labels (the null label for the
+    unconditional density) or None. Returns (b, ...)."""
+    lvl = level(schedule, torch.zeros(x1.shape[0], dtype=torch.long, device=x1.device), settings)
+    mean = composed(initializer, x1, lvl.next_noise_level, null=cond)
+    return mean / math.sqrt(float(schedule.alphas[1]))
+
+
+def gaussian_level0_terms(
+    initializer: nn.Module,
+    schedule: NoiseSchedule,
+    settings: LangevinConfig,
+    x0: Tensor,
+    x1: Tensor,
+    *,
+    variance: float,
+    cond: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Level 0's term of the bound with a Gaussian decoder p(x_0 | x_1) = N(m(x_1), v I) in place of the EBM.
+
+    The term is exact (no AIS), as DDPM's decoder is (Ho et al. 2020, Sec. 3.3, continuous here: the data
+    are dequantized):
+
+        term_0 = -log N(x_0; m(x_1), v I) + log q(x_1 | x_0)
+               = ||x_0 - m||^2 / (2 v) - ||x_1 - sqrt(alpha_1) x_0||^2 / (2 sigma_1^2) + (D / 2) log(v / sigma_1^2),
+
+    with m = ``level0_decoder_mean``. The decoder is a density of x_0 itself, so level 0 has no
+    Jacobian term. ``fit_level0_variance`` (``cdrl.evaluation.bpd``) gives the maximum-likelihood v.
+
+    Args:
+        initializer, schedule, settings: the model (the settings fix the initializer's inputs).
+        x0: (b, ...) data in the model's units (data_scale * x).
+        x1: (b, ...) its forward draw, sqrt(alpha_1) x0 + sigma_1 eps.
+        variance: v, in the model's units squared.
+        cond: (b, K) labels (the null label for the unconditional density), or None.
+
+    Returns:
+        (quadratic (b,), log_normalizer (b,)), float64 nats: the first two terms and the last; their sum is
+        term_0.
+    """
+    alpha1, sigma1 = float(schedule.alphas[1]), float(schedule.sigmas[1])
+    mean = level0_decoder_mean(initializer, schedule, settings, x1, cond=cond)
+    decoder = (x0 - mean).flatten(1).double().pow(2).sum(1) / (2 * variance)
+    forward = (x1 - math.sqrt(alpha1) * x0).flatten(1).double().pow(2).sum(1) / (2 * sigma1**2)
+    log_norm = 0.5 * x0[0].numel() * math.log(variance / sigma1**2)
+    return decoder - forward, torch.full_like(decoder, log_norm)
+
+
 def negative_log_likelihood(
     ebm: nn.Module,
     schedule: NoiseSchedule,
@@ -180,6 +242,8 @@ def negative_log_likelihood(
     generator: torch.Generator | None = None,
     forward_generator: torch.Generator | None = None,
     on_level: Callable[[], None] | None = None,
+    level0: Literal["ebm", "gaussian"] = "ebm",
+    level0_variance: float | None = None,
 ) -> NLLResult:
     """The variational bound on -log p(x) for continuous x (b, ...), per example and level (docs/method.md §9).
 
@@ -203,7 +267,10 @@ def negative_log_likelihood(
     the last piece the Jacobian of y = sqrt(alpha) x, and term_{T-1} = E(x_{T-1}) / T_{T-1} + log Z_{T-1}.
     Then -log p(x) = -log p(x_0) - D log(data_scale). The normalizers come from AIS (``method="ais"``),
     whose log Z is low in expectation, so the estimate can fall a little below the true bound, or from the
-    grid (``method="grid"``, 2-D models only).
+    grid (``method="grid"``, 2-D models only). With ``level0="gaussian"`` the lowest step of the chain is
+    the Gaussian decoder N(m(x_1), v I) of ``gaussian_level0_terms`` instead of the EBM, and its term is
+    exact: the bound of a model whose last step outputs the initializer's mean plus Gaussian noise (the
+    sampler's Langevin steps at level 0 are then not part of it).
 
     Args:
         ebm: the energy network (run under ``cdrl.sampling.frozen``).
@@ -228,6 +295,10 @@ def negative_log_likelihood(
         forward_generator: the forward noise's own source (default ``generator``): equal seeds share
             x_{1:T-1} whatever the AIS settings.
         on_level: called after each tethered level (a progress bar's update).
+        level0: "ebm" (level 0 is the EBM's recovery conditional, its normalizer by AIS) or "gaussian"
+            (the exact Gaussian decoder; needs ``initializer`` and ``level0_variance``).
+        level0_variance: v of the Gaussian level 0, in the model's units squared (see
+            ``cdrl.evaluation.bpd.fit_level0_variance``).
 
     Returns:
         An ``NLLResult``.
@@ -236,6 +307,7 @@ def negative_log_likelihood(
         raise ValueError(f"unknown method {method!r}; use 'ais' or 'grid'")
     if base == "proposal" and initializer is None:
         raise ValueError("base='proposal' needs the initializer")
+    check_level0(level0, level0_variance, initializer, schedule.num_levels)
     num_levels = schedule.num_levels
     b, dims = x0.shape[0], x0[0].numel()
     dev = x0.device
@@ -256,6 +328,19 @@ def negative_log_likelihood(
     jacobian = torch.zeros(num_levels, dtype=torch.float64)
     with frozen(ebm, initializer):
         for t in range(num_levels):
+            if t == 0 and level0 == "gaussian":  # exact, no AIS; no Jacobian (a density of x_0)
+                energy[:, 0], log_norm[:, 0] = gaussian_level0_terms(
+                    initializer,
+                    schedule,
+                    settings,
+                    xs[0],
+                    xs[1],
+                    variance=level0_variance,
+                    cond=cond,
+                )
+                if on_level is not None:
+                    on_level()
+                continue
             fn = level_energy_fn(ebm, schedule, settings, t, cond=cond)
             energy[:, t] = fn(scales[t] * xs[t]).double()
             if t == num_levels - 1:
@@ -317,3 +402,28 @@ def negative_log_likelihood(
     data_scale_nats = -dims * math.log(data_scale)
     nll = terms.sum(1) + data_scale_nats
     return NLLResult(nll, terms, energy, log_norm, jacobian, data_scale_nats, acceptance, ess)
+
+
+def check_level0(
+    level0: str, variance: float | None, initializer: nn.Module | None, num_levels: int
+) -> None:
+    """ValueError naming the problem when ``level0`` / ``variance`` cannot be used with this model."""
+    if level0 not in ("ebm", "gaussian"):
+        raise ValueError(f"unknown level0 {level0!r}; use 'ebm' or 'gaussian'")
+    if level0 == "ebm":
+        if variance is not None:
+            raise ValueError("level0_variance is for level0='gaussian'")
+        return
+    if initializer is None:
+        raise ValueError(
+            "level0='gaussian' needs the initializer: its proposal mean is the decoder's"
+        )
+    if num_levels < 2:
+        raise ValueError("level0='gaussian' needs at least 2 levels (level 0 is the top one here)")
+    if variance is None:
+        raise ValueError(
+            "level0='gaussian' needs level0_variance (fit it on training data with "
+            "cdrl.evaluation.bpd.fit_level0_variance)"
+        )
+    if check_number("level0_variance", variance) <= 0:
+        raise ValueError(f"level0_variance must be > 0, got {variance:g}")
