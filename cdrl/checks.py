@@ -146,6 +146,7 @@ def scheduler_problem(config: Any) -> str | None:
         "num_levels": _count(1, 10_000),
         "num_diffusion_steps": _count(1, 10_000_000),
         "n_steps": _count(0, MAX_LANGEVIN_STEPS),
+        "refine_top": lambda v: v is None or _count(0, 10_000)(v),
         "logsnr_min": _real(),
         "logsnr_max": _real(),
         "beta_start": _real(0, 1, open_low=True),
@@ -166,6 +167,9 @@ def scheduler_problem(config: Any) -> str | None:
             verdict = rule(config[key])
             if verdict is not True:
                 return f"{key} {verdict}, got {short_repr(config[key])}"
+    top, levels = config.get("refine_top"), config.get("num_levels", 6)
+    if top is not None and top > levels:
+        return f"refine_top ({top}) must be at most num_levels ({levels})"
     low, high = config.get("logsnr_min", -5.1), config.get("logsnr_max", 9.8)
     if high <= low:
         return f"logsnr_max ({high}) must exceed logsnr_min ({low})"

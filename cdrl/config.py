@@ -135,6 +135,9 @@ class InitializerConfig:
 class LangevinConfig:
     n_steps: int = 15  # K per level (CDRL: 15; DRL: 30)
     sample_steps: int | None = None  # K when sampling from the exported model (None: n_steps)
+    # sampling: Langevin refinement at the N noisiest levels only (None: every level, the paper); below
+    # them the initializer's proposal is kept as is (K = 0). Training refines every level either way.
+    refine_top: int | None = None
     b2: float = 4e-4  # b^2 in s_t^2 = b^2 c_t^2 sigma_{t+1}^2 (CDRL: 4e-4; DRL: 2e-4)
     step_scale: float = 1.0  # multiplies every s_t; 1.0 = paper
     # log p = f / s_t^2 - tether (CDRL/DRL App. A.2); False: log p = f - tether
@@ -473,6 +476,11 @@ def validate(cfg: Config) -> None:
         (
             cfg.langevin.sample_steps is None or cfg.langevin.sample_steps >= 0,
             "langevin.sample_steps must be >= 0",
+        ),
+        (
+            cfg.langevin.refine_top is None
+            or 0 <= cfg.langevin.refine_top <= cfg.schedule.num_levels,
+            "langevin.refine_top must be in [0, schedule.num_levels] (or null: every level)",
         ),
         (cfg.langevin.b2 > 0, "langevin.b2 must be > 0"),
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),

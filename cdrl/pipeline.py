@@ -34,7 +34,7 @@ from cdrl.checks import (
 )
 from cdrl.config import Config, LangevinConfig
 from cdrl.guidance import NEGATIONS, Conditioning, null_condition
-from cdrl.sampling import sample
+from cdrl.sampling import langevin_steps, sample
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
 from cdrl.weights import (
@@ -65,6 +65,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         num_diffusion_steps: int = 1000,
         n_steps: int = 15,
+        refine_top: int | None = None,
         b2: float = 4e-4,
         step_scale: float = 1.0,
         tempered: bool = True,
@@ -225,6 +226,7 @@ class CDRLPipeline(DiffusionPipeline):
         num_langevin_steps: int | None = None,
         langevin_noise_scale: float | None = None,
         clip_sample: bool | None = None,
+        refine_top: int | None = None,
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
         image: Tensor | PIL.Image.Image | list[PIL.Image.Image] | None = None,
@@ -249,6 +251,8 @@ class CDRLPipeline(DiffusionPipeline):
                 gradient descent on the energy, as some EBM samplers do at test time).
             clip_sample: clamp the x_0 each proposal mean implies to the data range and re-form the mean,
                 as diffusers' ``clip_sample`` (default: the stored setting, off unless trained with it).
+            refine_top: Langevin refinement at this many of the noisiest levels only, the initializer's
+                proposal kept as is below them (default: the stored ``refine_top``; ``num_levels``: all).
             class_labels: one class id per sample for a class-conditional model; None samples the
                 unconditional model (the null label).
             guidance_scale: classifier-free guidance, diffusers' meaning: 1 = plain conditional, > 1 stronger
@@ -331,12 +335,20 @@ class CDRLPipeline(DiffusionPipeline):
         check_generator(generator, batch_size)
         if clip_sample is not None and not isinstance(clip_sample, bool):
             raise ValueError(f"clip_sample must be True or False, got {clip_sample!r}")
-        settings = self.scheduler.langevin_settings(
-            n_steps=num_langevin_steps, noise_scale=langevin_noise_scale, clip_sample=clip_sample
-        )
         schedule = self.scheduler.schedule
+        if refine_top is not None:
+            check_int("refine_top", refine_top, minimum=0, maximum=schedule.num_levels)
+        settings = self.scheduler.langevin_settings(
+            n_steps=num_langevin_steps,
+            noise_scale=langevin_noise_scale,
+            clip_sample=clip_sample,
+            refine_top=refine_top,
+        )
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
-        bar = self.progress_bar(total=schedule.num_levels * settings.n_steps * (1 + int(resample)))
+        steps = sum(
+            langevin_steps(settings, t, schedule.num_levels) for t in range(schedule.num_levels)
+        )
+        bar = self.progress_bar(total=steps * (1 + int(resample)))
         dtype = prec.autocast_dtype(precision)
         ebm, initializer = self.ebm, self.initializer
         if dtype is not None:

@@ -231,6 +231,12 @@ def refine(
     )
 
 
+def langevin_steps(settings: LangevinConfig, t: int, num_levels: int) -> int:
+    """K at level t: ``n_steps``, or 0 below the ``refine_top`` noisiest levels when that is set."""
+    top = settings.refine_top
+    return settings.n_steps if top is None or t >= num_levels - top else 0
+
+
 def reverse_step(
     ebm: nn.Module,
     initializer: nn.Module | None,
@@ -292,7 +298,7 @@ def reverse_step(
         y,
         x_next,
         lvl,
-        n_steps=settings.n_steps,
+        n_steps=langevin_steps(settings, t, schedule.num_levels),
         noise=settings.noise,
         noise_scale=settings.noise_scale,
         known=known_y,

@@ -116,9 +116,11 @@ def resolve_pipeline(folder: str | Path) -> Path:
 
 
 def ebm_nfe(pipeline: CDRLPipeline, n_steps: int) -> int:
-    """EBM gradient evaluations per sample: T * K Langevin steps, + 1 for the Tweedie step when it is on."""
+    """EBM gradient evaluations per sample: K Langevin steps at each refined level (all T, or the
+    ``refine_top`` noisiest), + 1 for the Tweedie step when it is on."""
     config = pipeline.scheduler.config
-    return config.num_levels * n_steps + int(bool(config.tweedie))
+    refined = config.num_levels if config.get("refine_top") is None else config["refine_top"]
+    return refined * n_steps + int(bool(config.tweedie))
 
 
 def sample_ebm(

@@ -265,6 +265,8 @@ def test_float16_networks_are_refused_naming_torch_dtype(pipelines, tmp_path):
         ("step_scale", 0, "step_scale must be > 0"),
         ("clip_sample_range", 0.0, "clip_sample_range must be > 0"),
         ("clip_sample", "yes", "clip_sample must be true or false"),
+        ("refine_top", 7, "refine_top (7) must be at most num_levels (6)"),
+        ("refine_top", -1, "refine_top must be an integer"),
         ("noise_scale", -1.0, "noise_scale must be >= 0"),
         ("n_steps", -3, "n_steps must be an integer in [0, 100,000]"),
         ("n_steps", 2.5, "n_steps must be an integer"),

@@ -225,6 +225,8 @@ def test_override_syntax():
         ("langevin.b2=0", "langevin.b2"),
         ("langevin.step_scale=-1", "langevin.step_scale"),
         ("langevin.clip_sample_range=0", "langevin.clip_sample_range"),
+        ("langevin.refine_top=7", "langevin.refine_top"),  # the default schedule has 6 levels
+        ("langevin.refine_top=-1", "langevin.refine_top"),
         ("train.ebm_lr=0", "train.ebm_lr"),
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("data.uncond_prob=1.5", "data.uncond_prob"),

@@ -46,10 +46,11 @@ def test_main_writes_every_row(tiny_pipeline, tmp_path, digits_classifier_path):
     assert module.main([*argv, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     levels = tiny_pipeline.scheduler.schedule.num_levels
-    assert set(result["end_to_end"]) == {"K0", "K1"}
+    assert set(result["end_to_end"]) == {"K0", "stored", "K1"}  # the tiny pipeline stores K = 3
     assert result["end_to_end"]["K0"]["ks"] == [0] * levels
+    assert result["end_to_end"]["stored"]["ks"] == [3] * levels
     assert len(result["only_level"]) == levels
     assert result["only_level"]["2"]["ks"] == [1 if t == 2 else 0 for t in range(levels)]
     assert set(result["probe"]) == {"K0", "K1"}
-    ratio = result["end_to_end"]["K0"]["fid"] / result["end_to_end"]["K1"]["fid"]
-    assert abs(result["fid_ratio_K0_over_K"] - ratio) < 1e-9
+    ratio = result["end_to_end"]["K0"]["fid"] / result["end_to_end"]["stored"]["fid"]
+    assert abs(result["fid_ratio_K0_over_stored"] - ratio) < 1e-9

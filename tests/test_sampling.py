@@ -17,6 +17,7 @@ from cdrl.sampling import (
     clip_proposal_mean,
     energy_fn,
     frozen,
+    langevin_steps,
     level,
     reverse_step,
     sample,
@@ -277,6 +278,32 @@ def test_clip_sample_changes_samples_only_when_asked(tiny_pipeline, randomize_ou
     assert not torch.allclose(plain, on, atol=1e-3)
     with pytest.raises(ValueError, match="clip_sample must be True or False"):
         tiny_pipeline(batch_size=1, clip_sample="yes")
+
+
+def test_langevin_steps_refine_only_the_top_levels():
+    assert [langevin_steps(LangevinConfig(n_steps=3), t, 6) for t in range(6)] == [3] * 6
+    top2 = LangevinConfig(n_steps=3, refine_top=2)
+    assert [langevin_steps(top2, t, 6) for t in range(6)] == [0, 0, 0, 0, 3, 3]
+    assert [langevin_steps(LangevinConfig(refine_top=0), t, 6) for t in range(6)] == [0] * 6
+
+
+def test_refine_top_in_the_pipeline(tiny_pipeline, randomize_output):
+    randomize_output(tiny_pipeline.initializer)
+    levels = tiny_pipeline.scheduler.schedule.num_levels
+
+    def draw(**kwargs):
+        return pt(tiny_pipeline, batch_size=3, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    plain = draw()
+    torch.testing.assert_close(draw(refine_top=levels), plain, rtol=0, atol=0)
+    torch.testing.assert_close(draw(refine_top=0), draw(num_langevin_steps=0), rtol=0, atol=0)
+    top2 = draw(refine_top=2)
+    assert not torch.equal(top2, plain) and not torch.equal(top2, draw(refine_top=0))
+    # stored in the scheduler like the other sampling settings
+    tiny_pipeline.scheduler.register_to_config(refine_top=2)
+    torch.testing.assert_close(draw(), top2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="refine_top"):
+        draw(refine_top=levels + 1)
 
 
 def test_energy_fn_is_the_tempered_energy(tiny_ebm):
