@@ -3,8 +3,8 @@ network evaluations per sample.
 
 Quality is judged by the independent digits classifier (confident fraction, classes present, largest class
 share), torch-fidelity's FID on that classifier's penultimate features against the real test split, and the
-fraction of near-copies of training digits. NFE per sample: CDRL T*K EBM gradients + 1 Tweedie step (plus T
-cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet forward per step.
+fraction of near-copies of training digits. NFE per sample: CDRL T*K EBM gradients (N*K for its
+``-topN`` rows, which refine only the N noisiest levels) + 1 Tweedie step (plus T cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet forward per step.
 
 Usage:
   # time a short run of each method, train the three one at a time for an equal budget, evaluate:
@@ -115,11 +115,13 @@ def resolve_pipeline(folder: str | Path) -> Path:
     return folder
 
 
-def ebm_nfe(pipeline: CDRLPipeline, n_steps: int) -> int:
+def ebm_nfe(pipeline: CDRLPipeline, n_steps: int, refine_top: int | None = None) -> int:
     """EBM gradient evaluations per sample: K Langevin steps at each refined level (all T, or the
-    ``refine_top`` noisiest), + 1 for the Tweedie step when it is on."""
+    ``refine_top`` noisiest; None: the stored setting), + 1 for the Tweedie step when it is on."""
     config = pipeline.scheduler.config
-    refined = config.num_levels if config.get("refine_top") is None else config["refine_top"]
+    if refine_top is None:
+        refine_top = config.get("refine_top")
+    refined = config.num_levels if refine_top is None else refine_top
     return refined * n_steps + int(bool(config.tweedie))
 
 
@@ -131,15 +133,18 @@ def sample_ebm(
     seed: int,
     batch_size: int,
     clip_sample: bool = False,
+    refine_top: int | None = None,
 ) -> Tensor:
     """(n, c, h, w) samples in [-1, 1] with K = ``n_steps``; batch i is seeded ``seed + i``.
-    ``clip_sample``: clamp the x_0 each proposal mean implies (the pipeline's ``clip_sample``)."""
+    ``clip_sample``: clamp the x_0 each proposal mean implies; ``refine_top``: refine only that many of
+    the noisiest levels (None: the stored setting); both the pipeline's arguments."""
     chunks = []
     for index, start in enumerate(range(0, n, batch_size)):
         out = pipeline(
             batch_size=min(batch_size, n - start),
             num_langevin_steps=n_steps,
             clip_sample=clip_sample,
+            refine_top=refine_top,
             generator=torch.Generator().manual_seed(seed + index),
             output_type="pt",
         )
@@ -156,6 +161,7 @@ def sampler_settings(
     ddim_steps: Sequence[int],
     seed: int,
     batch_size: int,
+    cdrl_refine_top: int | None = None,
 ) -> list[tuple[str, str, int, int, Callable[[int], Tensor]]]:
     """(method, sampler, steps, nfe, draw(n) -> images) for every setting of every model given."""
     settings = []
@@ -164,20 +170,39 @@ def sampler_settings(
             continue
         pipe = CDRLPipeline.from_pretrained(str(resolve_pipeline(folders[method])))
         pipe.set_progress_bar_config(disable=True)
-        # CDRL also with its proposals' x0-hat clamped, the counterpart of diffusers' clip_sample
+        # CDRL at every level and, when it stores (or is given) refine_top, at its refined levels only;
+        # each also with its proposals' x0-hat clamped, the counterpart of diffusers' clip_sample.
+        levels = pipe.scheduler.schedule.num_levels
+        top = (
+            pipe.scheduler.config.get("refine_top") if cdrl_refine_top is None else cdrl_refine_top
+        )
+        tops = [levels] + ([top] if method == "cdrl" and top is not None and top < levels else [])
         clips = (False, True) if pipe.initializer is not None else (False,)
-        for clip in clips:
-            for k in steps_list:
+        for refine_top in tops:
+            for clip in clips:
+                for k in steps_list:
 
-                def draw_ebm(
-                    n: int, k: int = k, pipe: CDRLPipeline = pipe, clip: bool = clip
-                ) -> Tensor:
-                    return sample_ebm(
-                        pipe, k, n, seed=seed, batch_size=batch_size, clip_sample=clip
-                    )
+                    def draw_ebm(
+                        n: int,
+                        k: int = k,
+                        pipe: CDRLPipeline = pipe,
+                        clip: bool = clip,
+                        refine_top: int = refine_top,
+                    ) -> Tensor:
+                        return sample_ebm(
+                            pipe,
+                            k,
+                            n,
+                            seed=seed,
+                            batch_size=batch_size,
+                            clip_sample=clip,
+                            refine_top=refine_top,
+                        )
 
-                name = method.upper() + ("-clip" if clip else "")
-                settings.append((method, name, k, ebm_nfe(pipe, k), draw_ebm))
+                    name = method.upper() + ("" if refine_top == levels else f"-top{refine_top}")
+                    name += "-clip" if clip else ""
+                    nfe = ebm_nfe(pipe, k, refine_top)
+                    settings.append((method, name, k, nfe, draw_ebm))
     if folders.get("diffusion") is not None:
         unet, train_scheduler = diffusion_baseline.load_diffusion(folders["diffusion"])
         # With diffusers' default clip_sample (x0-hat clamped to [-1, 1] at every step) and without it:
@@ -218,6 +243,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 500,
     grid_prefix: Path | None = None,
+    cdrl_refine_top: int | None = None,
 ) -> dict[str, Any]:
     """Sample every model at every setting and measure the samples.
 
@@ -230,6 +256,7 @@ def evaluate(
         seed: sampling seed (the same for every setting).
         batch_size: samples per sampler call.
         grid_prefix: save the first 100 samples of each sampler's last setting as <prefix>_<sampler>_<steps>.png.
+        cdrl_refine_top: CDRL's refined levels for its ``-topN`` rows (None: the exported setting).
 
     Returns:
         {"rows": one dict per setting (method, sampler, steps, nfe, the ``measure`` figures, sampling
@@ -244,6 +271,7 @@ def evaluate(
         ddim_steps=ddim_steps,
         seed=seed,
         batch_size=batch_size,
+        cdrl_refine_top=cdrl_refine_top,
     )
     last = {sampler: steps for _, sampler, steps, _, _ in settings}
     rows, grids = [], []
@@ -481,7 +509,8 @@ def write_report(
         f"## Quality against network evaluations ({result['num_samples']} samples per row, seed "
         f"{result['seed']})\n",
         markdown_table(result) + "\n",
-        "NFE: CDRL T*K EBM gradients + 1 Tweedie step (its T = 6 initializer forwards are not counted); "
+        "NFE: CDRL T*K EBM gradients (`CDRL-topN`: N*K, Langevin at the N noisiest levels only) + 1 "
+        "Tweedie step (its T initializer forwards are not counted); "
         "DRL T*K EBM gradients; DDPM/DDIM one UNet forward per step. `confident`: fraction the independent "
         "digits classifier labels with p >= 0.9; `classes`: classes with at least one confident sample; "
         "`largest class`: share of the most frequent predicted class; `digits FID`: torch-fidelity's FID on "
@@ -571,6 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--diffusion_timing_steps", type=int, default=500)
     parser.add_argument("--cdrl_steps", default="3,5,8,15", help="K values for CDRL")
+    parser.add_argument(
+        "--cdrl_refine_top",
+        type=int,
+        default=None,
+        help="CDRL's -topN rows refine this many of the noisiest levels (default: the exported refine_top)",
+    )
     parser.add_argument("--drl_steps", default="15,30", help="K values for DRL")
     parser.add_argument("--ddpm_steps", default="10,20,50,100,1000")
     parser.add_argument("--ddim_steps", default="5,10,20,50,100")
@@ -629,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         grid_prefix=args.results_dir / args.name,
+        cdrl_refine_top=args.cdrl_refine_top,
         **steps,
     )
     result.update(
