@@ -2,9 +2,11 @@
 network evaluations per sample.
 
 Quality is judged by the independent digits classifier (confident fraction, classes present, largest class
-share), torch-fidelity's FID on that classifier's penultimate features against the real test split, and the
-fraction of near-copies of training digits. NFE per sample: CDRL T*K EBM gradients (N*K for its
-``-topN`` rows, which refine only the N noisiest levels) + 1 Tweedie step (plus T cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet forward per step.
+share), torch-fidelity's FID on that classifier's penultimate features against the 1,437 training digits (the
+one reference of every digits FID in experiments/results/), and the fraction of near-copies of training
+digits. NFE per sample: CDRL T*K EBM gradients (N*K for its ``-topN`` rows, which refine only the N noisiest
+levels) + 1 Tweedie step (plus T cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet
+forward per step.
 
 Usage:
   # time a short run of each method, train the three one at a time for an equal budget, evaluate:
