@@ -179,6 +179,9 @@ class TrainConfig:
     init_data_target: Literal["paired", "posterior_mean"] = "paired"
     #   paired: the x_t drawn with x_{t+1} (under shared noise, its mean given x_{t+1} is DDIM's, not the recovery mean)
     #   posterior_mean: the DDPM posterior mean mu~(x_0, x_{t+1}), right under any coupling (docs/method.md §13)
+    # Langevin refines the negatives of the N noisiest levels only (None: every level, the paper); below
+    # them the EBM's negative is the initializer's proposal itself (K = 0), which makes a step cheaper
+    refine_top: int | None = None
     # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
     persistent_levels: int = 0
     # share of those levels' examples whose negative comes from a persistent chain
@@ -523,6 +526,10 @@ def validate(cfg: Config) -> None:
         (
             0 <= cfg.train.persistent_levels <= cfg.schedule.num_levels,
             "train.persistent_levels must be in [0, schedule.num_levels]",
+        ),
+        (
+            cfg.train.refine_top is None or 0 <= cfg.train.refine_top <= cfg.schedule.num_levels,
+            "train.refine_top must be in [0, schedule.num_levels] (or null: every level)",
         ),
         (
             0.0 <= cfg.train.persistent_fraction <= 1.0

@@ -227,6 +227,7 @@ def test_override_syntax():
         ("langevin.clip_sample_range=0", "langevin.clip_sample_range"),
         ("langevin.refine_top=7", "langevin.refine_top"),  # the default schedule has 6 levels
         ("langevin.refine_top=-1", "langevin.refine_top"),
+        ("train.refine_top=7", "train.refine_top"),
         ("train.ebm_lr=0", "train.ebm_lr"),
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("data.uncond_prob=1.5", "data.uncond_prob"),

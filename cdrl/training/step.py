@@ -15,7 +15,7 @@ from cdrl import precision as prec
 from cdrl.config import Config
 from cdrl.langevin import langevin_refine
 from cdrl.losses import ebm_loss, initializer_loss
-from cdrl.sampling import energy_fn, frozen, level
+from cdrl.sampling import Level, energy_fn, frozen, level
 from cdrl.schedule import NoiseSchedule
 from cdrl.training.persistent import PersistentChains
 from cdrl.utils import expand_as
@@ -181,9 +181,24 @@ def _micro_batch(
     # float32: the tempered energy's backward is scaled by 1 / s_0^2 = 4e4 and would overflow.
     langevin_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
 
+    top = cfg.train.refine_top
+
     def refine(y: Tensor, x_tether: Tensor, t_chain: Tensor, c: Tensor | None) -> Tensor:
-        """K Langevin steps from y of the recovery conditionals at levels t_chain, tethered to x_tether."""
+        """K Langevin steps from y of the recovery conditionals at levels t_chain, tethered to x_tether
+        (with ``train.refine_top``, only at the noisiest levels; the others are returned as they are)."""
         lv = lvl if t_chain is t else level(schedule, t_chain, cfg.langevin)  # the batch: lvl as is
+        if top is not None:
+            chosen = (t_chain >= T - top).nonzero().squeeze(1)
+            out = y.clone()
+            if chosen.numel():
+                sub = Level(*(field[chosen] for field in lv))
+                out[chosen] = chain(
+                    y[chosen], x_tether[chosen], sub, None if c is None else c[chosen]
+                )
+            return out
+        return chain(y, x_tether, lv, c)
+
+    def chain(y: Tensor, x_tether: Tensor, lv: Level, c: Tensor | None) -> Tensor:
         with frozen(ebm_raw):
             fn = prec.autocast_energy_fn(energy_fn(ebm_raw, lv, null=c), langevin_dtype)
             return langevin_refine(
