@@ -137,6 +137,29 @@ def check_image(name: str, images: Any) -> None:
 # ---------------------------------------------------------------- saved configs
 
 
+def refine_top_problem(
+    num_levels: int, sample_top: int | None, train_top: int | None, tweedie: bool
+) -> str | None:
+    """What is wrong with ``langevin.refine_top`` (sampling) and ``train.refine_top`` together, or None."""
+    if sample_top is not None and not 0 <= sample_top <= num_levels:
+        return "langevin.refine_top must be in [0, schedule.num_levels] (or null: every level)"
+    if train_top is None:
+        return None
+    if not 1 <= train_top <= num_levels:
+        return "train.refine_top must be in [1, schedule.num_levels] (or null: every level)"
+    if sample_top is None or sample_top > train_top:
+        return (
+            "train.refine_top: the EBM is trained at the noisiest train.refine_top levels only, so set "
+            "langevin.refine_top to at most that (sampling must not refine the untrained levels)"
+        )
+    if train_top < num_levels and tweedie:
+        return (
+            "train.refine_top below schedule.num_levels leaves the level-0 EBM untrained: set "
+            "langevin.tweedie false (the final denoising step uses it)"
+        )
+    return None
+
+
 def scheduler_problem(config: Any) -> str | None:
     """What is wrong with a CDRLScheduler config (a scheduler_config.json's object), or None."""
     if not isinstance(config, Mapping):

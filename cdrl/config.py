@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cdrl.checks import MAX_LANGEVIN_STEPS
+from cdrl.checks import MAX_LANGEVIN_STEPS, refine_top_problem
 from cdrl.toys import TOY_NAMES
 from cdrl.utils import ConfigError, atomic_write, short_path
 
@@ -179,8 +179,9 @@ class TrainConfig:
     init_data_target: Literal["paired", "posterior_mean"] = "paired"
     #   paired: the x_t drawn with x_{t+1} (under shared noise, its mean given x_{t+1} is DDIM's, not the recovery mean)
     #   posterior_mean: the DDPM posterior mean mu~(x_0, x_{t+1}), right under any coupling (docs/method.md §13)
-    # Langevin refines the negatives of the N noisiest levels only (None: every level, the paper); below
-    # them the EBM's negative is the initializer's proposal itself (K = 0), which makes a step cheaper
+    # the EBM learns (and Langevin refines its negatives) at the N noisiest levels only (None: every level,
+    # the paper); below them the initializer alone serves, so a step costs far less. Needs
+    # langevin.refine_top <= N and, for N < T, langevin.tweedie false (the level-0 EBM is not trained)
     refine_top: int | None = None
     # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
     persistent_levels: int = 0
@@ -480,11 +481,6 @@ def validate(cfg: Config) -> None:
             cfg.langevin.sample_steps is None or cfg.langevin.sample_steps >= 0,
             "langevin.sample_steps must be >= 0",
         ),
-        (
-            cfg.langevin.refine_top is None
-            or 0 <= cfg.langevin.refine_top <= cfg.schedule.num_levels,
-            "langevin.refine_top must be in [0, schedule.num_levels] (or null: every level)",
-        ),
         (cfg.langevin.b2 > 0, "langevin.b2 must be > 0"),
         (cfg.langevin.step_scale > 0, "langevin.step_scale must be > 0"),
         (cfg.langevin.noise_scale >= 0, "langevin.noise_scale must be >= 0"),
@@ -526,10 +522,6 @@ def validate(cfg: Config) -> None:
         (
             0 <= cfg.train.persistent_levels <= cfg.schedule.num_levels,
             "train.persistent_levels must be in [0, schedule.num_levels]",
-        ),
-        (
-            cfg.train.refine_top is None or 0 <= cfg.train.refine_top <= cfg.schedule.num_levels,
-            "train.refine_top must be in [0, schedule.num_levels] (or null: every level)",
         ),
         (
             0.0 <= cfg.train.persistent_fraction <= 1.0
@@ -578,6 +570,10 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    lv, tr = cfg.langevin, cfg.train
+    problem = refine_top_problem(cfg.schedule.num_levels, lv.refine_top, tr.refine_top, lv.tweedie)
+    if problem is not None:
+        raise ConfigError(problem)
     check_dequantize(cfg.data)
     for key, limit in MAX_COUNTS.items():
         section, name = key.split(".")

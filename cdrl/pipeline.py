@@ -338,16 +338,13 @@ class CDRLPipeline(DiffusionPipeline):
         schedule = self.scheduler.schedule
         if refine_top is not None:
             check_int("refine_top", refine_top, minimum=0, maximum=schedule.num_levels)
+        overrides = {"clip_sample": clip_sample, "refine_top": refine_top}
         settings = self.scheduler.langevin_settings(
-            n_steps=num_langevin_steps,
-            noise_scale=langevin_noise_scale,
-            clip_sample=clip_sample,
-            refine_top=refine_top,
+            n_steps=num_langevin_steps, noise_scale=langevin_noise_scale, **overrides
         )
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
-        steps = sum(
-            langevin_steps(settings, t, schedule.num_levels) for t in range(schedule.num_levels)
-        )
+        levels = schedule.num_levels
+        steps = sum(langevin_steps(settings, t, levels) for t in range(levels))
         bar = self.progress_bar(total=steps * (1 + int(resample)))
         dtype = prec.autocast_dtype(precision)
         ebm, initializer = self.ebm, self.initializer

@@ -228,6 +228,7 @@ def test_override_syntax():
         ("langevin.refine_top=7", "langevin.refine_top"),  # the default schedule has 6 levels
         ("langevin.refine_top=-1", "langevin.refine_top"),
         ("train.refine_top=7", "train.refine_top"),
+        ("train.refine_top=2", "langevin.refine_top"),  # sampling would refine untrained levels
         ("train.ebm_lr=0", "train.ebm_lr"),
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("data.uncond_prob=1.5", "data.uncond_prob"),
@@ -290,3 +291,15 @@ def test_flat_is_scalar_only():
     assert out["train.batch_size"] == 32
     assert out["ebm.channel_mult"] == "[1, 2, 2, 2]"
     assert all(isinstance(v, int | float | str | bool) for v in out.values() if v is not None)
+
+
+def test_train_refine_top_needs_a_sampler_that_stays_on_trained_levels():
+    top2 = ["train.refine_top=2", "langevin.refine_top=2"]
+    with pytest.raises(ConfigError, match="langevin.tweedie false"):
+        load_config(overrides=top2)
+    cfg = load_config(overrides=[*top2, "langevin.tweedie=false"])
+    assert (cfg.train.refine_top, cfg.langevin.refine_top) == (2, 2)
+    with pytest.raises(ConfigError, match="langevin.refine_top to at most"):
+        load_config(overrides=[*top2, "langevin.tweedie=false", "langevin.refine_top=3"])
+    levels = load_config().schedule.num_levels  # every level: the level-0 EBM is trained
+    assert load_config(overrides=[f"train.refine_top={levels}", "langevin.refine_top=1"])

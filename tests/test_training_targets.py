@@ -178,16 +178,17 @@ def test_train_step_feeds_the_ebm_its_positives_and_weights_and_the_initializer_
     assert abs(z.pow(2).mean().item() - 1) < 5 * (2 / z.numel()) ** 0.5
 
 
-def test_train_refine_top_refines_only_the_noisiest_levels(monkeypatch):
-    """train.refine_top N: one chain over the examples of the N noisiest levels; every other negative is
-    the initializer's proposal itself."""
-    seen, schedule, cfg = _spied_step(monkeypatch, overrides=["train.refine_top=2"])
+def test_train_refine_top_trains_the_ebm_at_the_noisiest_levels_only(monkeypatch):
+    """train.refine_top N: one chain over the examples of the N noisiest levels, and the EBM's loss on
+    those examples alone; every other negative is the initializer's proposal itself."""
+    overrides = ["train.refine_top=2", "langevin.refine_top=2", "langevin.tweedie=false"]
+    seen, schedule, cfg = _spied_step(monkeypatch, overrides=overrides)
     t, T = seen["t"], schedule.num_levels
     top = t >= T - 2
     assert top.any() and (~top).any()  # both kinds in the batch
     (chain,) = seen["refine"]
     assert chain["y"].shape[0] == int(top.sum())
-    ((ebm_args, _),) = seen["ebm_forward"]
+    ((ebm_args, energies),) = seen["ebm_forward"]
     _, y_neg = ebm_args[0].chunk(2)
     proposal = seen["init_loss"]["proposal"].detach()
     torch.testing.assert_close(y_neg[~top], proposal[~top], rtol=0, atol=0)
@@ -195,6 +196,10 @@ def test_train_refine_top_refines_only_the_noisiest_levels(monkeypatch):
     torch.testing.assert_close(chain["y"], proposal[top], rtol=0, atol=0)
     torch.testing.assert_close(chain["tether"], (t[top] < T - 1).float())
     torch.testing.assert_close(seen["init_loss"]["y_neg"], y_neg, rtol=0, atol=0)
+    energy_pos, energy_neg, weight = seen["ebm_loss"]
+    torch.testing.assert_close(energy_pos, energies[:BATCH][top], rtol=0, atol=0)
+    torch.testing.assert_close(energy_neg, energies[BATCH:][top], rtol=0, atol=0)
+    assert weight.shape[0] == int(top.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------

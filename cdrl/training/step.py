@@ -225,7 +225,22 @@ def _micro_batch(
         torch.cat([y_pos, y_ebm_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
     ).float()
     energy_pos, energy_neg = energies.chunk(2)
-    loss, stats = ebm_loss(energy_pos, energy_neg, lvl.loss_weight)
+    pos, neg, weight = energy_pos, energy_neg, lvl.loss_weight
+    if top is not None:
+        # With train.refine_top the EBM learns at the refined levels only: below them its negatives would
+        # never move toward low energy, so nothing would bound the gap it learns (a digits run diverged
+        # within 105 steps). The initializer alone serves those levels.
+        learns = t >= T - top
+        pos, neg, weight = pos[learns], neg[learns], weight[learns]
+        energy_pos = torch.where(
+            learns, energy_pos, 0.0
+        )  # the per-level gaps: 0 where it does not learn
+        energy_neg = torch.where(learns, energy_neg, 0.0)
+    if pos.numel():
+        loss, stats = ebm_loss(pos, neg, weight)
+    else:  # no example of a refined level in this batch: nothing for the EBM to learn
+        loss = energies.sum() * 0.0
+        stats = {k: loss.detach() for k in ("ebm/energy_pos", "ebm/energy_neg", "ebm/energy_gap")}
     stats["ebm/loss"] = loss.detach()
     losses = {"EBM": loss}
     if init is not None:
@@ -240,7 +255,7 @@ def _micro_batch(
         losses["initializer"] = init_loss
 
     # Divergence guard: apply nothing on non-finite energies or losses, or an exploded energy gap.
-    problem = value_problem(energy_pos, energy_neg, losses, cfg.guard.max_energy_gap, accelerator)
+    problem = value_problem(pos, neg, losses, cfg.guard.max_energy_gap, accelerator)
     if problem is not None:
         return StepResult(stats, problem)
 
