@@ -63,6 +63,7 @@ def refinement_gain(
     *,
     num_samples: int = 1000,
     per_level: bool = True,
+    refine_tops: Sequence[int] = (),
     probe_images: int = 0,
     seed: int = 0,
     classifier_path: str | Path | None = None,
@@ -86,6 +87,12 @@ def refinement_gain(
     result["end_to_end"] = end
     # the gain: the model's own sampler (its K, at the levels it refines) against none
     result["fid_ratio_K0_over_stored"] = end["K0"]["fid"] / end["stored"]["fid"]
+    if (
+        refine_tops
+    ):  # K at the N noisiest levels only (the ``refine_top`` sampler), for each N given
+        result["top_levels"] = {
+            n: row([k if t >= levels - n else 0 for t in range(levels)]) for n in refine_tops
+        }
     if per_level:
         result["only_level"] = {
             t: row([k if s == t else 0 for s in range(levels)]) for t in range(levels)
@@ -116,6 +123,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {r['confident_fraction']:.3f} | {r['fid']:.2f} |")
     ratio = result["fid_ratio_K0_over_stored"]
     lines.insert(0, f"FID(K = 0) / FID(as exported): {ratio:.2f}\n")
+    for n, r in result.get("top_levels", {}).items():
+        lines.append(
+            f"| K = {k} at the {n} noisiest levels | {r['confident_fraction']:.3f} | {r['fid']:.2f} |"
+        )
     for t, r in result.get("only_level", {}).items():
         lines.append(
             f"| K = {k} at level {t} only | {r['confident_fraction']:.3f} | {r['fid']:.2f} |"
@@ -132,7 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--k", type=int, default=None, help="K to compare with 0 (default: trained)"
     )
     parser.add_argument("--num_samples", type=int, default=1000)
-    parser.add_argument("--no_per_level", action="store_true", help="only the end-to-end rows")
+    parser.add_argument("--no_per_level", action="store_true", help="no K-at-one-level rows")
+    parser.add_argument(
+        "--refine_tops",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also K at the N noisiest levels only, for each N (the refine_top sampler)",
+    )
     parser.add_argument(
         "--probe_images", type=int, default=0, help="also the level probe on this many test digits"
     )
@@ -147,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         k,
         num_samples=args.num_samples,
         per_level=not args.no_per_level,
+        refine_tops=args.refine_tops,
         probe_images=args.probe_images,
         seed=args.seed,
         classifier_path=args.classifier,

@@ -42,7 +42,14 @@ def test_main_writes_every_row(tiny_pipeline, tmp_path, digits_classifier_path):
     tiny_pipeline.save_pretrained(tmp_path / "pipe")
     out = tmp_path / "gain.json"
     argv = ["--pipeline", str(tmp_path / "pipe"), "--num_samples", "12", "--k", "1"]
-    argv += ["--probe_images", "4", "--classifier", str(digits_classifier_path)]
+    argv += [
+        "--probe_images",
+        "4",
+        "--classifier",
+        str(digits_classifier_path),
+        "--refine_tops",
+        "2",
+    ]
     assert module.main([*argv, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     levels = tiny_pipeline.scheduler.schedule.num_levels
@@ -52,5 +59,6 @@ def test_main_writes_every_row(tiny_pipeline, tmp_path, digits_classifier_path):
     assert len(result["only_level"]) == levels
     assert result["only_level"]["2"]["ks"] == [1 if t == 2 else 0 for t in range(levels)]
     assert set(result["probe"]) == {"K0", "K1"}
+    assert result["top_levels"]["2"]["ks"] == [0] * (levels - 2) + [1, 1]
     ratio = result["end_to_end"]["K0"]["fid"] / result["end_to_end"]["stored"]["fid"]
     assert abs(result["fid_ratio_K0_over_stored"] - ratio) < 1e-9
