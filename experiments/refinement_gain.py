@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from cdrl.evaluation.digits import digits_split, load_digits_classifier
@@ -154,11 +155,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probe_images", type=int, default=0, help="also the level probe on this many test digits"
     )
+    parser.add_argument(
+        "--scheduler",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampling settings to change first, as in scheduler_config.json (tweedie=false, tweedie_b2=4e-4)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier", default=None, help="digits classifier folder")
     parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.pipeline, device="cpu")
+    for item in args.scheduler:
+        key, sep, value = item.partition("=")
+        if not sep or key not in pipe.scheduler.config:
+            parser.error(
+                f"--scheduler {item!r}: give KEY=VALUE with a key of scheduler_config.json"
+            )
+        pipe.scheduler.register_to_config(**{key: yaml.safe_load(value)})
     k = int(pipe.scheduler.config.n_steps) if args.k is None else args.k
     result = refinement_gain(
         pipe,

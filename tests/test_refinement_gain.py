@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from experiment_scripts import load_experiment
 
@@ -62,3 +63,18 @@ def test_main_writes_every_row(tiny_pipeline, tmp_path, digits_classifier_path):
     assert result["top_levels"]["2"]["ks"] == [0] * (levels - 2) + [1, 1]
     ratio = result["end_to_end"]["K0"]["fid"] / result["end_to_end"]["stored"]["fid"]
     assert abs(result["fid_ratio_K0_over_stored"] - ratio) < 1e-9
+
+
+def test_scheduler_settings_change_the_sampler(tiny_pipeline, tmp_path, digits_classifier_path):
+    module = load_experiment("refinement_gain")
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_samples", "12", "--no_per_level"]
+    argv += ["--classifier", str(digits_classifier_path)]
+    results = {}
+    for extra in ([], ["--scheduler", "tweedie=false"]):
+        out = tmp_path / f"gain{len(extra)}.json"
+        assert module.main([*argv, *extra, "--output", str(out)]) == 0
+        results[len(extra)] = json.loads(out.read_text())["end_to_end"]["K0"]["fid"]
+    assert results[0] != results[2]
+    with pytest.raises(SystemExit):
+        module.main([*argv, "--scheduler", "no_such_key=1"])
