@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 # diffusion_baseline sits beside this file (also when a test imports this file by path).
@@ -127,6 +128,15 @@ def ebm_nfe(pipeline: CDRLPipeline, n_steps: int, refine_top: int | None = None)
     return refined * n_steps + int(bool(config.tweedie))
 
 
+def trained_levels(pipeline_folder: Path, num_levels: int) -> int:
+    """How many of the noisiest levels the exported EBM was trained at (``train.refine_top`` in the
+    folder's ``training_config.yaml``; every level when it is absent or null)."""
+    path = pipeline_folder / "training_config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    top = ((config or {}).get("train") or {}).get("refine_top")
+    return num_levels if top is None else int(top)
+
+
 def sample_ebm(
     pipeline: CDRLPipeline,
     n_steps: int,
@@ -172,13 +182,18 @@ def sampler_settings(
             continue
         pipe = CDRLPipeline.from_pretrained(str(resolve_pipeline(folders[method])))
         pipe.set_progress_bar_config(disable=True)
-        # CDRL at every level and, when it stores (or is given) refine_top, at its refined levels only;
+        # CDRL at every level (if trained there) and, when it stores (or is given) refine_top, at its
+        # refined levels only;
         # each also with its proposals' x0-hat clamped, the counterpart of diffusers' clip_sample.
         levels = pipe.scheduler.schedule.num_levels
         top = (
             pipe.scheduler.config.get("refine_top") if cdrl_refine_top is None else cdrl_refine_top
         )
-        tops = [levels] + ([top] if method == "cdrl" and top is not None and top < levels else [])
+        tops = [top] if method == "cdrl" and top is not None and top < levels else []
+        if trained_levels(resolve_pipeline(folders[method]), levels) == levels:
+            tops.insert(
+                0, levels
+            )  # every level, unless the EBM was trained at the noisiest few only
         clips = (False, True) if pipe.initializer is not None else (False,)
         for refine_top in tops:
             for clip in clips:

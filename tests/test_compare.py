@@ -294,3 +294,23 @@ def test_compare_evaluates_tiny_models_end_to_end(
     )
     rewritten = (results / "cmp.md").read_text()
     assert rewritten.endswith("## Notes\nthe grids look fine\n") and "cmd" in rewritten
+
+
+def test_trained_levels_reads_the_training_config(tmp_path):
+    from cdrl.config import load_config, save_config
+
+    assert compare.trained_levels(tmp_path, 12) == 12  # no training_config.yaml: every level
+    save_config(
+        load_config(overrides=["schedule.num_levels=12"]), tmp_path / "training_config.yaml"
+    )
+    assert compare.trained_levels(tmp_path, 12) == 12
+    cfg = load_config(
+        overrides=[
+            "schedule.num_levels=12",
+            "train.refine_top=2",
+            "langevin.refine_top=2",
+            "langevin.tweedie=false",
+        ]
+    )
+    save_config(cfg, tmp_path / "training_config.yaml")
+    assert compare.trained_levels(tmp_path, 12) == 2
