@@ -332,6 +332,10 @@ class PhaseClock:
         """Seconds per phase of the last iteration (see ``PHASES``)."""
         m = self.marks
         ebm_end = m.get("ebm_step_end", m["step_end"])  # no Adam step: the guard refused the step
+        if (
+            "langevin_start" not in m
+        ):  # train.refine_top and no refined level in the batch: no chain
+            m = {**m, "langevin_start": m["start"], "langevin_end": m["start"]}
         return {
             "proposal": m["langevin_start"] - m["start"],
             "langevin": m["langevin_end"] - m["langevin_start"],

@@ -101,15 +101,20 @@ def test_sampling_memory_one_fresh_process_per_k(bench, capsys, tmp_path):
     assert "peak growth MiB" in out and "flat" in out
     runs = payload["results"]["runs"]
     assert [run["n_steps"] for run in runs] == [5, 15, 60]
-    # T * K, plus the Tweedie step, at the digits recipe's T
-    num_levels = load_config(ROOT / "configs/digits.yaml").schedule.num_levels
-    assert [run["grad_evals"] for run in runs] == [num_levels * k + 1 for k in (5, 15, 60)]
+    # K at each refined level (every level, or the recipe's refine_top), plus the Tweedie step if on
+    cfg = load_config(ROOT / "configs/digits.yaml")
+    refined = cfg.langevin.refine_top or cfg.schedule.num_levels
+    expected = [refined * k + int(cfg.langevin.tweedie) for k in (5, 15, 60)]
+    assert [run["grad_evals"] for run in runs] == expected
     assert all(run["peak_growth_mib"] >= 0 for run in runs)
     assert isinstance(payload["results"]["flat"], bool)
 
 
 def test_train_breakdown_marks_every_phase_of_the_real_train_step(bench, capsys, tmp_path):
     args = ["--batch_size", "4", "--iters", "2", "--warmup", "0"]
+    # Langevin at every level, so each of the 4 examples runs a chain (the digits default refines only
+    # its 2 noisiest levels, which a batch of 4 may not hold)
+    args += ["--set", "train.refine_top=null", "langevin.refine_top=null", "langevin.tweedie=true"]
     out, payload = run_main(bench, capsys, tmp_path, "train_breakdown", args)
     for phase in ("proposal", "Langevin", "EBM update", "initializer update", "EMA update"):
         assert phase in out
@@ -168,7 +173,8 @@ def test_throughput(bench, capsys, tmp_path):
     assert "samples/s" in out and "50k samples would take" in out
     digits, cifar = payload["results"]
     # T x K (the sampling K) + Tweedie: 12 x 3 + 1 for the digits recipe, 6 x 15 + 1 for CIFAR-10
-    assert digits["ebm_grads_per_sample"] == 37
+    # the digits recipe: K = 3 at its 2 noisiest levels, no Tweedie step
+    assert digits["ebm_grads_per_sample"] == 6
     assert cifar["ebm_grads_per_sample"] == 91
     assert digits["samples"] == 4 and cifar["samples"] == 1
     assert math.isclose(digits["projected_s_for_50k"], 50_000 / digits["samples_per_s"])
