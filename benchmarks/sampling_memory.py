@@ -35,7 +35,7 @@ from _common import (
 
 from cdrl.cli.common import run_cli
 from cdrl.pipeline import CDRLScheduler
-from cdrl.sampling import langevin_steps, sample
+from cdrl.sampling import sample, total_langevin_steps
 
 FLAT_REL, FLAT_ABS_MIB = 0.10, 4.0
 MIB = 2**20
@@ -76,7 +76,6 @@ def measure_in_this_process(
     cfg, ebm, init = networks(name, device, quick=quick)
     scheduler = CDRLScheduler.from_training_config(cfg)
     settings = scheduler.langevin_settings(n_steps=n_steps)
-    levels = scheduler.schedule.num_levels
     gen = torch.Generator().manual_seed(0)
     x_top = torch.randn(batch, *SAMPLE_SHAPES[name], generator=gen).to(device)
     if device.type == "cuda":
@@ -99,7 +98,7 @@ def measure_in_this_process(
         "network": label(name, ebm, quick),
         "batch": batch,
         "n_steps": n_steps,
-        "grad_evals": sum(langevin_steps(settings, t, levels) for t in range(levels))
+        "grad_evals": total_langevin_steps(settings, scheduler.schedule.num_levels)
         + int(settings.tweedie),
         "baseline_mib": before / MIB,
         "peak_growth_mib": max(0, peak - before) / MIB,

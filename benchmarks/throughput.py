@@ -36,7 +36,7 @@ from _common import (
 
 from cdrl.cli.common import run_cli
 from cdrl.pipeline import CDRLScheduler
-from cdrl.sampling import langevin_steps, sample
+from cdrl.sampling import sample, total_langevin_steps
 
 # The CIFAR-10 target: 50,000 samples in under 10 minutes on one H100.
 TARGET_SAMPLES = 50_000
@@ -83,8 +83,7 @@ def measure(
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{name}: non-finite samples")
     samples = n_batches * batch
-    levels = schedule.num_levels
-    grads = sum(langevin_steps(settings, t, levels) for t in range(levels)) + int(settings.tweedie)
+    grads = total_langevin_steps(settings, schedule.num_levels) + int(settings.tweedie)
     rate = samples / seconds
     return {
         "network": tag,

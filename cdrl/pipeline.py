@@ -34,7 +34,7 @@ from cdrl.checks import (
 )
 from cdrl.config import Config, LangevinConfig
 from cdrl.guidance import NEGATIONS, Conditioning, null_condition
-from cdrl.sampling import langevin_steps, sample
+from cdrl.sampling import sample, total_langevin_steps
 from cdrl.schedule import NoiseSchedule, make_schedule
 from cdrl.utils import randn_like
 from cdrl.weights import (
@@ -343,8 +343,7 @@ class CDRLPipeline(DiffusionPipeline):
             n_steps=num_langevin_steps, noise_scale=langevin_noise_scale, **overrides
         )
         x_top = randn_like(torch.empty(batch_size, *self.sample_shape, device=device), generator)
-        levels = schedule.num_levels
-        steps = sum(langevin_steps(settings, t, levels) for t in range(levels))
+        steps = total_langevin_steps(settings, schedule.num_levels)
         bar = self.progress_bar(total=steps * (1 + int(resample)))
         dtype = prec.autocast_dtype(precision)
         ebm, initializer = self.ebm, self.initializer

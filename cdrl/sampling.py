@@ -237,6 +237,11 @@ def langevin_steps(settings: LangevinConfig, t: int, num_levels: int) -> int:
     return settings.n_steps if top is None or t >= num_levels - top else 0
 
 
+def total_langevin_steps(settings: LangevinConfig, num_levels: int) -> int:
+    """Langevin steps of one sample's walk down all ``num_levels`` levels (``langevin_steps`` summed)."""
+    return sum(langevin_steps(settings, t, num_levels) for t in range(num_levels))
+
+
 def reverse_step(
     ebm: nn.Module,
     initializer: nn.Module | None,

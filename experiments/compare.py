@@ -49,6 +49,7 @@ from cdrl.evaluation.digits import (
 from cdrl.evaluation.fidelity import DIGITS_EXTRACTOR, Reference, compute_fidelity
 from cdrl.images import save_grid, to_uint8
 from cdrl.pipeline import CDRLPipeline
+from cdrl.sampling import total_langevin_steps
 from cdrl.training.loop import run
 from cdrl.utils import git_sha, parse_int_list
 
@@ -121,11 +122,10 @@ def resolve_pipeline(folder: str | Path) -> Path:
 def ebm_nfe(pipeline: CDRLPipeline, n_steps: int, refine_top: int | None = None) -> int:
     """EBM gradient evaluations per sample: K Langevin steps at each refined level (all T, or the
     ``refine_top`` noisiest; None: the stored setting), + 1 for the Tweedie step when it is on."""
-    config = pipeline.scheduler.config
-    if refine_top is None:
-        refine_top = config.get("refine_top")
-    refined = config.num_levels if refine_top is None else refine_top
-    return refined * n_steps + int(bool(config.tweedie))
+    settings = pipeline.scheduler.langevin_settings(n_steps=n_steps, refine_top=refine_top)
+    return total_langevin_steps(settings, pipeline.scheduler.schedule.num_levels) + int(
+        settings.tweedie
+    )
 
 
 def trained_levels(pipeline_folder: Path, num_levels: int) -> int:
