@@ -183,6 +183,10 @@ class TrainConfig:
     # the paper); below them the initializer alone serves, so a step costs far less. Needs
     # langevin.refine_top <= N and, for N < T, langevin.tweedie false (the level-0 EBM is not trained)
     refine_top: int | None = None
+    # with refine_top: every example of the batch trains the EBM (False: only those whose level is one of
+    # the N refined, about N / T of them). An example drawn below them gets a second level among them
+    # (the same x_0, fresh noise) for the EBM; the initializer's examples are unchanged
+    ebm_full_batch: bool = False
     # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
     persistent_levels: int = 0
     # share of those levels' examples whose negative comes from a persistent chain
@@ -574,6 +578,11 @@ def validate(cfg: Config) -> None:
     problem = refine_top_problem(cfg.schedule.num_levels, lv.refine_top, tr.refine_top, lv.tweedie)
     if problem is not None:
         raise ConfigError(problem)
+    if tr.ebm_full_batch and (tr.refine_top is None or tr.persistent_levels):
+        raise ConfigError(
+            "train.ebm_full_batch needs train.refine_top set and train.persistent_levels 0 (without "
+            "refine_top every example already trains the EBM)"
+        )
     check_dequantize(cfg.data)
     for key, limit in MAX_COUNTS.items():
         section, name = key.split(".")

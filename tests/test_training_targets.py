@@ -22,9 +22,10 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors.torch import load_file
 
 import cdrl.training.step as train_module
-from cdrl.config import load_config
+from cdrl.config import ConfigError, load_config
 from cdrl.models import build_models
 from cdrl.pipeline import CDRLPipeline, CDRLScheduler
+from cdrl.sampling import level
 from cdrl.schedule import NoiseSchedule
 from cdrl.training.step import Models, drop_conditions, train_step
 
@@ -54,9 +55,11 @@ def _spied_step(monkeypatch, overrides=(), condition_sizes=(), labels=None):
     real_refine = train_module.langevin_refine
 
     def spy_pair(self, x0, t, **kwargs):
-        seen["x0"], seen["t"] = x0.clone(), t.clone()
         x_t, x_next = real_pair(self, x0, t, **kwargs)
-        seen["x_t"], seen["x_next"] = x_t.clone(), x_next.clone()
+        seen.setdefault("pairs", []).append((t.clone(), x_t.clone(), x_next.clone()))
+        if "t" not in seen:  # the batch's own draw (train.ebm_full_batch draws a second one)
+            seen["x0"], seen["t"] = x0.clone(), t.clone()
+            seen["x_t"], seen["x_next"] = x_t.clone(), x_next.clone()
         return x_t, x_next
 
     def spy_refine(energy_fn, y, x_next, **kwargs):
@@ -200,6 +203,58 @@ def test_train_refine_top_trains_the_ebm_at_the_noisiest_levels_only(monkeypatch
     torch.testing.assert_close(energy_pos, energies[:BATCH][top], rtol=0, atol=0)
     torch.testing.assert_close(energy_neg, energies[BATCH:][top], rtol=0, atol=0)
     assert weight.shape[0] == int(top.sum())
+
+
+def test_train_ebm_full_batch_trains_the_ebm_on_every_example(monkeypatch):
+    """train.ebm_full_batch: an example drawn below the N refined levels gets a second level among them
+    (the same x_0, its own noise) for the EBM, the others keep theirs; one chain refines the whole batch,
+    the EBM learns on all of it, and the initializer's targets are as without the option."""
+    overrides = ["train.refine_top=2", "langevin.refine_top=2", "langevin.tweedie=false"]
+    seen, schedule, cfg = _spied_step(monkeypatch, overrides=[*overrides, "train.ebm_full_batch=true"])
+    t, T = seen["t"], schedule.num_levels
+    top = t >= T - 2
+    assert top.any() and (~top).any()  # both kinds in the batch
+    (_, first_x_t, first_next), (t2, second_x_t, second_next) = seen["pairs"]
+    assert bool((t2 >= T - 2).all())
+    t_ebm = torch.where(top, t, t2)
+    rows = top.view(-1, 1, 1, 1)
+
+    (chain,) = seen["refine"]
+    assert chain["y"].shape[0] == BATCH
+    torch.testing.assert_close(chain["tether"], (t_ebm < T - 1).float())
+    torch.testing.assert_close(chain["x_next"], torch.where(rows, first_next, second_next))
+    proposal = seen["init_loss"]["proposal"].detach()
+    torch.testing.assert_close(chain["y"][top], proposal[top], rtol=0, atol=0)
+    # the second proposal: the initializer at the second level, from the second pair's x_{t+1}
+    (_, _), (second_init, _) = seen["init_forward"]
+    torch.testing.assert_close(second_init[0][~top], second_next[~top])
+    torch.testing.assert_close(second_init[1], schedule.noise_levels[t_ebm + 1].float())
+
+    ((ebm_args, energies),) = seen["ebm_forward"]
+    y_pos, y_neg = ebm_args[0].chunk(2)
+    torch.testing.assert_close(ebm_args[1], schedule.noise_levels[t_ebm].float().repeat(2))
+    scale = level(schedule, t_ebm, cfg.langevin).scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(y_pos, scale * torch.where(rows, first_x_t, second_x_t))
+    torch.testing.assert_close(y_neg, chain["out"], rtol=0, atol=0)
+    energy_pos, energy_neg, weight = seen["ebm_loss"]
+    torch.testing.assert_close(energy_pos, energies[:BATCH], rtol=0, atol=0)
+    torch.testing.assert_close(energy_neg, energies[BATCH:], rtol=0, atol=0)
+    assert weight.shape[0] == BATCH
+
+    # the initializer regresses onto the refined negative at its own refined levels, its proposal below
+    target = seen["init_loss"]["y_neg"]
+    torch.testing.assert_close(target[top], chain["out"][top], rtol=0, atol=0)
+    torch.testing.assert_close(target[~top], proposal[~top], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.ebm_full_batch=true"], ["train.ebm_full_batch=true", "train.refine_top=2",
+     "langevin.refine_top=2", "langevin.tweedie=false", "train.persistent_levels=1"]],
+)
+def test_ebm_full_batch_needs_refine_top_and_no_persistent_chains(overrides):
+    with pytest.raises(ConfigError, match="train.ebm_full_batch needs train.refine_top"):
+        load_config(DEBUG_CONFIG, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

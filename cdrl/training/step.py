@@ -212,21 +212,46 @@ def _micro_batch(
                 noise=cfg.langevin.noise,
             )
 
-    y_neg = refine(y_init.detach(), x_next, t, cond)
-    # At the lowest levels some of the EBM's negatives continue persistent chains (persistent.py).
-    y_ebm_neg, continued = y_neg, None
-    if models.chains is not None:
-        y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, refine)
+    if top is not None and cfg.train.ebm_full_batch:
+        # Every example trains the EBM: one drawn below the refined levels gets a second level among them
+        # (same x_0, fresh noise) and a proposal there; the others keep theirs. One chain refines all.
+        keep = t >= T - top
+        t_ebm = torch.where(keep, t, torch.randint_like(t, T - top, T))
+        x_t_e, x_next_e = schedule.q_pair(x0, t_ebm, variance_reduction=cfg.train.variance_reduction)
+        rows = keep.view(-1, *[1] * (x0.dim() - 1))
+        x_t_e, x_next_e = torch.where(rows, x_t, x_t_e), torch.where(rows, x_next, x_next_e)
+        lvl_ebm = level(schedule, t_ebm, cfg.langevin)
+        with torch.no_grad():
+            y_init_e = init(x_next_e, lvl_ebm.next_noise_level, cond) if init is not None else x_next_e
+            if init is not None:
+                y_init_e = y_init_e + expand_as(lvl_ebm.proposal_std, y_init_e) * torch.randn_like(y_init_e)
+        y_init_e = torch.where(rows, y_init.detach(), y_init_e)
+        y_ebm_neg = chain(y_init_e, x_next_e, lvl_ebm, cond)
+        y_neg = torch.where(rows, y_ebm_neg, y_init.detach())  # the initializer's own (refined) targets
+        y_ebm_pos, continued = expand_as(lvl_ebm.scale, x0) * x_t_e, None
+    else:
+        lvl_ebm, y_ebm_pos = lvl, y_pos
+        y_neg = refine(y_init.detach(), x_next, t, cond)
+        # At the lowest levels some of the EBM's negatives continue persistent chains (persistent.py).
+        y_ebm_neg, continued = y_neg, None
+        if models.chains is not None:
+            y_ebm_neg, continued = models.chains.negatives(t, y_neg, x_next, cond, refine)
 
     # Energies of positives and refined negatives in one forward; both losses (DRL Eq. (8), CDRL Eq. (9)).
     ebm.train()
     both_cond = None if cond is None else torch.cat([cond, cond])
     energies = ebm(
-        torch.cat([y_pos, y_ebm_neg]), torch.cat([lvl.noise_level, lvl.noise_level]), both_cond
+        torch.cat([y_ebm_pos, y_ebm_neg]),
+        torch.cat([lvl_ebm.noise_level, lvl_ebm.noise_level]),
+        both_cond,
     ).float()
     energy_pos, energy_neg = energies.chunk(2)
-    pos, neg, weight = energy_pos, energy_neg, lvl.loss_weight
-    if top is not None:
+    pos, neg, weight = energy_pos, energy_neg, lvl_ebm.loss_weight
+    if top is not None and cfg.train.ebm_full_batch:
+        # the per-level gaps of the diagnostics: the examples whose own level is a refined one
+        energy_pos = torch.where(keep, energy_pos, 0.0)
+        energy_neg = torch.where(keep, energy_neg, 0.0)
+    elif top is not None:
         # With train.refine_top the EBM learns at the refined levels only: below them its negatives would
         # never move toward low energy, so nothing would bound the gap it learns (a digits run diverged
         # within 105 steps). The initializer alone serves those levels.
