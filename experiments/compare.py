@@ -4,8 +4,8 @@ network evaluations per sample.
 Quality is judged by the independent digits classifier (confident fraction, classes present, largest class
 share), torch-fidelity's FID on that classifier's penultimate features against the 1,437 training digits (the
 one reference of every digits FID in experiments/results/), and the fraction of near-copies of training
-digits. NFE per sample: CDRL T*K EBM gradients (N*K for its ``-topN`` rows, which refine only the N noisiest
-levels) + 1 Tweedie step (plus T cheap initializer forwards), DRL T*K EBM gradients, DDPM/DDIM one UNet
+digits. NFE per sample: CDRL T initializer forwards + T*K EBM gradients (N*K for its ``-topN`` rows, which
+refine only the N noisiest levels) + 1 when its Tweedie step is on, DRL T*K EBM gradients, DDPM/DDIM one UNet
 forward per step.
 
 Usage:
@@ -120,12 +120,13 @@ def resolve_pipeline(folder: str | Path) -> Path:
 
 
 def ebm_nfe(pipeline: CDRLPipeline, n_steps: int, refine_top: int | None = None) -> int:
-    """EBM gradient evaluations per sample: K Langevin steps at each refined level (all T, or the
-    ``refine_top`` noisiest; None: the stored setting), + 1 for the Tweedie step when it is on."""
+    """Network evaluations per sample: the initializer's forward at each of the T levels (none for DRL,
+    which has no initializer), K Langevin steps at each refined level (all T, or the ``refine_top``
+    noisiest; None: the stored setting), + 1 for the Tweedie step when it is on."""
     settings = pipeline.scheduler.langevin_settings(n_steps=n_steps, refine_top=refine_top)
-    return total_langevin_steps(settings, pipeline.scheduler.schedule.num_levels) + int(
-        settings.tweedie
-    )
+    levels = pipeline.scheduler.schedule.num_levels
+    proposals = levels if pipeline.initializer is not None else 0
+    return proposals + total_langevin_steps(settings, levels) + int(settings.tweedie)
 
 
 def trained_levels(pipeline_folder: Path, num_levels: int) -> int:
@@ -526,8 +527,8 @@ def write_report(
         f"## Quality against network evaluations ({result['num_samples']} samples per row, seed "
         f"{result['seed']})\n",
         markdown_table(result) + "\n",
-        "NFE: CDRL T*K EBM gradients (`CDRL-topN`: N*K, Langevin at the N noisiest levels only) + 1 "
-        "Tweedie step (its T initializer forwards are not counted); "
+        "NFE: CDRL T initializer forwards + T*K EBM gradients (`CDRL-topN`: N*K, Langevin at the N "
+        "noisiest levels only) + 1 when its Tweedie step is on; "
         "DRL T*K EBM gradients; DDPM/DDIM one UNet forward per step. `confident`: fraction the independent "
         "digits classifier labels with p >= 0.9; `classes`: classes with at least one confident sample; "
         "`largest class`: share of the most frequent predicted class; `digits FID`: torch-fidelity's FID on "

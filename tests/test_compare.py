@@ -250,17 +250,17 @@ def test_compare_evaluates_tiny_models_end_to_end(
 
     result = json.loads((tmp_path / "runs/cmp.json").read_text())
     settings = [(r["sampler"], r["steps"], r["nfe"]) for r in result["rows"]]
-    # NFE: CDRL 6 K + 1 Tweedie, DRL 6 K, diffusion one UNet call per step.
+    # NFE: CDRL 6 initializer forwards + 6 K + 1 Tweedie, DRL 6 K, diffusion one UNet call per step.
     # Diffusion with diffusers' default clip_sample ("-clip") and without it; CDRL likewise.
     assert settings == [
-        ("CDRL", 1, 7),
-        ("CDRL", 2, 13),
-        ("CDRL-clip", 1, 7),
-        ("CDRL-clip", 2, 13),
-        ("CDRL-top2", 1, 3),  # K at the 2 noisiest of 6 levels + 1 Tweedie step
-        ("CDRL-top2", 2, 5),
-        ("CDRL-top2-clip", 1, 3),
-        ("CDRL-top2-clip", 2, 5),
+        ("CDRL", 1, 13),
+        ("CDRL", 2, 19),
+        ("CDRL-clip", 1, 13),
+        ("CDRL-clip", 2, 19),
+        ("CDRL-top2", 1, 9),  # 6 proposals, K at the 2 noisiest of 6 levels, 1 Tweedie step
+        ("CDRL-top2", 2, 11),
+        ("CDRL-top2-clip", 1, 9),
+        ("CDRL-top2-clip", 2, 11),
         ("DRL", 1, 6),
         ("DDPM-clip", 2, 2),
         ("DDIM-clip", 1, 1),
@@ -272,7 +272,7 @@ def test_compare_evaluates_tiny_models_end_to_end(
     for row in result["rows"] + [result["reference"]]:
         assert 0 <= row["confident_fraction"] <= 1 and row["fid"] >= 0
     report = (results / "cmp.md").read_text()
-    assert "| cdrl | CDRL | 2 | 13 |" in report and "| diffusion | DDIM | 2 | 2 |" in report
+    assert "| cdrl | CDRL | 2 | 19 |" in report and "| diffusion | DDIM | 2 | 2 |" in report
     assert "real test digits" in report and "python experiments/compare.py --cdrl" in report
     for name in (
         "cmp.png",
