@@ -172,9 +172,9 @@ def test_throughput(bench, capsys, tmp_path):
     out, payload = run_main(bench, capsys, tmp_path, "throughput", args)
     assert "samples/s" in out and "50k samples would take" in out
     digits, cifar = payload["results"]
-    # T x K (the sampling K) + Tweedie: 12 x 3 + 1 for the digits recipe, 6 x 15 + 1 for CIFAR-10
-    # the digits recipe: K = 3 at its 2 noisiest levels, no Tweedie step
-    assert digits["ebm_grads_per_sample"] == 6
+    # the refined levels x K (the sampling K) + Tweedie: the digits recipe K = 3 at its 3 noisiest levels,
+    # no Tweedie step; CIFAR-10 6 x 15 + 1
+    assert digits["ebm_grads_per_sample"] == 9
     assert cifar["ebm_grads_per_sample"] == 91
     assert digits["samples"] == 4 and cifar["samples"] == 1
     assert math.isclose(digits["projected_s_for_50k"], 50_000 / digits["samples_per_s"])
