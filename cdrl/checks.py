@@ -137,6 +137,15 @@ def check_image(name: str, images: Any) -> None:
 # ---------------------------------------------------------------- saved configs
 
 
+def full_batch_problem(
+    full_batch: bool, train_top: int | None, persistent_levels: int
+) -> str | None:
+    """What is wrong with ``train.ebm_full_batch`` beside ``train.refine_top`` and persistent chains, or None."""
+    if full_batch and (train_top is None or persistent_levels):
+        return "train.ebm_full_batch needs train.refine_top set and train.persistent_levels 0"
+    return None
+
+
 def refine_top_problem(
     num_levels: int, sample_top: int | None, train_top: int | None, tweedie: bool
 ) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cdrl.checks import MAX_LANGEVIN_STEPS, refine_top_problem
+from cdrl.checks import MAX_LANGEVIN_STEPS, full_batch_problem, refine_top_problem
 from cdrl.toys import TOY_NAMES
 from cdrl.utils import ConfigError, atomic_write, short_path
 
@@ -183,9 +183,7 @@ class TrainConfig:
     # the paper); below them the initializer alone serves, so a step costs far less. Needs
     # langevin.refine_top <= N and, for N < T, langevin.tweedie false (the level-0 EBM is not trained)
     refine_top: int | None = None
-    # with refine_top: every example of the batch trains the EBM (False: only those whose level is one of
-    # the N refined, about N / T of them). An example drawn below them gets a second level among them
-    # (the same x_0, fresh noise) for the EBM; the initializer's examples are unchanged
+    # with refine_top: every example trains the EBM, at a refined level (False: about N / T of them)
     ebm_full_batch: bool = False
     # the lowest N levels take some EBM negatives from persistent chains (0 = paper)
     persistent_levels: int = 0
@@ -576,13 +574,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
     lv, tr = cfg.langevin, cfg.train
     problem = refine_top_problem(cfg.schedule.num_levels, lv.refine_top, tr.refine_top, lv.tweedie)
+    problem = problem or full_batch_problem(tr.ebm_full_batch, tr.refine_top, tr.persistent_levels)
     if problem is not None:
         raise ConfigError(problem)
-    if tr.ebm_full_batch and (tr.refine_top is None or tr.persistent_levels):
-        raise ConfigError(
-            "train.ebm_full_batch needs train.refine_top set and train.persistent_levels 0 (without "
-            "refine_top every example already trains the EBM)"
-        )
     check_dequantize(cfg.data)
     for key, limit in MAX_COUNTS.items():
         section, name = key.split(".")

@@ -84,7 +84,9 @@ def test_cdrl_export_writes_a_loadable_pipeline_and_leaves_the_run_alone(run_x, 
     assert _snapshot(run_x) == before, "cdrl-export changed the run"
     card = (out / "README.md").read_text()
     assert "- training: 5 optimizer steps" in card and "| ebm/loss |" in card
-    assert "- command: `cdrl-train --config debug --max_train_steps 5 --output_dir x" in card  # command.txt
+    assert (
+        "- command: `cdrl-train --config debug --max_train_steps 5 --output_dir x" in card
+    )  # command.txt
     # The final checkpoint's export is the run's own export, bit for bit.
     for part in ("ebm", "initializer"):
         ours = load_file(out / part / "diffusion_pytorch_model.safetensors")

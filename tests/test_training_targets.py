@@ -210,7 +210,9 @@ def test_train_ebm_full_batch_trains_the_ebm_on_every_example(monkeypatch):
     (the same x_0, its own noise) for the EBM, the others keep theirs; one chain refines the whole batch,
     the EBM learns on all of it, and the initializer's targets are as without the option."""
     overrides = ["train.refine_top=2", "langevin.refine_top=2", "langevin.tweedie=false"]
-    seen, schedule, cfg = _spied_step(monkeypatch, overrides=[*overrides, "train.ebm_full_batch=true"])
+    seen, schedule, cfg = _spied_step(
+        monkeypatch, overrides=[*overrides, "train.ebm_full_batch=true"]
+    )
     t, T = seen["t"], schedule.num_levels
     top = t >= T - 2
     assert top.any() and (~top).any()  # both kinds in the batch
@@ -249,8 +251,16 @@ def test_train_ebm_full_batch_trains_the_ebm_on_every_example(monkeypatch):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["train.ebm_full_batch=true"], ["train.ebm_full_batch=true", "train.refine_top=2",
-     "langevin.refine_top=2", "langevin.tweedie=false", "train.persistent_levels=1"]],
+    [
+        ["train.ebm_full_batch=true"],
+        [
+            "train.ebm_full_batch=true",
+            "train.refine_top=2",
+            "langevin.refine_top=2",
+            "langevin.tweedie=false",
+            "train.persistent_levels=1",
+        ],
+    ],
 )
 def test_ebm_full_batch_needs_refine_top_and_no_persistent_chains(overrides):
     with pytest.raises(ConfigError, match="train.ebm_full_batch needs train.refine_top"):

@@ -217,17 +217,25 @@ def _micro_batch(
         # (same x_0, fresh noise) and a proposal there; the others keep theirs. One chain refines all.
         keep = t >= T - top
         t_ebm = torch.where(keep, t, torch.randint_like(t, T - top, T))
-        x_t_e, x_next_e = schedule.q_pair(x0, t_ebm, variance_reduction=cfg.train.variance_reduction)
+        x_t_e, x_next_e = schedule.q_pair(
+            x0, t_ebm, variance_reduction=cfg.train.variance_reduction
+        )
         rows = keep.view(-1, *[1] * (x0.dim() - 1))
         x_t_e, x_next_e = torch.where(rows, x_t, x_t_e), torch.where(rows, x_next, x_next_e)
         lvl_ebm = level(schedule, t_ebm, cfg.langevin)
         with torch.no_grad():
-            y_init_e = init(x_next_e, lvl_ebm.next_noise_level, cond) if init is not None else x_next_e
+            y_init_e = (
+                init(x_next_e, lvl_ebm.next_noise_level, cond) if init is not None else x_next_e
+            )
             if init is not None:
-                y_init_e = y_init_e + expand_as(lvl_ebm.proposal_std, y_init_e) * torch.randn_like(y_init_e)
+                y_init_e = y_init_e + expand_as(lvl_ebm.proposal_std, y_init_e) * torch.randn_like(
+                    y_init_e
+                )
         y_init_e = torch.where(rows, y_init.detach(), y_init_e)
         y_ebm_neg = chain(y_init_e, x_next_e, lvl_ebm, cond)
-        y_neg = torch.where(rows, y_ebm_neg, y_init.detach())  # the initializer's own (refined) targets
+        y_neg = torch.where(
+            rows, y_ebm_neg, y_init.detach()
+        )  # the initializer's own (refined) targets
         y_ebm_pos, continued = expand_as(lvl_ebm.scale, x0) * x_t_e, None
     else:
         lvl_ebm, y_ebm_pos = lvl, y_pos
