@@ -142,6 +142,17 @@ def skip_micro_batch(models: TrainState, accelerator: Accelerator) -> StepResult
         return StepResult({}, None)
 
 
+def _propose(
+    init: nn.Module | None, x_next: Tensor, lvl: Level, cond: Tensor | None
+) -> tuple[Tensor | None, Tensor]:
+    """The initializer's proposal at levels ``lvl`` from x_{t+1}: (its mean, the mean plus the proposal's
+    noise) (CDRL Eq. (8)); without an initializer (DRL), (None, x_{t+1})."""
+    if init is None:
+        return None, x_next
+    mean = init(x_next, lvl.next_noise_level, cond)
+    return mean, mean + expand_as(lvl.proposal_std, mean) * torch.randn_like(mean)
+
+
 def _networks(models: TrainState) -> list[nn.Module]:
     return [net for net in (models.ebm, models.initializer) if net is not None]
 
@@ -170,10 +181,7 @@ def _micro_batch(
     init, ebm = models.initializer, models.ebm
     if init is not None:
         init.train()
-        mean = init(x_next, lvl.next_noise_level, cond)
-        y_init = mean + expand_as(lvl.proposal_std, mean) * torch.randn_like(mean)
-    else:
-        mean, y_init = None, x_next
+    mean, y_init = _propose(init, x_next, lvl, cond)
 
     # Refine with K Langevin steps under the unwrapped EBM: eval mode, frozen, fp32 state (CDRL Alg. 1, line 5).
     ebm_raw = accelerator.unwrap_model(ebm)
@@ -182,6 +190,7 @@ def _micro_batch(
     langevin_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
 
     top = cfg.train.refine_top
+    refined = None if top is None else t >= T - top  # the examples whose own level is a refined one
 
     def refine(y: Tensor, x_tether: Tensor, t_chain: Tensor, c: Tensor | None) -> Tensor:
         """K Langevin steps from y of the recovery conditionals at levels t_chain, tethered to x_tether
@@ -215,22 +224,15 @@ def _micro_batch(
     if top is not None and cfg.train.ebm_full_batch:
         # Every example trains the EBM: one drawn below the refined levels gets a second level among them
         # (same x_0, fresh noise) and a proposal there; the others keep theirs. One chain refines all.
-        keep = t >= T - top
-        t_ebm = torch.where(keep, t, torch.randint_like(t, T - top, T))
+        t_ebm = torch.where(refined, t, torch.randint_like(t, T - top, T))
         x_t_e, x_next_e = schedule.q_pair(
             x0, t_ebm, variance_reduction=cfg.train.variance_reduction
         )
-        rows = keep.view(-1, *[1] * (x0.dim() - 1))
+        rows = refined.view(-1, *[1] * (x0.dim() - 1))
         x_t_e, x_next_e = torch.where(rows, x_t, x_t_e), torch.where(rows, x_next, x_next_e)
         lvl_ebm = level(schedule, t_ebm, cfg.langevin)
         with torch.no_grad():
-            y_init_e = (
-                init(x_next_e, lvl_ebm.next_noise_level, cond) if init is not None else x_next_e
-            )
-            if init is not None:
-                y_init_e = y_init_e + expand_as(lvl_ebm.proposal_std, y_init_e) * torch.randn_like(
-                    y_init_e
-                )
+            _, y_init_e = _propose(init, x_next_e, lvl_ebm, cond)
         y_init_e = torch.where(rows, y_init.detach(), y_init_e)
         y_ebm_neg = chain(y_init_e, x_next_e, lvl_ebm, cond)
         y_neg = torch.where(
@@ -255,20 +257,15 @@ def _micro_batch(
     ).float()
     energy_pos, energy_neg = energies.chunk(2)
     pos, neg, weight = energy_pos, energy_neg, lvl_ebm.loss_weight
-    if top is not None and cfg.train.ebm_full_batch:
-        # the per-level gaps of the diagnostics: the examples whose own level is a refined one
-        energy_pos = torch.where(keep, energy_pos, 0.0)
-        energy_neg = torch.where(keep, energy_neg, 0.0)
-    elif top is not None:
-        # With train.refine_top the EBM learns at the refined levels only: below them its negatives would
-        # never move toward low energy, so nothing would bound the gap it learns (a digits run diverged
-        # within 105 steps). The initializer alone serves those levels.
-        learns = t >= T - top
-        pos, neg, weight = pos[learns], neg[learns], weight[learns]
-        energy_pos = torch.where(
-            learns, energy_pos, 0.0
-        )  # the per-level gaps: 0 where it does not learn
-        energy_neg = torch.where(learns, energy_neg, 0.0)
+    if refined is not None:
+        if not cfg.train.ebm_full_batch:
+            # With train.refine_top the EBM learns at the refined levels only: below them its negatives
+            # would never move toward low energy, so nothing would bound the gap it learns (a digits run
+            # diverged within 105 steps). The initializer alone serves those levels.
+            pos, neg, weight = pos[refined], neg[refined], weight[refined]
+        # the per-level gaps of the diagnostics: 0 at the levels that are not refined
+        energy_pos = torch.where(refined, energy_pos, 0.0)
+        energy_neg = torch.where(refined, energy_neg, 0.0)
     if pos.numel():
         loss, stats = ebm_loss(pos, neg, weight)
     else:  # no example of a refined level in this batch: nothing for the EBM to learn
