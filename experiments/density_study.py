@@ -26,9 +26,9 @@ import torch
 
 from cdrl.config import DataConfig
 from cdrl.data import load_dataset
-from cdrl.evaluation.bpd import dequantize, fit_level0_variance
+from cdrl.evaluation.bpd import dequantize, fit_level_variances
 from cdrl.evaluation.likelihood import (
-    gaussian_level0_terms,
+    gaussian_level_terms,
     negative_log_likelihood,
     top_level_base,
     top_level_log_normalizer,
@@ -55,8 +55,8 @@ def gaussian_decoder_terms(
     pipe: CDRLPipeline, x: torch.Tensor, generator: torch.Generator, variance: float | None = None
 ) -> tuple[torch.Tensor, float]:
     """Level 0 as a Gaussian decoder instead of the EBM: p(x_0 | x_1) = N(m(x_1), v I), m the initializer's
-    proposal mean (y-space) / sqrt(alpha_1) (``cdrl.evaluation.likelihood.gaussian_level0_terms``, which
-    ``negative_log_likelihood(..., level0="gaussian")`` uses). Returns each example's bound term
+    proposal mean (y-space) / sqrt(alpha_1) (``cdrl.evaluation.likelihood.gaussian_level_terms`` at t = 0,
+    which ``negative_log_likelihood(..., gaussian_levels=1)`` uses). Returns each example's bound term
     -log N(x_0; m, v) + log q(x_1 | x_0) (nats, (b,)) and v. x: dequantized data in [-1, 1]; the forward
     noise eps_1 is the generator's first draw, as in ``negative_log_likelihood``. v defaults to the
     proposal's own variance (the DDPM posterior variance betatilde_1)."""
@@ -67,8 +67,8 @@ def gaussian_decoder_terms(
     if variance is None:
         variance = float(schedule.posterior_variances[0])
     with frozen(pipe.ebm, pipe.initializer):
-        quadratic, log_norm = gaussian_level0_terms(
-            pipe.initializer, schedule, settings, x0, x1, variance=variance
+        quadratic, log_norm = gaussian_level_terms(
+            pipe.initializer, schedule, settings, 0, x0, x1, variance=variance
         )
     return quadratic + log_norm, variance
 
@@ -100,11 +100,13 @@ def gaussian_top_terms(
 
 def fitted_decoder_variance(pipe: CDRLPipeline, num: int = 512, seed: int = 123) -> float:
     """The maximum-likelihood scalar variance of the level-0 Gaussian decoder on dequantized *training*
-    digits: mean over pixels of (x_0 - m(x_1))^2 (``cdrl.evaluation.bpd.fit_level0_variance``, one batch)."""
+    digits: mean over pixels of (x_0 - m(x_1))^2 (``cdrl.evaluation.bpd.fit_level_variances``, one batch)."""
     dataset = load_dataset(DataConfig(name="digits"), split="train")
     x = torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
     generator = torch.Generator().manual_seed(seed)
-    return fit_level0_variance(pipe, x, num_bins=NUM_BINS, generator=generator, batch_size=len(x))
+    return fit_level_variances(
+        pipe, x, 1, num_bins=NUM_BINS, generator=generator, batch_size=len(x)
+    )[0]
 
 
 def study(

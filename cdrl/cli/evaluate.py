@@ -14,8 +14,9 @@ and the versions. Images are scored as uint8, rounded as the PNG writers round t
         --output digits.json     # 8x8 models use the offline digits extractor (cdrl/evaluation/fidelity.py)
     cdrl-evaluate --checkpoint runs/digits --metrics bpd --heldout digits-test --bpd_convergence \\
         --output bpd.json        # held-out bits/dim at K and 4K annealing steps, and whether it converged
-    cdrl-evaluate --checkpoint runs/digits_density --metrics bpd --heldout digits-test --bpd_level0 gaussian \\
-        --output bpd.json        # level 0 as an exact Gaussian, its variance fitted on digits-train
+    cdrl-evaluate --checkpoint runs/digits_density --metrics bpd --heldout digits-test --output bpd.json
+                                 # the chain the model samples: the initializer's exact Gaussians below its
+                                 # refine_top levels (variances fitted on digits-train), the EBM's above
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cdrl.cli.common import (
 from cdrl.cli.evaluate_plan import (
     CONVERGENCE_FACTOR,
     FIDELITY_METRICS,
-    LEVEL0_FIT_EXAMPLES,
+    GAUSSIAN_FIT_EXAMPLES,
     SCHEMA,
     Plan,
     build_parser,
@@ -48,8 +49,9 @@ from cdrl.evaluation.bpd import (
     CONVERGENCE_TOLERANCE,
     DEFAULT_NUM_CHAINS,
     DEFAULT_NUM_INTERMEDIATE,
+    bits_per_dim,
     bpd_convergence,
-    fit_level0_variance,
+    fit_level_variances,
     heldout_bpd,
 )
 from cdrl.evaluation.digits import (
@@ -87,7 +89,9 @@ class Inputs:
 
     reference: Reference | None = None
     heldout: Reference | None = None
-    level0_fit: Reference | None = None  # the training data that fit a Gaussian level 0's variance
+    gaussian_fit: Reference | None = (
+        None  # the training data that fit the Gaussian levels' variances
+    )
     ood: dict[str, Reference] = field(default_factory=dict)
     weights: Path | None = None
 
@@ -109,9 +113,9 @@ def load_inputs(args: argparse.Namespace, plan: Plan) -> Inputs:
     if plan.heldout is not None:
         same = inputs.reference is not None and plan.heldout == args.reference
         inputs.heldout = inputs.reference if same else load(plan.heldout)
-    if plan.level0_fit is not None:
-        same = inputs.reference is not None and plan.level0_fit == args.reference
-        inputs.level0_fit = inputs.reference if same else load(plan.level0_fit)
+    if plan.gaussian_fit is not None:
+        same = inputs.reference is not None and plan.gaussian_fit == args.reference
+        inputs.gaussian_fit = inputs.reference if same else load(plan.gaussian_fit)
     for spec in dict.fromkeys(args.ood):
         inputs.ood[spec] = load(spec)
     if plan.extractor == "digits":
@@ -211,14 +215,15 @@ def _main(argv: Sequence[str] | None) -> int:
         x_heldout = inputs.heldout.data(
             subset_indices(len(inputs.heldout), args.num_examples, args.seed)
         )
+        gaussian = _gaussian_levels(args, pipe, plan.gaussian_levels, inputs.gaussian_fit)
         if "bpd" in plan.metrics:
-            _bpd(args, pipe, x_heldout, inputs, figures, details)
+            _bpd(args, pipe, x_heldout, inputs, gaussian, figures, details)
         if "ood" in plan.metrics:
             x_out = {
                 spec: ref.data(subset_indices(len(ref), args.num_examples, args.seed))
                 for spec, ref in inputs.ood.items()
             }
-            details["ood"] = ood_report(pipe, x_heldout, x_out, batch_size=args.batch_size)
+            details["ood"] = _ood(args, pipe, x_heldout, x_out, inputs, gaussian)
             figures["ood_auroc"] = {
                 spec: entry["auroc"]
                 for spec, entry in details["ood"]["out_of_distribution"].items()
@@ -266,17 +271,19 @@ def _bpd(
     pipe: Any,
     x: torch.Tensor,
     inputs: Inputs,
+    gaussian: dict[str, Any],
     figures: dict[str, Any],
     details: dict[str, Any],
 ) -> None:
-    """Held-out bits/dim into ``figures`` and ``details``; with --bpd_convergence at K and 4K."""
+    """Held-out bits/dim into ``figures`` and ``details``; with --bpd_convergence at K and 4K. ``gaussian``:
+    the Gaussian levels' options (``_gaussian_levels``)."""
     heldout = inputs.heldout
     num_bins = heldout.num_bins if heldout.is_image else None
-    level0 = _level0(args, pipe, inputs.level0_fit)
+    gaussian_levels = gaussian.get("gaussian_levels", 0)
     steps = args.bpd_num_intermediate or DEFAULT_NUM_INTERMEDIATE
     chains = args.bpd_num_chains or DEFAULT_NUM_CHAINS
-    # AIS runs at every tethered level but a Gaussian level 0 (exact), and once for the top level.
-    levels = pipe.scheduler.schedule.num_levels - (2 if level0 else 1)
+    # AIS runs at every tethered level but the Gaussian ones (exact), and once for the top level.
+    levels = pipe.scheduler.schedule.num_levels - 1 - gaussian_levels
     gradients = (len(x) * levels + 16) * chains * steps
     extra = f"; then {CONVERGENCE_FACTOR}x that at K = {CONVERGENCE_FACTOR * steps}"
     print(
@@ -294,9 +301,9 @@ def _bpd(
             batch_size=args.batch_size,
             num_intermediate=args.bpd_num_intermediate,
             num_chains=args.bpd_num_chains,
-            **level0,
+            **gaussian,
         )
-        details["bpd"].update(_level0_source(inputs.level0_fit))
+        details["bpd"].update(_gaussian_source(inputs.gaussian_fit))
         figures["bpd"], figures["nll_nats"] = (
             details["bpd"].pop("bpd"),
             details["bpd"].pop("nll_nats"),
@@ -311,11 +318,11 @@ def _bpd(
         num_intermediate=steps,
         num_chains=chains,
         factor=CONVERGENCE_FACTOR,
-        **level0,
+        **gaussian,
     )
     report = {k: v for k, v in check.reports[1].items() if k not in ("bpd", "nll_nats")}
     details["bpd"] = {**report, **({} if num_bins is None else {"num_bins": num_bins})}
-    details["bpd"].update(_level0_source(inputs.level0_fit))
+    details["bpd"].update(_gaussian_source(inputs.gaussian_fit))
     details["bpd_convergence"] = {
         **{k: v for k, v in check._asdict().items() if k != "reports"},
         "tolerance": CONVERGENCE_TOLERANCE,
@@ -329,36 +336,71 @@ def _bpd(
     figures["bpd_converged"] = check.converged
 
 
-def _level0(args: argparse.Namespace, pipe: Any, fit: Reference | None) -> dict[str, Any]:
-    """The level-0 options of the bpd functions: {} for the EBM's level 0; for a Gaussian one its variance,
-    given, or fitted on up to ``LEVEL0_FIT_EXAMPLES`` examples of ``fit`` (seeded ``args.seed``)."""
-    if args.bpd_level0 != "gaussian":
+def _ood(
+    args: argparse.Namespace,
+    pipe: Any,
+    x_in: torch.Tensor,
+    x_out: dict[str, torch.Tensor],
+    inputs: Inputs,
+    gaussian: dict[str, Any],
+) -> dict[str, Any]:
+    """``ood_report`` by the lowest level's energy, or (--ood_score nll) by each example's negative
+    log-likelihood under the density bound, with --metrics bpd's settings and the held-out data's grey
+    levels for every set (so the sets are scored in the same units)."""
+    if args.ood_score == "energy":
+        return ood_report(pipe, x_in, x_out, batch_size=args.batch_size)
+    heldout = inputs.heldout
+    options = {
+        "num_bins": heldout.num_bins if heldout.is_image else None,
+        "num_intermediate": args.bpd_num_intermediate or DEFAULT_NUM_INTERMEDIATE,
+        "num_chains": args.bpd_num_chains or DEFAULT_NUM_CHAINS,
+        "batch_size": args.batch_size,
+        **gaussian,
+    }
+
+    def nll(x: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(args.seed)
+        density = bits_per_dim(pipe, x, generator=generator, progress=False, **options)
+        return torch.tensor(density["nll_per_example"], dtype=torch.float64)
+
+    report = ood_report(pipe, x_in, x_out, score=nll, score_name="nll")
+    report.update({k: v for k, v in options.items() if k != "batch_size"})
+    return report
+
+
+def _gaussian_levels(
+    args: argparse.Namespace, pipe: Any, levels: int, fit: Reference | None
+) -> dict[str, Any]:
+    """The Gaussian-level options of the bpd functions: their number and variances, given or fitted on up
+    to ``GAUSSIAN_FIT_EXAMPLES`` examples of ``fit`` (seeded ``args.seed``); {} when every level is the EBM's."""
+    if levels == 0:
         return {}
-    variance = args.bpd_level0_variance
-    if variance is None:
-        x = fit.data(subset_indices(len(fit), LEVEL0_FIT_EXAMPLES, args.seed))
-        variance = fit_level0_variance(
+    variances = args.bpd_gaussian_variances
+    if variances is None:
+        x = fit.data(subset_indices(len(fit), GAUSSIAN_FIT_EXAMPLES, args.seed))
+        variances = fit_level_variances(
             pipe,
             x,
+            levels,
             num_bins=fit.num_bins if fit.is_image else None,
             generator=torch.Generator().manual_seed(args.seed),
             batch_size=args.batch_size,
         )
         print(
-            f"bits/dim: level 0 as a Gaussian of variance {variance:.4g}, fitted on {len(x)} examples "
-            f"of {fit.spec}",
+            f"bits/dim: the lowest {levels} levels as the initializer's Gaussians, variances "
+            f"{variances[0]:.3g} .. {variances[-1]:.3g} fitted on {len(x)} examples of {fit.spec}",
             file=sys.stderr,
         )
-    return {"level0": "gaussian", "level0_variance": variance}
+    return {"gaussian_levels": levels, "gaussian_variances": list(variances)}
 
 
-def _level0_source(fit: Reference | None) -> dict[str, Any]:
-    """Where a fitted level-0 variance came from, for the JSON ({} when none was fitted)."""
+def _gaussian_source(fit: Reference | None) -> dict[str, Any]:
+    """Where fitted Gaussian-level variances came from, for the JSON ({} when none were fitted)."""
     if fit is None:
         return {}
     return {
-        "level0_variance_fitted_on": fit.spec,
-        "level0_fit_examples": min(len(fit), LEVEL0_FIT_EXAMPLES),
+        "gaussian_variances_fitted_on": fit.spec,
+        "gaussian_fit_examples": min(len(fit), GAUSSIAN_FIT_EXAMPLES),
     }
 
 

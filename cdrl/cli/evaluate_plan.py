@@ -4,6 +4,8 @@ work (``cdrl.cli.evaluate`` runs the plan)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +42,8 @@ DESCRIPTION = "cdrl-evaluate: sample quality (FID, KID, IS), conditional accurac
 CONVERGENCE_FACTOR = 4  # --bpd_convergence: the estimate at K and at 4K annealing steps
 # The default bpd of the 360 digits test images, 12 levels: 2:52 measured on 1 thread.
 DIGITS_MINUTES = 3
-LEVEL0_FIT_EXAMPLES = (
-    2_048  # --bpd_level0 gaussian: at most this many training examples fit its variance
+GAUSSIAN_FIT_EXAMPLES = (
+    2_048  # at most this many training examples fit the Gaussian levels' variances
 )
 
 
@@ -83,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ood", nargs="+", default=[], metavar="R", help="out-of-distribution data sets for ood"
+    )
+    parser.add_argument(
+        "--ood_score",
+        choices=("energy", "nll"),
+        default="energy",
+        help="ood: score each example by the lowest level's energy (energy, the default) or by the density "
+        "bound's negative log-likelihood, computed as --metrics bpd computes it, with its --bpd_* settings "
+        "and the held-out data's grey levels for every set (nll: for models whose level-0 EBM is not "
+        "trained, such as train.refine_top recipes)",
     )
     parser.add_argument(
         "--num_examples",
@@ -185,21 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"{CONVERGENCE_FACTOR}K figure",
     )
     parser.add_argument(
-        "--bpd_level0",
-        choices=("ebm", "gaussian"),
+        "--bpd_gaussian_levels",
         default=None,
-        help="bpd: level 0 as the EBM's recovery conditional, its normalizer by AIS (ebm, the default), or "
-        "as an exact Gaussian decoder N(m(x_1), v I) around the initializer's mean (gaussian: no AIS there; "
-        "the bound of a chain whose last step is that Gaussian)",
+        metavar="L",
+        help="bpd: score the lowest L levels as the initializer's exact Gaussians N(m_t(x_{t+1}), v_t I) "
+        "(no AIS there) and the levels above by the EBM, its normalizers by AIS; 0: every level the EBM's. "
+        "Default (auto): the chain the model samples, T - refine_top for a model that refines only its "
+        "refine_top noisiest levels, else 0",
     )
     parser.add_argument(
-        "--bpd_level0_variance",
+        "--bpd_gaussian_variances",
         type=float,
+        nargs="+",
         default=None,
         metavar="V",
-        help="bpd: v of --bpd_level0 gaussian, in the model's units squared (default: its maximum-likelihood "
-        f"value on up to {LEVEL0_FIT_EXAMPLES:,} examples of the training split of the held-out data, "
-        "e.g. digits-train for digits-test)",
+        help="bpd: v_0 .. v_{L-1} of the Gaussian levels, in the model's units squared (default: their "
+        f"maximum-likelihood values on up to {GAUSSIAN_FIT_EXAMPLES:,} examples of the training split of "
+        "the held-out data, e.g. digits-train for digits-test)",
     )
     parser.add_argument(
         "--device",
@@ -219,7 +232,8 @@ class Plan:
     labels: list[int] | None  # one class label per sample, or None (unconditional)
     extractor: str | None  # a key of EXTRACTORS, when a sample metric needs one
     heldout: str | None  # the spec of the held-out data (bpd, ood)
-    level0_fit: str | None = None  # the data that fit the Gaussian level 0's variance (bpd)
+    gaussian_levels: int = 0  # bpd: the lowest levels scored as the initializer's Gaussians
+    gaussian_fit: str | None = None  # the data that fit their variances (bpd)
 
     @property
     def needs_samples(self) -> bool:
@@ -280,21 +294,67 @@ def plan_evaluation(args: argparse.Namespace) -> Plan:
     if args.digits_classifier is not None and extractor != "digits":
         raise CLIError("--digits_classifier is for the digits extractor (1x8x8 digits models)")
     heldout = (args.heldout or args.reference) if chosen & HELDOUT_METRICS else None
-    level0_fit = None
-    if args.bpd_level0 == "gaussian":
-        if not (checkpoint / "initializer").is_dir():
+    gaussian_levels, gaussian_fit = _plan_gaussian_levels(args, checkpoint, heldout, chosen)
+    return Plan(
+        checkpoint, metrics, sample_shape, labels, extractor, heldout, gaussian_levels, gaussian_fit
+    )
+
+
+def _plan_gaussian_levels(
+    args: argparse.Namespace, checkpoint: Path, heldout: str | None, chosen: set[str]
+) -> tuple[int, str | None]:
+    """L of --bpd_gaussian_levels (auto: the chain the model samples) and the data that fit the variances."""
+    if "bpd" not in chosen and not ("ood" in chosen and args.ood_score == "nll"):
+        return 0, None
+    path = checkpoint / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler = json.loads(path.read_text())
+        num_levels = int(scheduler["num_levels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CLIError(
+            f"checkpoint {checkpoint} is incomplete: {path} is missing or unreadable"
+        ) from None
+    has_initializer = (checkpoint / "initializer").is_dir()
+    given = args.bpd_gaussian_levels
+    if given in (None, "auto"):
+        top = scheduler.get("refine_top")
+        levels = (
+            0
+            if top is None or not has_initializer
+            else max(0, min(num_levels - 1, num_levels - top))
+        )
+    else:
+        try:
+            levels = int(given)
+        except ValueError:
             raise CLIError(
-                f"--bpd_level0 gaussian needs an initializer (its mean is the decoder's); checkpoint "
-                f"{checkpoint} has none"
+                f"--bpd_gaussian_levels must be an integer or auto, got {given!r}"
+            ) from None
+        if not 0 <= levels < num_levels:
+            raise CLIError(
+                f"--bpd_gaussian_levels must be in [0, {num_levels - 1}] for this {num_levels}-level "
+                f"model (the top level is the EBM's), got {levels}"
             )
-        if args.bpd_level0_variance is None:
-            level0_fit = training_split(heldout)
-            if level0_fit is None:
-                raise CLIError(
-                    f"--bpd_level0 gaussian fits its variance on the training split of the held-out "
-                    f"data, and {heldout} has none; give --bpd_level0_variance"
-                )
-    return Plan(checkpoint, metrics, sample_shape, labels, extractor, heldout, level0_fit)
+        if levels and not has_initializer:
+            raise CLIError(
+                f"--bpd_gaussian_levels {levels} needs an initializer (its means are the Gaussians'); "
+                f"checkpoint {checkpoint} has none"
+            )
+    variances = args.bpd_gaussian_variances
+    if variances is not None and len(variances) != levels:
+        raise CLIError(
+            f"--bpd_gaussian_variances gives {len(variances)} values for {levels} Gaussian levels; "
+            "give one per level, lowest first"
+        )
+    if levels == 0 or variances is not None:
+        return levels, None
+    fit = training_split(heldout)
+    if fit is None:
+        raise CLIError(
+            f"the {levels} Gaussian levels fit their variances on the training split of the held-out "
+            f"data, and {heldout} has none; give --bpd_gaussian_variances or --bpd_gaussian_levels 0"
+        )
+    return levels, fit
 
 
 def _check_values(args: argparse.Namespace) -> None:
@@ -331,9 +391,10 @@ def _check_values(args: argparse.Namespace) -> None:
         raise CLIError(
             "--bpd_convergence needs at least 2 examples (a standard error over examples)"
         )
-    check_finite(args, "guidance_scale", "bpd_level0_variance")
-    if args.bpd_level0_variance is not None and args.bpd_level0_variance <= 0:
-        raise CLIError(f"--bpd_level0_variance must be > 0, got {args.bpd_level0_variance:g}")
+    check_finite(args, "guidance_scale")
+    for v in args.bpd_gaussian_variances or ():
+        if not math.isfinite(v) or v <= 0:
+            raise CLIError(f"--bpd_gaussian_variances must be finite and > 0, got {v:g}")
     check_device(args.device)
     if args.guidance_scale < 0:
         raise CLIError(
@@ -374,13 +435,14 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
         "bpd_num_intermediate",
         "bpd_num_chains",
         "bpd_convergence",
-        "bpd_level0",
-        "bpd_level0_variance",
+        "bpd_gaussian_levels",
+        "bpd_gaussian_variances",
     ):
-        if getattr(args, flag) not in (None, False) and "bpd" not in chosen:
-            raise CLIError(f"--{flag} is for --metrics bpd")
-    if args.bpd_level0_variance is not None and args.bpd_level0 != "gaussian":
-        raise CLIError("--bpd_level0_variance is for --bpd_level0 gaussian")
+        nll = "ood" in chosen and args.ood_score == "nll"
+        if getattr(args, flag) not in (None, False) and "bpd" not in chosen and not nll:
+            raise CLIError(f"--{flag} is for --metrics bpd (or ood with --ood_score nll)")
+    if args.ood_score != "energy" and "ood" not in chosen:
+        raise CLIError("--ood_score is for --metrics ood")
 
 
 def _plan_labels(

@@ -1,11 +1,12 @@
 """Bits per dimension of held-out data (docs/method.md §9): the bound of ``cdrl.evaluation.likelihood``
 in bits per dimension on dequantized images (``cdrl.data.dequantize``), held-out evaluation, the fitted
-variance of a Gaussian level 0, and the convergence check (the estimate at K and 4K annealing steps).
+variances of the initializer's Gaussian levels, and the convergence check (the estimate at K and 4K annealing steps).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -16,9 +17,9 @@ from cdrl.data import dequantize
 from cdrl.evaluation.ais import ess_fraction
 from cdrl.evaluation.likelihood import (
     NLLResult,
-    check_level0,
-    gaussian_level0_terms,
-    level0_decoder_mean,
+    check_gaussian_levels,
+    gaussian_level_terms,
+    level_decoder_mean,
     level_energy_fn,
     negative_log_likelihood,
     top_level_base,
@@ -44,54 +45,70 @@ def _discrete(x0: Tensor, num_bins: int | None) -> bool:
     return x0.dim() == 4 and num_bins is not None
 
 
-def fit_level0_variance(
+def model_gaussian_levels(pipeline) -> int:
+    """L of the chain a pipeline samples: the levels below its ``refine_top`` noisiest ones, where the
+    sampler keeps the initializer's proposal and the EBM does not refine (0 when every level is refined,
+    or without an initializer)."""
+    top = pipeline.scheduler.config.get("refine_top")
+    num_levels = pipeline.scheduler.schedule.num_levels
+    if pipeline.initializer is None or top is None:
+        return 0
+    return max(0, min(num_levels - 1, num_levels - top))
+
+
+def fit_level_variances(
     pipeline,
     x0: Tensor,
+    num_levels: int,
     *,
     num_bins: int | None = 256,
     generator: torch.Generator | None = None,
     batch_size: int = 256,
-) -> float:
-    """The maximum-likelihood variance v of the Gaussian level 0 (``likelihood.gaussian_level0_terms``).
+) -> list[float]:
+    """The maximum-likelihood variances v_0 .. v_{L-1} of the Gaussian levels
+    (``likelihood.gaussian_level_terms``).
 
-    v = the mean over examples and dimensions of (x_0 - m(x_1))^2, with x_1 ~ q(x_1 | x_0) and m the
-    initializer's mean (``likelihood.level0_decoder_mean``; a conditional model's null label), on data
-    prepared as ``bits_per_dim`` prepares it: images dequantized with ``num_bins``, then x_0 = data_scale * x.
-    Fit it on training data, never on the data being scored.
+    v_t = the mean over examples and dimensions of (x_t - m_t(x_{t+1}))^2, with x_{1:L} drawn from the
+    forward chain q and m_t the initializer's mean (``likelihood.level_decoder_mean``; a conditional
+    model's null label), on data prepared as ``bits_per_dim`` prepares it: images dequantized with
+    ``num_bins``, then x_0 = data_scale * x. Fit them on training data, never on the data being scored.
 
     Args:
         pipeline: a ``CDRLPipeline`` with an initializer.
         x0: (n, ...) training data in [-1, 1] (before data_scale).
+        num_levels: L, 1 <= L < T.
         num_bins: levels per pixel for images (ignored for vectors), as for ``bits_per_dim``.
         generator: the source of the dequantization (first, all of x0) and the forward noise (then, per
-            batch).
+            batch and level).
         batch_size: examples per initializer forward.
 
     Returns:
-        v in the model's units squared.
+        [v_0, ..., v_{L-1}] in the model's units squared.
     """
     initializer, scheduler = pipeline.initializer, pipeline.scheduler
     if initializer is None:
-        raise ValueError(
-            "a Gaussian level 0 needs the initializer: its proposal mean is the decoder's"
-        )
+        raise ValueError("Gaussian levels need the initializer: its proposal means are their means")
     schedule, settings = scheduler.schedule, scheduler.langevin_settings()
+    if not 1 <= num_levels < schedule.num_levels:
+        raise ValueError(f"num_levels must be in [1, {schedule.num_levels - 1}], got {num_levels}")
     param = next(initializer.parameters())
     x = x0.to(param.device, param.dtype)
     if _discrete(x, num_bins):
         x = dequantize(x, num_bins, generator=generator)
     x = x * float(scheduler.config.data_scale)
     sizes = tuple(initializer.config.get("condition_sizes") or ())
-    alpha1, sigma1 = float(schedule.alphas[1]), float(schedule.sigmas[1])
-    total = 0.0
+    alphas, sigmas = schedule.alphas.double().tolist(), schedule.sigmas.double().tolist()
+    totals = [0.0] * num_levels
     with torch.no_grad(), frozen(initializer):
         for i in range(0, len(x), batch_size):
-            batch = x[i : i + batch_size]
-            x1 = math.sqrt(alpha1) * batch + sigma1 * randn_like(batch, generator)
-            null = null_condition(sizes, len(batch), x.device) if sizes else None
-            mean = level0_decoder_mean(initializer, schedule, settings, x1, cond=null)
-            total += float((batch - mean).double().pow(2).sum())
-    return total / x.numel()
+            xt = x[i : i + batch_size]
+            null = null_condition(sizes, len(xt), x.device) if sizes else None
+            for t in range(num_levels):
+                x_next = math.sqrt(alphas[t + 1]) * xt + sigmas[t + 1] * randn_like(xt, generator)
+                mean = level_decoder_mean(initializer, schedule, settings, t, x_next, cond=null)
+                totals[t] += float((xt - mean).double().pow(2).sum())
+                xt = x_next
+    return [total / x.numel() for total in totals]
 
 
 def bits_per_dim(
@@ -108,8 +125,8 @@ def bits_per_dim(
     num_mcmc_steps: int = 1,
     data_generator: torch.Generator | None = None,
     progress: bool = True,
-    level0: Literal["ebm", "gaussian"] = "ebm",
-    level0_variance: float | None = None,
+    gaussian_levels: int = 0,
+    gaussian_variances: Sequence[float] | None = None,
 ) -> dict:
     """Negative log-likelihood and bits per dimension of data under a trained pipeline (docs/method.md §9).
 
@@ -125,9 +142,10 @@ def bits_per_dim(
     intermediate distributions the NLL comes out too low, never too high, on average. The cost is about
     n (T - 1) num_chains num_intermediate num_mcmc_steps energy gradients, plus top_num_chains times
     num_intermediate num_mcmc_steps for the top level (``DEFAULT_NUM_INTERMEDIATE`` and
-    ``DEFAULT_NUM_CHAINS`` are sized for the digits test set on 2 CPU cores). With ``level0="gaussian"``
-    level 0 is the exact Gaussian decoder N(m(x_1), v I) of ``likelihood.gaussian_level0_terms`` (no AIS
-    there): give v from ``fit_level0_variance`` on training data.
+    ``DEFAULT_NUM_CHAINS`` are sized for the digits test set on 2 CPU cores). With ``gaussian_levels = L``
+    the lowest L levels are the initializer's exact Gaussians N(m_t(x_{t+1}), v_t I) of
+    ``likelihood.gaussian_level_terms`` (no AIS there): give the v_t from ``fit_level_variances`` on
+    training data. ``model_gaussian_levels`` is the L of the chain a pipeline samples.
 
     Args:
         pipeline: a ``CDRLPipeline`` (its ebm, scheduler and, for base="proposal", initializer).
@@ -144,8 +162,8 @@ def bits_per_dim(
         data_generator: the source of the dequantization and the forward noise (default ``generator``,
             which then only drives AIS): equal seeds give the same data draws at any AIS settings.
         progress: a progress bar on stderr, one step per level of each batch of examples.
-        level0: "ebm" (level 0 by AIS, as every level) or "gaussian" (the exact Gaussian decoder).
-        level0_variance: v of the Gaussian level 0, in the model's units squared.
+        gaussian_levels: L, the lowest levels scored as the initializer's Gaussians (0: every level by AIS).
+        gaussian_variances: their v_0 .. v_{L-1}, in the model's units squared.
 
     Returns:
         A JSON-serializable dict: ``nll_nats`` (mean per example), ``bpd``, ``nll_stderr_nats``,
@@ -153,14 +171,16 @@ def bits_per_dim(
         ``per_level_nats`` (mean term of each level t = 0..T-1, the last the marginal EBM: where the nats
         go), ``per_level_energy``, ``per_level_log_normalizer``, ``per_level_jacobian``,
         ``data_scale_nats``, ``dequantization_nats``, ``top_log_normalizer``, ``ais_acceptance`` and
-        ``ais_ess_fraction`` per level, ``num_examples``, ``dims``, the AIS settings, ``level0`` and
-        ``level0_variance``.
+        ``ais_ess_fraction`` per level, ``num_examples``, ``dims``, the AIS settings, ``gaussian_levels``
+        and ``gaussian_variances``.
     """
     ebm, scheduler = pipeline.ebm, pipeline.scheduler
-    initializer = pipeline.initializer if base == "proposal" or level0 == "gaussian" else None
+    initializer = pipeline.initializer if base == "proposal" or gaussian_levels else None
     if base == "proposal" and initializer is None:
         raise ValueError("base='proposal' needs a pipeline with an initializer")
-    check_level0(level0, level0_variance, initializer, scheduler.schedule.num_levels)
+    check_gaussian_levels(
+        gaussian_levels, gaussian_variances, initializer, scheduler.schedule.num_levels
+    )
     schedule = scheduler.schedule
     settings = scheduler.langevin_settings()
     data_scale = float(scheduler.config.data_scale)
@@ -226,8 +246,8 @@ def bits_per_dim(
             generator=generator,
             forward_generator=data_gen,
             on_level=bar.update,
-            level0=level0,
-            level0_variance=level0_variance,
+            gaussian_levels=gaussian_levels,
+            gaussian_variances=gaussian_variances,
         )
         results.append(result)
     bar.close()
@@ -263,8 +283,8 @@ def bits_per_dim(
         "top_num_chains": num_top,
         "num_mcmc_steps": num_mcmc_steps,
         "base": base,
-        "level0": level0,
-        "level0_variance": level0_variance,
+        "gaussian_levels": gaussian_levels,
+        "gaussian_variances": None if gaussian_variances is None else list(gaussian_variances),
     }
 
 
@@ -278,8 +298,8 @@ def heldout_bpd(
     num_intermediate: int | None = None,
     num_chains: int | None = None,
     progress: bool = True,
-    level0: Literal["ebm", "gaussian"] | None = None,
-    level0_variance: float | None = None,
+    gaussian_levels: int | None = None,
+    gaussian_variances: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Bits per dimension of held-out data with ``bits_per_dim``, as ``cdrl-evaluate --metrics bpd`` reports it.
 
@@ -292,7 +312,8 @@ def heldout_bpd(
         batch_size: examples per AIS batch.
         num_intermediate, num_chains: AIS settings; None keeps ``bits_per_dim``'s defaults.
         progress: ``bits_per_dim``'s progress bar.
-        level0, level0_variance: ``bits_per_dim``'s; None keeps its defaults (level 0 by AIS).
+        gaussian_levels, gaussian_variances: ``bits_per_dim``'s; None keeps its defaults (every level by
+            AIS).
 
     Returns:
         ``bpd``, ``nll_nats`` (mean per example) and the rest of ``bits_per_dim``'s report (``convention``,
@@ -302,8 +323,8 @@ def heldout_bpd(
         "num_intermediate": num_intermediate,
         "num_chains": num_chains,
         "num_bins": num_bins,
-        "level0": level0,
-        "level0_variance": level0_variance,
+        "gaussian_levels": gaussian_levels,
+        "gaussian_variances": gaussian_variances,
     }
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     density = bits_per_dim(
@@ -365,8 +386,8 @@ def bpd_convergence(
     num_chains: int = DEFAULT_NUM_CHAINS,
     factor: int = 4,
     progress: bool = True,
-    level0: Literal["ebm", "gaussian"] = "ebm",
-    level0_variance: float | None = None,
+    gaussian_levels: int = 0,
+    gaussian_variances: Sequence[float] | None = None,
 ) -> BPDConvergence:
     """``bits_per_dim`` at K = ``num_intermediate`` and at factor x K annealing steps, and the verdict.
 
@@ -374,8 +395,8 @@ def bpd_convergence(
     ``seed``) and independent AIS streams (seeds drawn from ``seed``): the per-example change is the AIS
     estimate's alone. The second run costs ``factor`` times the first. (The K figure differs, within its
     noise, from ``heldout_bpd``'s at the same seed, whose one generator also drives AIS.) Arguments as for
-    ``heldout_bpd``; num_intermediate is K; a Gaussian level 0 (``level0``, ``level0_variance``) is the
-    same in both runs. Returns the figures and ``convergence_criterion``'s verdict.
+    ``heldout_bpd``; num_intermediate is K; the Gaussian levels (``gaussian_levels``,
+    ``gaussian_variances``) are the same, exact, in both runs. Returns the figures and ``convergence_criterion``'s verdict.
     """
     if factor < 2:
         raise ValueError(f"factor must be at least 2, got {factor}")
@@ -390,8 +411,8 @@ def bpd_convergence(
             generator=torch.Generator().manual_seed(s),
             progress=progress,
             data_generator=torch.Generator().manual_seed(seed),
-            level0=level0,
-            level0_variance=level0_variance,
+            gaussian_levels=gaussian_levels,
+            gaussian_variances=gaussian_variances,
             **({} if num_bins is None else {"num_bins": num_bins}),
         )
         for steps, s in zip((num_intermediate, factor * num_intermediate), seeds, strict=True)
@@ -424,10 +445,11 @@ __all__ = [
     "bpd_convergence",
     "convergence_criterion",
     "dequantize",
-    "fit_level0_variance",
-    "gaussian_level0_terms",
+    "fit_level_variances",
+    "gaussian_level_terms",
     "heldout_bpd",
-    "level0_decoder_mean",
+    "level_decoder_mean",
+    "model_gaussian_levels",
     "level_energy_fn",
     "negative_log_likelihood",
     "top_level_base",

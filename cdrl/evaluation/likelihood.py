@@ -1,7 +1,7 @@
 """The variational bound on -log p(x) (docs/method.md §9): each level's tempered
 energy, the top level's Gaussian base and normalizer, the per-level terms of the bound with every
-recovery conditional's normalizer from ``cdrl.evaluation.ais``, or level 0 as an exact Gaussian decoder
-(``gaussian_level0_terms``). Bits per dimension: ``cdrl.evaluation.bpd``.
+recovery conditional's normalizer from ``cdrl.evaluation.ais``, or the lowest levels as the initializer's exact
+Gaussian conditionals (``gaussian_level_terms``). Bits per dimension: ``cdrl.evaluation.bpd``.
 
 Sign convention as everywhere in the package: an energy is E, p ∝ exp(-E). Log-normalizers and likelihoods
 are float64, in nats.
@@ -10,7 +10,7 @@ are float64, in nats.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -35,8 +35,8 @@ from cdrl.utils import randn_like
 class NLLResult(NamedTuple):
     """The variational bound on -log p(x) per example, split by level (``negative_log_likelihood``).
 
-    With ``level0="gaussian"`` level 0's columns are the decoder's (``gaussian_level0_terms``): its energy
-    is the quadratic part, its log_normalizer (D / 2) log(v / sigma_1^2), its Jacobian 0, AIS figures NaN.
+    A Gaussian level t (``gaussian_levels``) has the columns of ``gaussian_level_terms``: its energy is the
+    quadratic part, its log_normalizer (D / 2) log(v_t / sigma_{t+1}^2), its Jacobian 0, AIS figures NaN.
     """
 
     nll: Tensor  # (b,) float64 nats: the bound on -log p(x), data_scale Jacobian included
@@ -165,59 +165,68 @@ def top_level_log_normalizer(
         )
 
 
-def level0_decoder_mean(
+def level_decoder_mean(
     initializer: nn.Module,
     schedule: NoiseSchedule,
     settings: LangevinConfig,
-    x1: Tensor,
+    t: int,
+    x_next: Tensor,
     *,
     cond: Tensor | None = None,
 ) -> Tensor:
-    """m(x_1) = mu(x_1) / sqrt(alpha_1): the initializer's level-0 proposal mean (y-space, CDRL Eq. (8))
-    mapped back to x_0. x1 (b, ...) in the model's units; cond (b, K) labels (the null label for the
-    unconditional density) or None. Returns (b, ...)."""
-    lvl = level(schedule, torch.zeros(x1.shape[0], dtype=torch.long, device=x1.device), settings)
-    mean = composed(initializer, x1, lvl.next_noise_level, null=cond)
-    return mean / math.sqrt(float(schedule.alphas[1]))
+    """m_t(x_{t+1}) = mu(x_{t+1}, t) / sqrt(alpha_{t+1}): the initializer's level-t proposal mean (y-space,
+    CDRL Eq. (8)) mapped back to x_t. x_next (b, ...) in the model's units; cond (b, K) labels (the null
+    label for the unconditional density) or None. Returns (b, ...)."""
+    lvl = level(
+        schedule,
+        torch.full((x_next.shape[0],), t, dtype=torch.long, device=x_next.device),
+        settings,
+    )
+    mean = composed(initializer, x_next, lvl.next_noise_level, null=cond)
+    return mean / math.sqrt(float(schedule.alphas[t + 1]))
 
 
-def gaussian_level0_terms(
+def gaussian_level_terms(
     initializer: nn.Module,
     schedule: NoiseSchedule,
     settings: LangevinConfig,
-    x0: Tensor,
-    x1: Tensor,
+    t: int,
+    xt: Tensor,
+    x_next: Tensor,
     *,
     variance: float,
     cond: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Level 0's term of the bound with a Gaussian decoder p(x_0 | x_1) = N(m(x_1), v I) in place of the EBM.
+    """Level t's term of the bound with the initializer's Gaussian p(x_t | x_{t+1}) = N(m_t, v I) in place of
+    the EBM's recovery conditional.
 
-    The term is exact (no AIS), as DDPM's decoder is (Ho et al. 2020, Sec. 3.3, continuous here: the data
-    are dequantized):
+    The term is exact (no AIS), as DDPM's are (Ho et al. 2020, Eq. (5); at t = 0 its decoder, continuous
+    here: the data are dequantized):
 
-        term_0 = -log N(x_0; m(x_1), v I) + log q(x_1 | x_0)
-               = ||x_0 - m||^2 / (2 v) - ||x_1 - sqrt(alpha_1) x_0||^2 / (2 sigma_1^2) + (D / 2) log(v / sigma_1^2),
+        term_t = -log N(x_t; m_t(x_{t+1}), v I) + log q(x_{t+1} | x_t)
+               = ||x_t - m_t||^2 / (2 v) - ||x_{t+1} - sqrt(alpha_{t+1}) x_t||^2 / (2 sigma_{t+1}^2)
+                 + (D / 2) log(v / sigma_{t+1}^2),
 
-    with m = ``level0_decoder_mean``. The decoder is a density of x_0 itself, so level 0 has no
-    Jacobian term. ``fit_level0_variance`` (``cdrl.evaluation.bpd``) gives the maximum-likelihood v.
+    with m_t = ``level_decoder_mean``. It is a density of x_t itself, so the level has no Jacobian term.
+    ``cdrl.evaluation.bpd.fit_level_variances`` gives the maximum-likelihood v of each level.
 
     Args:
         initializer, schedule, settings: the model (the settings fix the initializer's inputs).
-        x0: (b, ...) data in the model's units (data_scale * x).
-        x1: (b, ...) its forward draw, sqrt(alpha_1) x0 + sigma_1 eps.
+        t: the level, 0 <= t < T - 1.
+        xt: (b, ...) x_t in the model's units (at t = 0: data_scale * x).
+        x_next: (b, ...) its forward draw, sqrt(alpha_{t+1}) x_t + sigma_{t+1} eps.
         variance: v, in the model's units squared.
         cond: (b, K) labels (the null label for the unconditional density), or None.
 
     Returns:
         (quadratic (b,), log_normalizer (b,)), float64 nats: the first two terms and the last; their sum is
-        term_0.
+        term_t.
     """
-    alpha1, sigma1 = float(schedule.alphas[1]), float(schedule.sigmas[1])
-    mean = level0_decoder_mean(initializer, schedule, settings, x1, cond=cond)
-    decoder = (x0 - mean).flatten(1).double().pow(2).sum(1) / (2 * variance)
-    forward = (x1 - math.sqrt(alpha1) * x0).flatten(1).double().pow(2).sum(1) / (2 * sigma1**2)
-    log_norm = 0.5 * x0[0].numel() * math.log(variance / sigma1**2)
+    alpha, sigma = float(schedule.alphas[t + 1]), float(schedule.sigmas[t + 1])
+    mean = level_decoder_mean(initializer, schedule, settings, t, x_next, cond=cond)
+    decoder = (xt - mean).flatten(1).double().pow(2).sum(1) / (2 * variance)
+    forward = (x_next - math.sqrt(alpha) * xt).flatten(1).double().pow(2).sum(1) / (2 * sigma**2)
+    log_norm = 0.5 * xt[0].numel() * math.log(variance / sigma**2)
     return decoder - forward, torch.full_like(decoder, log_norm)
 
 
@@ -242,8 +251,8 @@ def negative_log_likelihood(
     generator: torch.Generator | None = None,
     forward_generator: torch.Generator | None = None,
     on_level: Callable[[], None] | None = None,
-    level0: Literal["ebm", "gaussian"] = "ebm",
-    level0_variance: float | None = None,
+    gaussian_levels: int = 0,
+    gaussian_variances: Sequence[float] | None = None,
 ) -> NLLResult:
     """The variational bound on -log p(x) for continuous x (b, ...), per example and level (docs/method.md §9).
 
@@ -267,10 +276,12 @@ def negative_log_likelihood(
     the last piece the Jacobian of y = sqrt(alpha) x, and term_{T-1} = E(x_{T-1}) / T_{T-1} + log Z_{T-1}.
     Then -log p(x) = -log p(x_0) - D log(data_scale). The normalizers come from AIS (``method="ais"``),
     whose log Z is low in expectation, so the estimate can fall a little below the true bound, or from the
-    grid (``method="grid"``, 2-D models only). With ``level0="gaussian"`` the lowest step of the chain is
-    the Gaussian decoder N(m(x_1), v I) of ``gaussian_level0_terms`` instead of the EBM, and its term is
-    exact: the bound of a model whose last step outputs the initializer's mean plus Gaussian noise (the
-    sampler's Langevin steps at level 0 are then not part of it).
+    grid (``method="grid"``, 2-D models only). With ``gaussian_levels = L`` the lowest L steps of the chain
+    are the initializer's Gaussians N(m_t(x_{t+1}), v_t I) of ``gaussian_level_terms`` instead of the EBM's
+    conditionals, and their terms are exact: the bound of a chain that refines with the EBM only at the
+    levels t >= L, as a sampler with ``langevin.refine_top = T - L`` does (its proposals below are this
+    Gaussian's mean; v_t, fitted on training data, replaces the proposal's narrower posterior variance).
+    L = 1 is DDPM's decoder; L = T - 1 leaves only the top level's marginal EBM.
 
     Args:
         ebm: the energy network (run under ``cdrl.sampling.frozen``).
@@ -295,10 +306,10 @@ def negative_log_likelihood(
         forward_generator: the forward noise's own source (default ``generator``): equal seeds share
             x_{1:T-1} whatever the AIS settings.
         on_level: called after each tethered level (a progress bar's update).
-        level0: "ebm" (level 0 is the EBM's recovery conditional, its normalizer by AIS) or "gaussian"
-            (the exact Gaussian decoder; needs ``initializer`` and ``level0_variance``).
-        level0_variance: v of the Gaussian level 0, in the model's units squared (see
-            ``cdrl.evaluation.bpd.fit_level0_variance``).
+        gaussian_levels: L, how many of the lowest levels are the initializer's exact Gaussians (needs
+            ``initializer`` and ``gaussian_variances``); 0: every level is the EBM's, by AIS.
+        gaussian_variances: v_0 .. v_{L-1}, in the model's units squared (see
+            ``cdrl.evaluation.bpd.fit_level_variances``).
 
     Returns:
         An ``NLLResult``.
@@ -307,7 +318,7 @@ def negative_log_likelihood(
         raise ValueError(f"unknown method {method!r}; use 'ais' or 'grid'")
     if base == "proposal" and initializer is None:
         raise ValueError("base='proposal' needs the initializer")
-    check_level0(level0, level0_variance, initializer, schedule.num_levels)
+    check_gaussian_levels(gaussian_levels, gaussian_variances, initializer, schedule.num_levels)
     num_levels = schedule.num_levels
     b, dims = x0.shape[0], x0[0].numel()
     dev = x0.device
@@ -328,14 +339,15 @@ def negative_log_likelihood(
     jacobian = torch.zeros(num_levels, dtype=torch.float64)
     with frozen(ebm, initializer):
         for t in range(num_levels):
-            if t == 0 and level0 == "gaussian":  # exact, no AIS; no Jacobian (a density of x_0)
-                energy[:, 0], log_norm[:, 0] = gaussian_level0_terms(
+            if t < gaussian_levels:  # exact, no AIS; no Jacobian (a density of x_t)
+                energy[:, t], log_norm[:, t] = gaussian_level_terms(
                     initializer,
                     schedule,
                     settings,
-                    xs[0],
-                    xs[1],
-                    variance=level0_variance,
+                    t,
+                    xs[t],
+                    xs[t + 1],
+                    variance=gaussian_variances[t],
                     cond=cond,
                 )
                 if on_level is not None:
@@ -404,26 +416,32 @@ def negative_log_likelihood(
     return NLLResult(nll, terms, energy, log_norm, jacobian, data_scale_nats, acceptance, ess)
 
 
-def check_level0(
-    level0: str, variance: float | None, initializer: nn.Module | None, num_levels: int
+def check_gaussian_levels(
+    levels: int,
+    variances: Sequence[float] | None,
+    initializer: nn.Module | None,
+    num_levels: int,
 ) -> None:
-    """ValueError naming the problem when ``level0`` / ``variance`` cannot be used with this model."""
-    if level0 not in ("ebm", "gaussian"):
-        raise ValueError(f"unknown level0 {level0!r}; use 'ebm' or 'gaussian'")
-    if level0 == "ebm":
-        if variance is not None:
-            raise ValueError("level0_variance is for level0='gaussian'")
+    """ValueError naming the problem when ``gaussian_levels`` / ``gaussian_variances`` cannot be used."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels < num_levels:
+        raise ValueError(
+            f"gaussian_levels must be an integer in [0, {num_levels - 1}] (the top level is the EBM's), "
+            f"got {levels!r}"
+        )
+    if levels == 0:
+        if variances:
+            raise ValueError("gaussian_variances are for gaussian_levels > 0")
         return
     if initializer is None:
         raise ValueError(
-            "level0='gaussian' needs the initializer: its proposal mean is the decoder's"
+            "gaussian_levels needs the initializer: its proposal means are the Gaussians' means"
         )
-    if num_levels < 2:
-        raise ValueError("level0='gaussian' needs at least 2 levels (level 0 is the top one here)")
-    if variance is None:
+    if variances is None or len(variances) != levels:
+        got = "none" if variances is None else len(variances)
         raise ValueError(
-            "level0='gaussian' needs level0_variance (fit it on training data with "
-            "cdrl.evaluation.bpd.fit_level0_variance)"
+            f"gaussian_levels={levels} needs {levels} variances, got {got} (fit them on training "
+            "data with cdrl.evaluation.bpd.fit_level_variances)"
         )
-    if check_number("level0_variance", variance) <= 0:
-        raise ValueError(f"level0_variance must be > 0, got {variance:g}")
+    for t, v in enumerate(variances):
+        if check_number(f"gaussian_variances[{t}]", v) <= 0:
+            raise ValueError(f"gaussian_variances[{t}] must be > 0, got {v:g}")

@@ -1,4 +1,6 @@
-"""Out-of-distribution detection with the lowest-level energy, scored by AUROC (CDRL Sec. 5, Table 5).
+"""Out-of-distribution detection with the lowest-level energy, scored by AUROC (CDRL Sec. 5, Table 5), or
+with any other score where lower means more likely (``ood_report(..., score=...)``: the density bound's
+negative log-likelihood, ``cdrl-evaluate --ood_score nll``).
 
 The score of x_0 is the level-0 EBM's energy of y = sqrt(alpha_1) x_0, the recovery conditional's
 energy term without its Gaussian tether (there is no x_1 to tether to): the same evaluation of the EBM
@@ -94,8 +96,10 @@ def ood_report(
     *,
     batch_size: int = 256,
     progress: bool = True,
+    score: Callable[[Tensor], Tensor] | None = None,
+    score_name: str = "energy",
 ) -> dict[str, Any]:
-    """Lowest-level energies of held-out in-distribution data and of OOD sets, and each set's AUROC.
+    """Scores of held-out in-distribution data and of OOD sets, and each set's AUROC.
 
     Args:
         pipeline: a ``CDRLPipeline``.
@@ -103,28 +107,42 @@ def ood_report(
         x_out: {name: (m, ...) OOD data in data units}.
         batch_size: examples per forward.
         progress: a progress bar on stderr over the examples of every set.
+        score: (m, ...) data -> (m,) scores, lower = more likely; default the lowest-level energy
+            (``lowest_level_energy``).
+        score_name: what ``score`` computes, the prefix of the report's keys.
 
     Returns:
-        JSON-ready: ``in_distribution`` ({num_examples, energy_mean, energy_std}) and ``out_of_distribution``
-        ({name: {num_examples, energy_mean, energy_std, auroc}}).
+        JSON-ready: ``score`` (``score_name``), ``in_distribution`` ({num_examples, <score_name>_mean,
+        <score_name>_std}) and ``out_of_distribution`` ({name: {num_examples, <score_name>_mean,
+        <score_name>_std, auroc}}).
     """
 
-    def summary(energy: Tensor) -> dict[str, Any]:
-        std = energy.std().item() if energy.numel() > 1 else 0.0
+    def summary(values: Tensor) -> dict[str, Any]:
+        std = values.std().item() if values.numel() > 1 else 0.0
         return {
-            "num_examples": energy.numel(),
-            "energy_mean": energy.mean().item(),
-            "energy_std": std,
+            "num_examples": values.numel(),
+            f"{score_name}_mean": values.mean().item(),
+            f"{score_name}_std": std,
         }
 
     total = len(x_in) + sum(len(x) for x in x_out.values())
-    with tqdm(total=total, desc="ood energies", unit="example", disable=not progress) as bar:
-        energy_in = lowest_level_energy(pipeline, x_in, batch_size=batch_size, on_batch=bar.update)
-        energies = {
-            name: lowest_level_energy(pipeline, x, batch_size=batch_size, on_batch=bar.update)
-            for name, x in x_out.items()
-        }
-    report: dict[str, Any] = {"in_distribution": summary(energy_in), "out_of_distribution": {}}
+    desc = "ood energies" if score is None else f"ood {score_name} scores"
+    with tqdm(total=total, desc=desc, unit="example", disable=not progress) as bar:
+
+        def scores(x: Tensor) -> Tensor:
+            if score is None:
+                return lowest_level_energy(pipeline, x, batch_size=batch_size, on_batch=bar.update)
+            values = score(x).double().cpu()
+            bar.update(len(x))
+            return values
+
+        energy_in = scores(x_in)
+        energies = {name: scores(x) for name, x in x_out.items()}
+    report: dict[str, Any] = {
+        "score": score_name,
+        "in_distribution": summary(energy_in),
+        "out_of_distribution": {},
+    }
     for name, energy_out in energies.items():
         report["out_of_distribution"][name] = {
             **summary(energy_out),
