@@ -479,11 +479,18 @@ def test_bpd_calls_the_density_module(uncond_checkpoint, tmp_path, monkeypatch, 
     assert "num_intermediate" not in kwargs and isinstance(kwargs["generator"], torch.Generator)
     result = json.loads(out.read_text())
     assert result["metrics"] == {"bpd": 1.25, "nll_nats": 3.0} and "bpd 1.25" in stdout
-    assert result["details"]["bpd"] == {
+    details = result["details"]["bpd"]
+    levels = pipeline.scheduler.schedule.num_levels - 1  # the default: every level below the top
+    assert kwargs["gaussian_levels"] == levels and len(kwargs["gaussian_variances"]) == levels
+    assert details == {
         "convention": "test",
         "num_examples": 7,
         "num_chains": 3,
         "num_bins": 17,
+        "gaussian_levels": levels,
+        "gaussian_variances": kwargs["gaussian_variances"],
+        "gaussian_variances_fitted_on": "digits-train",
+        "gaussian_fit_examples": 1437,
     }
     assert result["settings"]["heldout"]["spec"] == "digits-test"
     assert result["settings"]["num_samples"] is None and "sampling" not in result["seconds"]

@@ -280,30 +280,35 @@ def test_cli_fits_the_variances_on_the_training_split(checkpoints, tmp_path, cap
     assert per_level[0][:2] == pytest.approx(per_level[1][:2])  # exact: the same at K and 4K
 
 
-def test_cli_default_is_the_chain_the_model_samples(checkpoints, tmp_path, capsys):
+def test_cli_default_is_every_level_below_the_top(checkpoints, tmp_path, capsys):
     out = tmp_path / "bpd.json"
-    for name, levels in (("top2", 4), ("pipeline", 0)):
+    for name, levels in (("top2", 5), ("pipeline", 5), ("drl", 0)):
         argv = ["--checkpoint", checkpoints / name, *BPD, "--output", out]
         code, _, stderr = run(argv, capsys)
         assert code == 0, stderr
         assert json.loads(out.read_text())["details"]["bpd"]["gaussian_levels"] == levels
-    # auto, said outright, is the same; 0 scores every level by AIS
+    # all, said outright, is the same; sampler is the chain the model samples; 0 is every level by AIS
     argv = ["--checkpoint", checkpoints / "top2", *BPD, "--output", out, "--bpd_gaussian_levels"]
-    for value, levels in (("auto", 4), ("0", 0)):
+    for value, levels in (("all", 5), ("sampler", 4), ("0", 0)):
         code, _, stderr = run([*argv, value], capsys)
         assert code == 0, stderr
         assert json.loads(out.read_text())["details"]["bpd"]["gaussian_levels"] == levels
+    argv = ["--checkpoint", checkpoints / "pipeline", *BPD, "--output", out]
+    code, _, stderr = run(
+        [*argv, "--bpd_gaussian_levels", "sampler"], capsys
+    )  # refines every level
+    assert code == 0 and json.loads(out.read_text())["details"]["bpd"]["gaussian_levels"] == 0
 
 
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--bpd_gaussian_levels", "some"], "must be an integer or auto"),
+        (["--bpd_gaussian_levels", "some"], "must be an integer, all or sampler"),
         (["--bpd_gaussian_levels", 6], "must be in [0, 5]"),
         (["--bpd_gaussian_levels", 1, "--bpd_gaussian_variances", 0], "must be finite and > 0"),
         (["--bpd_gaussian_levels", 1, "--bpd_gaussian_variances", "nan"], "must be finite"),
         (["--bpd_gaussian_levels", 2, "--bpd_gaussian_variances", 0.1], "gives 1 values for 2"),
-        (["--bpd_gaussian_variances", 0.1], "gives 1 values for 0"),
+        (["--bpd_gaussian_variances", 0.1], "gives 1 values for 5"),
         (
             ["--bpd_gaussian_levels", 1, "--heldout", "FOLDER"],
             "has none; give --bpd_gaussian_variances",
@@ -357,7 +362,7 @@ def test_ood_by_the_density_bound(checkpoints, tmp_path, capsys):
     assert code == 0, stderr
     result = json.loads(out.read_text())
     ood = result["details"]["ood"]
-    assert ood["score"] == "nll" and ood["gaussian_levels"] == 4 and ood["num_bins"] == 17
+    assert ood["score"] == "nll" and ood["gaussian_levels"] == 5 and ood["num_bins"] == 17
     assert ood["in_distribution"]["nll_mean"] == pytest.approx(result["metrics"]["nll_nats"])
     assert ood["gaussian_variances"] == result["details"]["bpd"]["gaussian_variances"]
     assert 0.0 <= result["metrics"]["ood_auroc"][str(folder)] <= 1.0

@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="L",
         help="bpd: score the lowest L levels as the initializer's exact Gaussians N(m_t(x_{t+1}), v_t I) "
-        "(no AIS there) and the levels above by the EBM, its normalizers by AIS; 0: every level the EBM's. "
-        "Default (auto): the chain the model samples, T - refine_top for a model that refines only its "
-        "refine_top noisiest levels, else 0",
+        "(no AIS there) and the levels above by the EBM, its normalizers by AIS. all (the default): every "
+        "level below the top, whose marginal EBM stays (T - 1; 0 without an initializer); sampler: the chain "
+        "the model samples, T - refine_top for a model that refines only its refine_top noisiest levels, "
+        "else 0; 0: every level the EBM's (DRL's density)",
     )
     parser.add_argument(
         "--bpd_gaussian_variances",
@@ -303,7 +304,7 @@ def plan_evaluation(args: argparse.Namespace) -> Plan:
 def _plan_gaussian_levels(
     args: argparse.Namespace, checkpoint: Path, heldout: str | None, chosen: set[str]
 ) -> tuple[int, str | None]:
-    """L of --bpd_gaussian_levels (auto: the chain the model samples) and the data that fit the variances."""
+    """L of --bpd_gaussian_levels (all, sampler or a number) and the data that fit the variances."""
     if "bpd" not in chosen and not ("ood" in chosen and args.ood_score == "nll"):
         return 0, None
     path = checkpoint / "scheduler" / "scheduler_config.json"
@@ -316,7 +317,9 @@ def _plan_gaussian_levels(
         ) from None
     has_initializer = (checkpoint / "initializer").is_dir()
     given = args.bpd_gaussian_levels
-    if given in (None, "auto"):
+    if given in (None, "all"):
+        levels = num_levels - 1 if has_initializer else 0
+    elif given == "sampler":
         top = scheduler.get("refine_top")
         levels = (
             0
@@ -328,7 +331,7 @@ def _plan_gaussian_levels(
             levels = int(given)
         except ValueError:
             raise CLIError(
-                f"--bpd_gaussian_levels must be an integer or auto, got {given!r}"
+                f"--bpd_gaussian_levels must be an integer, all or sampler, got {given!r}"
             ) from None
         if not 0 <= levels < num_levels:
             raise CLIError(
