@@ -179,6 +179,7 @@ def scheduler_problem(config: Any) -> str | None:
         "num_diffusion_steps": _count(1, 10_000_000),
         "n_steps": _count(0, MAX_LANGEVIN_STEPS),
         "refine_top": lambda v: v is None or _count(0, 10_000)(v),
+        "num_bins": lambda v: v is None or _count(2, 65_536)(v),
         "logsnr_min": _real(),
         "logsnr_max": _real(),
         "beta_start": _real(0, 1, open_low=True),

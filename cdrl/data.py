@@ -142,6 +142,14 @@ def dequantize(x0: Tensor, num_bins: int, *, generator: torch.Generator | None =
     return (k + u) / num_bins * 2 - 1
 
 
+def requantize(x: Tensor, num_bins: int) -> Tensor:
+    """The inverse of ``dequantize``: each value in [-1, 1] back to the grey level k whose bin
+    [k, k + 1) / num_bins * 2 - 1 holds it, k / (num_bins - 1) * 2 - 1 (values outside go to the end bins).
+    A sample of a model of dequantized data, so mapped, is a sample of its discrete model P(k)."""
+    k = torch.floor((x + 1) / 2 * num_bins).clamp(0, num_bins - 1)
+    return k / (num_bins - 1) * 2 - 1
+
+
 class TensorDataset(Dataset):
     """An in-memory data set: uint8 images (scaled to [-1, 1] on access) or float32 data units.
 

@@ -33,6 +33,7 @@ from cdrl.checks import (
     scheduler_problem,
 )
 from cdrl.config import Config, LangevinConfig
+from cdrl.data import PIXEL_LEVELS, requantize
 from cdrl.guidance import NEGATIONS, Conditioning, null_condition
 from cdrl.sampling import sample, total_langevin_steps
 from cdrl.schedule import NoiseSchedule, make_schedule
@@ -49,7 +50,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     ``condition_offsets`` (conditional models): per condition, a (T, size) nested list of the EBM's
     implicit-classifier offsets, fitted on training data (``cdrl.calibration``); composition with
-    ``negation="posterior"`` needs them.
+    ``negation="posterior"`` needs them. ``num_bins``: the grey levels of dequantized training data
+    (``data.dequantize``); samples are returned as the level whose bin they fall in (``requantize``).
     """
 
     config_name = "scheduler_config.json"
@@ -77,6 +79,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         data_scale: float = 1.0,
         condition_offsets: list[list[list[float]]] | None = None,
+        num_bins: int | None = None,
     ) -> None:
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         problem = scheduler_problem(settings)
@@ -99,7 +102,9 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         sample_steps = langevin.pop("sample_steps")
         if sample_steps is not None:
             langevin["n_steps"] = sample_steps
-        return cls(**dataclasses.asdict(cfg.schedule), **langevin, data_scale=cfg.data.scale)
+        bins = PIXEL_LEVELS.get(cfg.data.name) if cfg.data.dequantize else None
+        schedule = dataclasses.asdict(cfg.schedule)
+        return cls(**schedule, **langevin, data_scale=cfg.data.scale, num_bins=bins)
 
     def langevin_settings(self, **overrides) -> LangevinConfig:
         """The stored Langevin settings, with any non-None override applied."""
@@ -557,15 +562,11 @@ class CDRLPipeline(DiffusionPipeline):
         return labels
 
     def _postprocess(self, x: Tensor, output_type: str):
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        """Samples in data units as ``output_type`` (checked by ``_check_arguments``)."""
         if x.dim() == 2:
-            if output_type == "pil":
-                raise ValueError(
-                    "this model makes vectors, not images: use output_type='pt' or 'np'"
-                )
             return x.cpu() if output_type == "pt" else x.cpu().numpy()
-        images = ((x.clamp(-1, 1) + 1) / 2).cpu()
+        bins = self.scheduler.config.get("num_bins")
+        images = (((x if bins is None else requantize(x, bins)).clamp(-1, 1) + 1) / 2).cpu()
         if output_type == "pt":
             return images
         array = images.permute(0, 2, 3, 1).float().numpy()

@@ -28,6 +28,7 @@ from cdrl.data import (
     dequantize,
     ink_mass,
     load_dataset,
+    requantize,
 )
 from cdrl.toys import TOY_NAMES, sample_toy, toy_modes
 
@@ -620,6 +621,17 @@ def test_dequantized_digits_lie_in_their_bins_and_are_fresh_on_every_access():
     again = deq[7][0]
     torch.manual_seed(5)
     assert torch.equal(again, dequantize(plain[7][0], 17))
+
+
+def test_requantize_inverts_dequantize_on_the_grid():
+    for bins in (17, 256):
+        k = torch.arange(bins, dtype=torch.float32)
+        grid = k / (bins - 1) * 2 - 1
+        x = dequantize(grid.repeat(50), bins, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(requantize(x, bins), grid.repeat(50))
+    # the bins' edges and values outside [-1, 1] go to the nearest end level
+    edges = torch.tensor([-1.5, -1.0, -1 + 2 / 17 - 1e-5, -1 + 2 / 17 + 1e-5, 0.999, 1.0, 3.0])
+    assert requantize(edges, 17).tolist() == pytest.approx([-1, -1, -1, -1 + 2 / 16, 1, 1, 1])
 
 
 def test_dequantized_uint8_images_use_256_levels():

@@ -395,3 +395,20 @@ def test_ood_score_is_for_ood(checkpoints, tmp_path, capsys):
     argv = ["--checkpoint", checkpoints / "top2", *BPD, "--ood_score", "nll"]
     code, _, stderr = run([*argv, "--output", tmp_path / "o.json"], capsys)
     assert code == 2 and "--ood_score is for --metrics ood" in stderr
+
+
+def test_a_dequantized_model_samples_on_the_data_grid():
+    from cdrl.config import load_config
+
+    cfg = load_config(overrides=["data.dequantize=true"])
+    assert CDRLScheduler.from_training_config(cfg).config.num_bins == 17
+    assert CDRLScheduler.from_training_config(load_config()).config.num_bins is None
+    pipe = pipeline()
+    plain = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert not torch.allclose(plain * 16, (plain * 16).round())  # off the grid
+    pipe.scheduler.register_to_config(num_bins=17)
+    grid = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(grid * 16, (grid * 16).round())  # k / 16 in [0, 1]
+    assert (grid - plain).abs().max() <= 1 / 16 + 1e-6  # each sample's own bin
+    with pytest.raises(ValueError, match="num_bins"):
+        CDRLScheduler(num_bins=1)
