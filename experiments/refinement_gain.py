@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from cdrl.data import requantize
 from cdrl.evaluation.digits import digits_split, load_digits_classifier
 from cdrl.export import load_pipeline
 from cdrl.sampling import frozen, langevin_steps, reverse_step, tweedie_denoise
@@ -38,7 +39,8 @@ from level_probe import probe  # noqa: E402
 def sample_per_level(
     pipe: Any, ks: Sequence[int], n: int, *, seed: int = 0, batch_size: int = 500
 ) -> Tensor:
-    """(n, 1, 8, 8) samples in [-1, 1] with ``ks[t]`` Langevin steps at level t; batch i seeded seed + i."""
+    """(n, 1, 8, 8) samples in [-1, 1] with ``ks[t]`` Langevin steps at level t; batch i seeded seed + i.
+    Mapped to the data's grey levels as the pipeline maps them when the model has ``num_bins``."""
     schedule = pipe.scheduler.schedule
     base = pipe.scheduler.langevin_settings()
     scale = pipe.scheduler.config.data_scale
@@ -54,7 +56,8 @@ def sample_per_level(
                 )
             if base.tweedie:
                 x = tweedie_denoise(pipe.ebm, schedule, x, base)
-        chunks.append((x / scale).clamp(-1, 1))
+        bins = pipe.scheduler.config.get("num_bins")  # a dequantized model: the data's grid
+        chunks.append((x / scale if bins is None else requantize(x / scale, bins)).clamp(-1, 1))
     return torch.cat(chunks)
 
 
