@@ -412,3 +412,41 @@ def test_a_dequantized_model_samples_on_the_data_grid():
     assert (grid - plain).abs().max() <= 1 / 16 + 1e-6  # each sample's own bin
     with pytest.raises(ValueError, match="num_bins"):
         CDRLScheduler(num_bins=1)
+
+
+def test_ood_by_energy_is_refused_where_level_0_was_never_trained(checkpoints, tmp_path, capsys):
+    """A train.refine_top run's level-0 EBM is an untrained network: its energy is no OOD score."""
+    from cdrl.config import load_config, save_config
+
+    folder = tmp_path / "top2"
+    CDRLPipeline.from_pretrained(checkpoints / "top2").save_pretrained(folder)
+    save_config(
+        load_config(
+            overrides=["schedule.num_levels=6", "train.refine_top=2", "langevin.refine_top=2"]
+            + ["langevin.tweedie=false"]
+        ),
+        folder / "training_config.yaml",
+    )
+    argv = [
+        "--checkpoint",
+        folder,
+        "--metrics",
+        "ood",
+        "--heldout",
+        "digits-test",
+        "--ood",
+        tmp_path,
+    ]
+    capsys.readouterr()  # the loading bar above
+    code, stdout, stderr = run([*argv, "--output", tmp_path / "o.json"], capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and stdout == "", stderr
+    assert "never trained (train.refine_top: 2 of 6 levels); use --ood_score nll" in lines[0]
+    assert not (tmp_path / "o.json").exists()
+    # every level trained: the energy is the default score, as before
+    save_config(load_config(overrides=["schedule.num_levels=6"]), folder / "training_config.yaml")
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    argv += ["--num_examples", 2, "--output", tmp_path / "o.json"]
+    code, _, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "o.json").read_text())["details"]["ood"]["score"] == "energy"

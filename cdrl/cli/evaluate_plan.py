@@ -17,6 +17,7 @@ from cdrl.cli.common import (
     check_upper_bounds,
     requested_classes,
 )
+from cdrl.config import ConfigError, load_config
 from cdrl.evaluation.bpd import (
     CONVERGENCE_TOLERANCE,
     DEFAULT_NUM_CHAINS,
@@ -28,7 +29,7 @@ from cdrl.evaluation.fidelity import (
     reference_choices,
     training_split,
 )
-from cdrl.export import read_model_config, resolve_checkpoint
+from cdrl.export import TRAINING_CONFIG, read_model_config, resolve_checkpoint
 
 DEFAULT_NUM_SAMPLES = 50_000  # as the papers report FID / IS
 METRICS = ("fid", "kid", "isc", "accuracy", "bpd", "ood")
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="energy",
         help="ood: score each example by the lowest level's energy (energy, the default) or by the density "
         "bound's negative log-likelihood, computed as --metrics bpd computes it, with its --bpd_* settings "
-        "and the held-out data's grey levels for every set (nll: for models whose level-0 EBM is not "
-        "trained, such as train.refine_top recipes)",
+        "and the held-out data's grey levels for every set (nll; energy is refused for a model whose "
+        "level-0 EBM was never trained, such as a train.refine_top recipe)",
     )
     parser.add_argument(
         "--num_examples",
@@ -295,10 +296,31 @@ def plan_evaluation(args: argparse.Namespace) -> Plan:
     if args.digits_classifier is not None and extractor != "digits":
         raise CLIError("--digits_classifier is for the digits extractor (1x8x8 digits models)")
     heldout = (args.heldout or args.reference) if chosen & HELDOUT_METRICS else None
+    if "ood" in chosen and args.ood_score == "energy":
+        _check_level0_trained(checkpoint)
     gaussian_levels, gaussian_fit = _plan_gaussian_levels(args, checkpoint, heldout, chosen)
     return Plan(
         checkpoint, metrics, sample_shape, labels, extractor, heldout, gaussian_levels, gaussian_fit
     )
+
+
+def _check_level0_trained(checkpoint: Path) -> None:
+    """CLIError when the run's training config (``training_config.yaml``, when the folder has one) says
+    the EBM never learned at level 0 (``train.refine_top`` below the number of levels): its energy, the
+    default OOD score, would be an untrained network's."""
+    path = checkpoint / TRAINING_CONFIG
+    if not path.is_file():
+        return
+    try:
+        cfg = load_config(path, [])
+    except (ConfigError, OSError):
+        return  # not ours to judge here; the score then reads the EBM as it is
+    top, levels = cfg.train.refine_top, cfg.schedule.num_levels
+    if top is not None and top < levels:
+        raise CLIError(
+            f"--ood_score energy reads the level-0 EBM, which this model never trained (train.refine_top: "
+            f"{top} of {levels} levels); use --ood_score nll"
+        )
 
 
 def _plan_gaussian_levels(
