@@ -15,8 +15,9 @@ and the versions. Images are scored as uint8, rounded as the PNG writers round t
     cdrl-evaluate --checkpoint runs/digits --metrics bpd --heldout digits-test --bpd_convergence \\
         --output bpd.json        # held-out bits/dim at K and 4K annealing steps, and whether it converged
     cdrl-evaluate --checkpoint runs/digits_density --metrics bpd --heldout digits-test --output bpd.json
-                                 # the chain the model samples: the initializer's exact Gaussians below its
-                                 # refine_top levels (variances fitted on digits-train), the EBM's above
+                                 # every level below the top as the initializer's exact Gaussian (variances
+                                 # fitted on digits-train), the top level's EBM by AIS; --bpd_gaussian_levels
+                                 # sampler: the EBM's conditionals where the model refines
 """
 
 from __future__ import annotations
@@ -89,9 +90,7 @@ class Inputs:
 
     reference: Reference | None = None
     heldout: Reference | None = None
-    gaussian_fit: Reference | None = (
-        None  # the training data that fit the Gaussian levels' variances
-    )
+    gaussian_fit: Reference | None = None  # the data that fit the Gaussian levels' variances
     ood: dict[str, Reference] = field(default_factory=dict)
     weights: Path | None = None
 

@@ -22,6 +22,7 @@ from cdrl.evaluation.bpd import (
     CONVERGENCE_TOLERANCE,
     DEFAULT_NUM_CHAINS,
     DEFAULT_NUM_INTERMEDIATE,
+    sampler_gaussian_levels,
 )
 from cdrl.evaluation.fidelity import (
     DIGITS_SHAPE,
@@ -43,9 +44,8 @@ DESCRIPTION = "cdrl-evaluate: sample quality (FID, KID, IS), conditional accurac
 CONVERGENCE_FACTOR = 4  # --bpd_convergence: the estimate at K and at 4K annealing steps
 # The default bpd of the 360 digits test images, 12 levels: 2:52 measured on 1 thread.
 DIGITS_MINUTES = 3
-GAUSSIAN_FIT_EXAMPLES = (
-    2_048  # at most this many training examples fit the Gaussian levels' variances
-)
+# at most this many training examples fit the Gaussian levels' variances
+GAUSSIAN_FIT_EXAMPLES = 2_048
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,12 +342,7 @@ def _plan_gaussian_levels(
     if given in (None, "all"):
         levels = num_levels - 1 if has_initializer else 0
     elif given == "sampler":
-        top = scheduler.get("refine_top")
-        levels = (
-            0
-            if top is None or not has_initializer
-            else max(0, min(num_levels - 1, num_levels - top))
-        )
+        levels = sampler_gaussian_levels(num_levels, scheduler.get("refine_top"), has_initializer)
     else:
         try:
             levels = int(given)
@@ -456,6 +451,7 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
         raise CLIError("--ood needs --metrics ood")
     if args.num_examples is not None and not heldout:
         raise CLIError("--num_examples is for bpd and ood")
+    nll = "ood" in chosen and args.ood_score == "nll"  # the NLL score uses the bpd settings
     for flag in (
         "bpd_num_intermediate",
         "bpd_num_chains",
@@ -463,7 +459,6 @@ def _check_metric_flags(args: argparse.Namespace, chosen: set[str]) -> None:
         "bpd_gaussian_levels",
         "bpd_gaussian_variances",
     ):
-        nll = "ood" in chosen and args.ood_score == "nll"
         if getattr(args, flag) not in (None, False) and "bpd" not in chosen and not nll:
             raise CLIError(f"--{flag} is for --metrics bpd (or ood with --ood_score nll)")
     if args.ood_score != "energy" and "ood" not in chosen:

@@ -45,15 +45,22 @@ def _discrete(x0: Tensor, num_bins: int | None) -> bool:
     return x0.dim() == 4 and num_bins is not None
 
 
-def model_gaussian_levels(pipeline) -> int:
-    """L of the chain a pipeline samples: the levels below its ``refine_top`` noisiest ones, where the
-    sampler keeps the initializer's proposal and the EBM does not refine (0 when every level is refined,
-    or without an initializer)."""
-    top = pipeline.scheduler.config.get("refine_top")
-    num_levels = pipeline.scheduler.schedule.num_levels
-    if pipeline.initializer is None or top is None:
+def sampler_gaussian_levels(num_levels: int, refine_top: int | None, has_initializer: bool) -> int:
+    """L of the chain a model samples: the levels below its ``refine_top`` noisiest ones, where the sampler
+    keeps the initializer's proposal and the EBM does not refine (0 when every level is refined, or
+    without an initializer); the top level stays the EBM's."""
+    if not has_initializer or refine_top is None:
         return 0
-    return max(0, min(num_levels - 1, num_levels - top))
+    return max(0, min(num_levels - 1, num_levels - refine_top))
+
+
+def model_gaussian_levels(pipeline) -> int:
+    """``sampler_gaussian_levels`` of a loaded pipeline."""
+    return sampler_gaussian_levels(
+        pipeline.scheduler.schedule.num_levels,
+        pipeline.scheduler.config.get("refine_top"),
+        pipeline.initializer is not None,
+    )
 
 
 def fit_level_variances(
@@ -450,6 +457,7 @@ __all__ = [
     "heldout_bpd",
     "level_decoder_mean",
     "model_gaussian_levels",
+    "sampler_gaussian_levels",
     "level_energy_fn",
     "negative_log_likelihood",
     "top_level_base",

@@ -136,16 +136,16 @@ def ood_report(
             bar.update(len(x))
             return values
 
-        energy_in = scores(x_in)
-        energies = {name: scores(x) for name, x in x_out.items()}
+        scores_in = scores(x_in)
+        scores_out = {name: scores(x) for name, x in x_out.items()}
     report: dict[str, Any] = {
         "score": score_name,
-        "in_distribution": summary(energy_in),
+        "in_distribution": summary(scores_in),
         "out_of_distribution": {},
     }
-    for name, energy_out in energies.items():
+    for name, values in scores_out.items():
         report["out_of_distribution"][name] = {
-            **summary(energy_out),
-            "auroc": auroc(energy_in, energy_out),
+            **summary(values),
+            "auroc": auroc(scores_in, values),
         }
     return report
